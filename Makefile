@@ -1,0 +1,49 @@
+# The documented commands. `make run` and `make test` are the README's quickstart.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint typecheck unit e2e-vllm bench docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Gateway on 127.0.0.1:8080 in front of the bundled vLLM simulator on :8000.
+## Point it at a real vLLM instead with BACKEND=http://host:8000 (or GATEWAY_BACKENDS).
+run: install
+	BIN=$(BIN) scripts/run-dev.sh
+
+## Lint, type-check and the test suite (gateway and simulator processes on loopback).
+test: install lint typecheck unit
+
+lint: install
+	$(BIN)/ruff check gateway tests loadtests scripts
+	$(BIN)/ruff format --check gateway tests loadtests scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q tests --ignore=tests/e2e_vllm
+
+## Real vLLM (CPU build) end to end: builds .venv-vllm and a tiny model once, then runs the suite.
+e2e-vllm: install
+	scripts/vllm/setup-venv.sh
+	.venv-vllm/bin/python scripts/vllm/make_tiny_model.py .cache/tiny-llama
+	E2E_VLLM_REQUIRED=1 $(BIN)/pytest -q tests/e2e_vllm
+
+## First benchmark: the simulator directly vs through the gateway (bounded, loopback only).
+bench: install
+	$(BIN)/python -m loadtests.bench
+
+## Regenerate docs/configuration.md from the settings schema.
+docs: install
+	$(BIN)/python -m gateway.docgen > docs/configuration.md
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

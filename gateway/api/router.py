@@ -1,0 +1,109 @@
+"""FastAPI routes for the cold endpoints: models, probes, metrics.
+
+The proxied endpoints (chat, completions, embeddings) do not pass through
+FastAPI; see gateway/proxy.py.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import GatewayError, error_body
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+class JSONBytes(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def build_router(gw: Gateway) -> APIRouter:
+    router = APIRouter()
+    pool = gw.pool
+
+    @router.get("/v1/models", summary="Models the ready backends serve")
+    async def list_models() -> Response:
+        return JSONBytes({"object": "list", "data": pool.model_cards()})
+
+    @router.get("/v1/models/{model_id:path}", summary="One model")
+    async def get_model(model_id: str) -> Response:
+        for card in pool.model_cards():
+            if card.get("id") == model_id:
+                return JSONBytes(card)
+        raise GatewayError(
+            f"The model `{model_id}` does not exist.", status=404, param="model", code="model_not_found"
+        )
+
+    @router.get("/live", summary="Liveness: the process is up")
+    async def live() -> Response:
+        return JSONBytes({"status": "alive"})
+
+    @router.get("/ready", summary="Readiness: a backend is healthy and lists its model")
+    async def ready() -> Response:
+        ready = [b.label for b in pool.backends if b.ready]
+        if ready:
+            return JSONBytes({"status": "ready", "backends": ready})
+        reasons = {b.label: f"{b.state.value}: {b.reason}" for b in pool.backends}
+        return JSONBytes({"status": "not_ready", "reason": reasons}, status_code=503)
+
+    @router.get("/health", summary="Per-backend health detail")
+    async def health() -> Response:
+        ready = pool.any_ready
+        return JSONBytes(
+            {
+                "status": "ready" if ready else "not_ready",
+                "uptime_seconds": round(time.monotonic() - pool.started, 3),
+                "backends": [b.describe() for b in pool.backends],
+            },
+            status_code=200 if ready else 503,
+        )
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return router
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error FastAPI/Starlette produce on the cold paths, OpenAI-shaped."""
+
+    async def gateway_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return Response(exc.body(), status_code=exc.status, media_type="application/json")
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = "Not found." if exc.status_code == 404 else str(exc.detail)
+        return Response(
+            error_body(message, "invalid_request_error", None, code),
+            status_code=exc.status_code,
+            media_type="application/json",
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in err["loc"][1:]) or None
+        return Response(
+            error_body(f"Invalid request: {err['msg']}", "invalid_request_error", param, "invalid_request"),
+            status_code=400,
+            media_type="application/json",
+        )
+
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -1,0 +1,133 @@
+"""App factory: builds the gateway from a ``Settings`` object and wires the stages.
+
+The returned ASGI app sends the proxied OpenAI endpoints straight to their
+pure-ASGI pipeline (gateway/proxy.py) and everything else (models, health,
+metrics, docs) to a FastAPI app. The lifespan owns every client, pool and
+background task; importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from fastapi import FastAPI
+
+from gateway.api.router import build_router, install_error_handlers
+from gateway.asgi import Receive, Scope, Send
+from gateway.backends import BackendPool
+from gateway.config import Settings, settings_from_json
+from gateway.errors import MethodNotAllowed
+from gateway.health import HealthPoller
+from gateway.logs import configure_logging
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline.account import Accountant
+from gateway.pipeline.receive import CHAT, COMPLETIONS, EMBEDDINGS
+from gateway.pipeline.upstream import UpstreamClient
+from gateway.proxy import ProxyEndpoint
+
+SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
+
+
+@dataclass
+class Gateway:
+    """Everything the app owns, built once per process."""
+
+    settings: Settings
+    pool: BackendPool
+    upstream: UpstreamClient
+    poller: HealthPoller
+    metrics: GatewayMetrics
+
+
+class GatewayApp:
+    """Outermost ASGI app: hot paths to the pipeline, the rest to FastAPI."""
+
+    def __init__(self, gateway: Gateway, api: FastAPI, routes: dict[str, ProxyEndpoint]) -> None:
+        self.gateway = gateway
+        self.api = api
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.routes.get(scope["path"])
+            if endpoint is not None:
+                if scope["method"] == "POST":
+                    await endpoint(scope, receive, send)
+                    return
+                if scope["method"] != "OPTIONS":
+                    await _send_plain_error(send, MethodNotAllowed(f"Use POST for {scope['path']}."))
+                    return
+        await self.api(scope, receive, send)
+
+
+async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
+    body = exc.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [(b"content-type", b"application/json"), (b"allow", b"POST")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings) -> GatewayApp:
+    configure_logging(settings.logging)
+    pool = BackendPool(settings.backends)
+    metrics = GatewayMetrics(pool)
+    gateway = Gateway(
+        settings=settings,
+        pool=pool,
+        upstream=UpstreamClient(settings.timeouts),
+        poller=HealthPoller(pool, settings.health),
+        metrics=metrics,
+    )
+    log = structlog.get_logger("gateway")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.upstream.start()
+        await gateway.poller.start()
+        log.info(
+            "gateway started",
+            backends=[b.label for b in pool.backends],
+            ready=pool.any_ready,
+        )
+        try:
+            yield
+        finally:
+            await gateway.poller.stop()
+            await gateway.upstream.close()
+            log.info("gateway stopped")
+
+    api = FastAPI(
+        title="LLM gateway",
+        version=_version(),
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(api)
+    api.include_router(build_router(gateway))
+    accountant = Accountant(metrics, structlog.get_logger("gateway.access"), settings.logging.access_log)
+    routes = {
+        ep.path.decode(): ProxyEndpoint(ep, settings, pool, gateway.upstream, metrics, accountant)
+        for ep in (CHAT, COMPLETIONS, EMBEDDINGS)
+    }
+    return GatewayApp(gateway, api, routes)
+
+
+def create_app_from_env() -> GatewayApp:
+    """uvicorn factory for worker processes: settings resolved once by the CLI, passed as JSON."""
+    return create_app(settings_from_json(os.environ[SETTINGS_ENV]))
+
+
+def _version() -> str:
+    from gateway import __version__
+
+    return __version__

@@ -1,0 +1,83 @@
+"""Backends (vLLM replicas) and the pool the router picks from.
+
+State here is written by the health poller and by the proxy (outstanding
+request counts); it lives on the app's lifespan-owned ``BackendPool``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gateway.config import BackendSettings
+
+
+class BackendState(StrEnum):
+    LOADING = "loading"  # not answering yet, still inside the start-up grace period
+    HEALTHY = "healthy"
+    DOWN = "down"
+
+
+@dataclass(slots=True)
+class Backend:
+    settings: BackendSettings
+    label: str
+    url: str
+    auth_header: str | None
+    state: BackendState = BackendState.LOADING
+    reason: str = "not checked yet"
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_check: float | None = None  # wall clock, for /health
+    last_latency: float | None = None
+    outstanding: int = 0
+
+    @classmethod
+    def from_settings(cls, s: BackendSettings) -> Backend:
+        auth = f"Bearer {s.api_key.get_secret_value()}" if s.api_key else None
+        return cls(settings=s, label=s.label, url=s.url, auth_header=auth)
+
+    @property
+    def ready(self) -> bool:
+        if self.state is not BackendState.HEALTHY or not self.models:
+            return False
+        return all(m in self.models for m in self.settings.models)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.label,
+            "url": self.url,
+            "state": self.state.value,
+            "ready": self.ready,
+            "reason": self.reason,
+            "models": sorted(self.models),
+            "last_check": self.last_check,
+            "latency_seconds": self.last_latency,
+            "outstanding": self.outstanding,
+        }
+
+
+class BackendPool:
+    def __init__(self, settings: list[BackendSettings]) -> None:
+        self.backends = [Backend.from_settings(s) for s in settings]
+        self.started = time.monotonic()
+
+    def ready_backends(self) -> list[Backend]:
+        return [b for b in self.backends if b.ready]
+
+    @property
+    def any_ready(self) -> bool:
+        return any(b.ready for b in self.backends)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The union of the models ready backends list, vLLM's cards as they came."""
+        seen: dict[str, dict[str, Any]] = {}
+        for b in self.backends:
+            if b.ready:
+                for name, card in b.models.items():
+                    seen.setdefault(name, card)
+        return list(seen.values())
+
+    def known_model(self, model: str) -> bool:
+        return any(model in b.models for b in self.backends)

@@ -1,0 +1,108 @@
+"""``llm-gateway``: serve the gateway, run the vLLM simulator, check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from gateway.config import ConfigError, Settings, load_settings, settings_to_json
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import SETTINGS_ENV, create_app
+
+    overrides: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    for key in ("host", "port", "workers"):
+        value = getattr(args, key)
+        if value is not None:
+            server[key] = value
+    if server:
+        overrides["server"] = server
+    if args.backend:
+        overrides["backends"] = args.backend
+    try:
+        settings = load_settings(args.config, **overrides)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    s = settings.server
+    common: dict[str, Any] = {
+        "host": s.host,
+        "port": s.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": s.drain_seconds,
+        "timeout_keep_alive": 75,
+    }
+    if s.workers > 1:
+        os.environ[SETTINGS_ENV] = settings_to_json(settings)
+        uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=s.workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK")
+    print(_describe(settings))
+    return 0
+
+
+def _describe(settings: Settings) -> str:
+    import yaml
+
+    data = settings.model_dump(mode="json")  # secrets print as '**********'
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from gateway.sim.server import run_simulator
+
+    return run_simulator(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file")
+    serve.add_argument(
+        "--backend",
+        action="append",
+        help="vLLM base URL (repeatable); overrides the config file and GATEWAY_BACKENDS",
+    )
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and print what it means")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
+
+    from gateway.sim.options import add_sim_arguments
+
+    sim = sub.add_parser("sim", help="run the vLLM simulator (no GPU needed)")
+    add_sim_arguments(sim)
+    sim.set_defaults(func=_sim)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,245 @@
+"""The gateway's one typed configuration tree.
+
+Sources, highest priority first: explicit overrides (CLI flags), ``GATEWAY_``
+environment variables (nested keys joined by ``__``, e.g.
+``GATEWAY_TIMEOUTS__CONNECT=2``), the YAML config file, then defaults.
+Nothing else in the code base reads environment variables for configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_BACKEND = "http://127.0.0.1:8000"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; larger bodies get 413.",
+    )
+    drain_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight requests may run before the process exits.",
+    )
+
+
+class BackendSettings(_Section):
+    url: str = Field(description="Base URL of a vLLM OpenAI server, without /v1.")
+    name: str | None = Field(None, description="Label for logs and metrics; defaults to host:port.")
+    api_key: SecretStr | None = Field(
+        None, description="Sent upstream as `Authorization: Bearer` (vLLM's --api-key)."
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models this backend must list before it counts as ready (empty: any).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        if v.endswith("/v1"):
+            v = v[:-3]
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url.split("://", 1)[1]
+
+
+class ValidationSettings(_Section):
+    max_tokens_ceiling: int = Field(
+        32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask for."
+    )
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+    max_stop_sequences: int = Field(16, ge=1, description="Most entries allowed in `stop`.")
+
+
+class TimeoutSettings(_Section):
+    connect: float = Field(5.0, gt=0, description="Seconds to open a connection to a backend.")
+    first_byte: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "Seconds from sending the request to the first upstream byte: response headers for "
+            "plain requests, the first SSE event for streams."
+        ),
+    )
+    idle: float = Field(
+        60.0, gt=0, description="Seconds allowed between two SSE events once a stream has started."
+    )
+    total: float = Field(600.0, gt=0, description="Seconds a whole request may take.")
+
+
+class StreamingSettings(_Section):
+    heartbeat_interval: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Send an SSE comment `: keep-alive` when no event was sent for this many seconds "
+            "while waiting for the first token (0 disables)."
+        ),
+    )
+
+
+class HealthSettings(_Section):
+    interval: float = Field(2.0, gt=0, description="Seconds between background /health polls.")
+    timeout: float = Field(2.0, gt=0, description="Timeout of one health poll.")
+    startup_grace: float = Field(
+        600.0,
+        ge=0,
+        description=(
+            "Seconds after start-up during which a backend that does not answer is reported as "
+            "`loading` rather than `down` (vLLM only answers once its weights are loaded)."
+        ),
+    )
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["json", "console"] = Field("json", description="json (default) or console.")
+    access_log: bool = Field(True, description="One audit line per request.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    backends: Annotated[list[BackendSettings], NoDecode] = Field(
+        default_factory=lambda: [BackendSettings(url=DEFAULT_BACKEND)],
+        description=(
+            "vLLM servers. In env: GATEWAY_BACKENDS=url1,url2 (comma-separated URLs) or a JSON list."
+        ),
+    )
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import orjson
+
+                return orjson.loads(text)
+            v = [part for part in text.split(",") if part.strip()]
+        if isinstance(v, (list, tuple)):
+            return [{"url": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    @field_validator("backends")
+    @classmethod
+    def _non_empty(cls, v: list[BackendSettings]) -> list[BackendSettings]:
+        if not v:
+            raise ValueError("at least one backend is required")
+        return v
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased with the offending key."""
+
+
+def _settings_class(config_file: Path | None) -> type[Settings]:
+    if config_file is None:
+        return Settings
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (
+                init_settings,
+                env_settings,
+                YamlConfigSettingsSource(settings_cls, yaml_file=config_file),
+            )
+
+    return FileSettings
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"{key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree; raise ConfigError naming the bad key."""
+    path = Path(config_file) if config_file is not None else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return _settings_class(path)(**clean)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc
+
+
+def settings_to_json(settings: Settings) -> str:
+    """Serialise with secrets revealed: only for handing settings to worker processes."""
+    import orjson
+
+    def reveal(obj: Any) -> Any:
+        if isinstance(obj, SecretStr):
+            return obj.get_secret_value()
+        raise TypeError(type(obj).__name__)
+
+    return orjson.dumps(settings.model_dump(), default=reveal).decode()
+
+
+def settings_from_json(text: str) -> Settings:
+    return Settings.model_validate_json(text)

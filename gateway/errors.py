@@ -1,0 +1,125 @@
+"""The one place where failures become OpenAI-shaped error responses.
+
+Every stage raises a ``GatewayError`` (or a subclass); the proxy endpoint and
+the FastAPI exception handlers render it with :func:`error_body`. The body is
+``{"error": {"message", "type", "param", "code"}}`` so the OpenAI SDK raises
+the matching exception class (``BadRequestError``, ``NotFoundError``, ...).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class GatewayError(Exception):
+    """A failure with a status, an OpenAI error type and a machine-readable code.
+
+    ``reason`` is the low-cardinality label used in metrics and the audit log.
+    """
+
+    status: int = 500
+    type: str = "internal_error"
+    code: str = "internal_error"
+    reason: str = "internal"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(self.retry_after).encode())]
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+    reason = "validation"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+    reason = "validation"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+    reason = "validation"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+    reason = "validation"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+    reason = "validation"
+
+
+class NoBackendAvailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_backend_available"
+    reason = "upstream_unavailable"
+
+
+class UpstreamUnavailable(GatewayError):
+    """The backend could not be reached (connection refused, reset before a response)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "upstream_unavailable"
+    reason = "upstream_error"
+
+
+class UpstreamError(GatewayError):
+    """The backend answered with a server error or broke the protocol."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    reason = "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+    reason = "timeout"
+
+
+def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def sse_error_event(exc: GatewayError) -> bytes:
+    """The final SSE event sent when a stream fails after it has started."""
+    return b"data: " + exc.body() + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,103 @@
+"""Background health poller: the only thing that decides whether a backend is ready.
+
+Every ``health.interval`` seconds each backend's ``/health`` and, when that
+is 200, ``/v1/models`` are fetched. Probes of the gateway (/ready, /health)
+read the result; they never fan out to the backends themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import structlog
+
+from gateway.backends import Backend, BackendPool, BackendState
+from gateway.config import HealthSettings
+
+
+class HealthPoller:
+    def __init__(self, pool: BackendPool, settings: HealthSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._client: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._log = structlog.get_logger("gateway.health")
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=self._settings.timeout)
+        await self.poll_once()
+        self._task = asyncio.create_task(self._run(), name="health-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.interval)
+            try:
+                await self.poll_once()
+            except Exception:  # never let the poller die
+                self._log.exception("health poll failed")
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._check(b) for b in self._pool.backends))
+
+    async def _check(self, b: Backend) -> None:
+        assert self._client is not None
+        headers = {"Authorization": b.auth_header} if b.auth_header else {}
+        started = time.perf_counter()
+        failure: str | None = None
+        models: dict[str, dict[str, Any]] = {}
+        try:
+            r = await self._client.get(b.url + "/health", headers=headers)
+            b.last_latency = time.perf_counter() - started
+            if r.status_code != 200:
+                failure = f"/health answered {r.status_code}"
+            else:
+                m = await self._client.get(b.url + "/v1/models", headers=headers)
+                if m.status_code != 200:
+                    failure = f"/v1/models answered {m.status_code}"
+                else:
+                    data = m.json().get("data", [])
+                    models = {c["id"]: c for c in data if isinstance(c, dict) and "id" in c}
+                    missing = [name for name in b.settings.models if name not in models]
+                    if missing:
+                        failure = f"model(s) not listed: {', '.join(missing)}"
+        except httpx.HTTPError as exc:
+            b.last_latency = None
+            failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except ValueError:
+            failure = "/v1/models did not return JSON"
+        b.last_check = time.time()
+        self._apply(b, failure, models)
+
+    def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
+        before = b.state
+        if failure is None:
+            b.state, b.reason, b.models = BackendState.HEALTHY, "ok", models
+        else:
+            in_grace = time.monotonic() - self._pool.started < self._settings.startup_grace
+            never_up = before is BackendState.LOADING
+            b.state = BackendState.LOADING if (in_grace and never_up) else BackendState.DOWN
+            b.reason = failure
+            if models:
+                b.models = models
+        if b.state is not before:
+            log = self._log.info if b.state is BackendState.HEALTHY else self._log.warning
+            log(
+                "backend state changed",
+                backend=b.label,
+                state=b.state.value,
+                was=before.value,
+                reason=b.reason,
+            )

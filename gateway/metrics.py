@@ -1,0 +1,99 @@
+"""Prometheus metrics, on a registry owned by the app (no module-level collectors).
+
+Label values are bounded: endpoint and stream are fixed sets, `model` only
+takes names a backend listed (anything else becomes ``unknown``), status is
+an HTTP code. Label children are cached so the hot path does one dict lookup
+per metric instead of prometheus-client's label validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.backends import BackendPool, BackendState
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class _BackendCollector(Collector):
+    """Backend health read at scrape time from the pool: nothing to update per request."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Any:
+        up = GaugeMetricFamily(
+            "gateway_backend_up", "1 when the backend is healthy and lists its models.", labels=["backend"]
+        )
+        state = GaugeMetricFamily(
+            "gateway_backend_state", "Backend state (1 for the current state).", labels=["backend", "state"]
+        )
+        outstanding = GaugeMetricFamily(
+            "gateway_backend_outstanding_requests",
+            "Requests the gateway has in flight to the backend.",
+            labels=["backend"],
+        )
+        for b in self._pool.backends:
+            up.add_metric([b.label], 1.0 if b.ready else 0.0)
+            for s in BackendState:
+                state.add_metric([b.label, s.value], 1.0 if b.state is s else 0.0)
+            outstanding.add_metric([b.label], float(b.outstanding))
+        yield up
+        yield state
+        yield outstanding
+
+
+class GatewayMetrics:
+    def __init__(self, pool: BackendPool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests handled, by endpoint, model, HTTP status and streaming.",
+            ["endpoint", "model", "status", "stream"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "gateway_errors", "Failed requests by reason.", ["endpoint", "reason"], registry=r
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "End-to-end request duration as seen by the gateway.",
+            ["endpoint", "stream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed event sent to the client.",
+            ["endpoint", "model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens", "Prompt tokens, from vLLM's usage.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens, from vLLM's usage.", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Proxied requests in progress.", ["endpoint"], registry=r
+        )
+        r.register(_BackendCollector(pool))
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        c = self._cache.get(key)
+        if c is None:
+            c = self._cache[key] = metric.labels(*labels)
+        return c
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,52 @@
+"""Stage 8, account: metrics and the one audit line per request.
+
+The audit line carries counts and timings only, never prompt or completion
+text, and no credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline.exchange import Exchange
+
+
+class Accountant:
+    def __init__(self, metrics: GatewayMetrics, log: Any, access_log: bool) -> None:
+        self._m = metrics
+        self._log = log
+        self._access_log = access_log
+
+    def record(self, ex: Exchange, known_model: bool) -> None:
+        m = self._m
+        stream = "true" if ex.stream else "false"
+        model = ex.model if known_model else "unknown"
+        status = "499" if ex.disconnected and not ex.response_started else str(ex.status)
+        m.child(m.requests, ex.endpoint, model, status, stream).inc()
+        duration = ex.finished - ex.started
+        m.child(m.duration, ex.endpoint, stream).observe(duration)
+        if ex.ttft is not None:
+            m.child(m.ttft, ex.endpoint, model).observe(ex.ttft)
+        if ex.prompt_tokens:
+            m.child(m.prompt_tokens, model).inc(ex.prompt_tokens)
+        if ex.completion_tokens:
+            m.child(m.completion_tokens, model).inc(ex.completion_tokens)
+        reason = "client_disconnect" if ex.disconnected else ex.reason
+        if reason is not None:
+            m.child(m.errors, ex.endpoint, reason).inc()
+        if self._access_log:
+            self._log.info(
+                "request",
+                endpoint=ex.endpoint,
+                model=ex.model,
+                backend=ex.backend,
+                status=int(status),
+                stream=ex.stream,
+                prompt_tokens=ex.prompt_tokens,
+                completion_tokens=ex.completion_tokens,
+                ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 2),
+                duration_ms=round(duration * 1000, 2),
+                client_disconnected=ex.disconnected,
+                error_reason=reason,
+            )

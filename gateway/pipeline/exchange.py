@@ -1,0 +1,26 @@
+"""One request's record as it moves through the pipeline; the account stage reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    endpoint: str
+    started: float  # time.perf_counter() at arrival (uvloop's loop.time() has 1 ms resolution)
+    model: str = "-"
+    stream: bool = False
+    backend: str | None = None
+    status: int = 0
+    reason: str | None = None  # low-cardinality failure reason; None on success
+    error: str | None = None  # failure message for the log (never request content)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft: float | None = None  # seconds from arrival to the first event sent (streams)
+    upstream_ttfb: float | None = None  # seconds from arrival to upstream response headers
+    finished: float = 0.0
+    response_started: bool = False
+    completing: bool = False  # the last body message is being sent
+    disconnected: bool = False

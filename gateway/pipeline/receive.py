@@ -1,0 +1,128 @@
+"""Stage 1, receive: read the body within its size limit, parse and validate it.
+
+The result is the client's own JSON object (a dict) plus the few facts the
+later stages need. Validation uses the pydantic wire schema; the validated
+model is thrown away and the dict is what goes upstream, so unknown vLLM
+fields survive untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from gateway.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.asgi import Receive
+from gateway.config import ValidationSettings
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One proxied OpenAI endpoint."""
+
+    name: str  # metric/log label: "chat", "completions", "embeddings"
+    path: bytes  # upstream path
+    schema: type[BaseModel]
+    streams: bool  # whether `stream: true` is allowed
+
+
+CHAT: Final = Endpoint("chat", b"/v1/chat/completions", ChatCompletionRequest, True)
+COMPLETIONS: Final = Endpoint("completions", b"/v1/completions", CompletionRequest, True)
+EMBEDDINGS: Final = Endpoint("embeddings", b"/v1/embeddings", EmbeddingRequest, False)
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    endpoint: Endpoint
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool
+
+
+async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:
+    if content_length is not None and content_length > limit:
+        raise PayloadTooLarge(
+            f"Request body is {content_length} bytes; the limit is {limit} bytes.", param=None
+        )
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was fully read."""
+
+
+def _first_error(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "json-or-python"))]
+    # pydantic puts the union member name in the loc ("str", "list[...]"): drop it.
+    loc = [p for p in loc if not (p.startswith(("list[", "str", "int")) or p == "StrictStr")]
+    param = ".".join(loc) or None
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    where = f"`{param}`: " if param else ""
+    more = f" ({len(errors) - 1} more problem(s) in the request)" if len(errors) > 1 else ""
+    return InvalidRequest(f"Invalid request: {where}{msg}{more}", param=param, code=err["type"])
+
+
+def parse(endpoint: Endpoint, raw: bytes, limits: ValidationSettings) -> ParsedRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        req = endpoint.schema.model_validate(body)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    stream = bool(getattr(req, "stream", False))
+    if stream and not endpoint.streams:
+        raise InvalidRequest("This endpoint does not stream.", param="stream", code="invalid_value")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, field, None)
+        if value is not None and value > limits.max_tokens_ceiling:
+            raise InvalidRequest(
+                f"`{field}` is {value}; this gateway allows at most {limits.max_tokens_ceiling}.",
+                param=field,
+                code="invalid_value",
+            )
+    n = getattr(req, "n", None)
+    if n is not None and n > limits.max_n:
+        raise InvalidRequest(
+            f"`n` is {n}; this gateway allows at most {limits.max_n}.",
+            param="n",
+            code="invalid_value",
+        )
+    stop = getattr(req, "stop", None)
+    if isinstance(stop, list) and len(stop) > limits.max_stop_sequences:
+        raise InvalidRequest(
+            f"`stop` has {len(stop)} entries; at most {limits.max_stop_sequences} are allowed.",
+            param="stop",
+            code="invalid_value",
+        )
+    wants_usage = False
+    if stream:
+        opts = body.get("stream_options")
+        wants_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+    model: str = body["model"]
+    return ParsedRequest(endpoint, body, model, stream, wants_usage)

@@ -1,0 +1,232 @@
+"""Stage 7, relay: send vLLM's answer to the client.
+
+Streams are forwarded as the bytes vLLM sent, cut only at SSE event
+boundaries (``\\n\\n``); the gateway parses just two kinds of event: the
+final usage chunk (``"choices":[]``, read for accounting and dropped when the
+client did not ask for it) and an upstream ``{"error": ...}`` event. Every
+stream the client sees ends in ``data: [DONE]``; a failure after the first
+byte becomes one final SSE error event, never a silent truncation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from gateway.asgi import Send
+from gateway.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+    sse_error_event,
+)
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.upstream import UpstreamResponse
+
+DONE = b"data: [DONE]\n\n"
+HEARTBEAT = b": keep-alive\n\n"
+_USAGE_MARK = b'"choices":[]'
+_ERROR_MARK = b'data: {"error"'
+
+
+def _headers(content_type: bytes, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type), (b"x-request-id", request_id)]
+
+
+def _read_usage(ex: Exchange, usage: Any) -> None:
+    if isinstance(usage, dict):
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        ex.prompt_tokens = p if isinstance(p, int) else ex.prompt_tokens
+        ex.completion_tokens = c if isinstance(c, int) else ex.completion_tokens
+
+
+async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_id: bytes) -> None:
+    """A plain (non-streaming) answer: forwarded byte for byte on success."""
+    body = await resp.read()
+    status = resp.status
+    if status == 200:
+        try:
+            _read_usage(ex, orjson.loads(body).get("usage"))
+        except (orjson.JSONDecodeError, AttributeError):
+            raise UpstreamError("The backend sent a response that is not JSON.") from None
+        content_type = b"application/json"
+    else:
+        status, body = upstream_failure(ex, status, body)
+        content_type = b"application/json"
+    ex.status = status
+    ex.response_started = ex.completing = True
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                *_headers(content_type, request_id),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes]:
+    """Map a non-200 upstream answer to what the client gets.
+
+    4xx with an OpenAI-shaped body pass through untouched (vLLM's messages are
+    precise: "max_tokens=... cannot be greater than max_model_len=..."). Other
+    4xx are wrapped; 5xx become 502 with vLLM's message kept.
+    """
+    message: str | None = None
+    try:
+        parsed = orjson.loads(body)
+        err = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):
+            message = parsed["detail"]
+    except orjson.JSONDecodeError:
+        pass
+    ex.reason = "upstream_client_error" if status < 500 else "upstream_error"
+    ex.error = f"backend answered {status}: {message or body[:200]!r}"
+    if 400 <= status < 500:
+        if message is not None and b'"error"' in body:
+            return status, body
+        type_ = "not_found_error" if status == 404 else "invalid_request_error"
+        return status, error_body(message or f"The backend answered {status}.", type_, None, status)
+    return 502, error_body(
+        f"The backend failed ({status}): {message or 'no details'}", "upstream_error", None, "upstream_error"
+    )
+
+
+async def _first_chunk(resp: UpstreamResponse, send: Send, deadline: float, heartbeat: float) -> bytes:
+    """Wait for vLLM's first bytes, sending SSE comment heartbeats meanwhile."""
+    loop = asyncio.get_running_loop()
+    if heartbeat <= 0:
+        async with asyncio.timeout_at(deadline):
+            return await resp.read_chunk()
+    task = loop.create_task(resp.read_chunk())
+    try:
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                raise TimeoutError
+            done, _ = await asyncio.wait((task,), timeout=min(heartbeat, deadline - now))
+            if done:
+                return task.result()
+            if loop.time() < deadline:
+                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def relay_sse(
+    resp: UpstreamResponse,
+    send: Send,
+    ex: Exchange,
+    request_id: bytes,
+    *,
+    strip_usage: bool,
+    first_byte_deadline: float,
+    idle: float,
+    total_deadline: float,
+    heartbeat: float,
+) -> None:
+    loop = asyncio.get_running_loop()
+    ex.status = 200
+    ex.response_started = True
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                *_headers(b"text/event-stream; charset=utf-8", request_id),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
+            ],
+        }
+    )
+    saw_done = False
+    failure: GatewayError | None = None
+    phase = "first token"
+    try:
+        data = await _first_chunk(resp, send, min(first_byte_deadline, total_deadline), heartbeat)
+        phase = "idle"
+        buf = b""
+        async with asyncio.timeout_at(min(loop.time() + idle, total_deadline)) as guard:
+            while data:
+                buf = buf + data if buf else data
+                end = buf.rfind(b"\n\n")
+                if end >= 0:
+                    end += 2
+                    if end == len(buf):
+                        out, buf = buf, b""
+                    else:
+                        out, buf = buf[:end], buf[end:]
+                    if _USAGE_MARK in out:
+                        out = _take_usage(out, ex, strip_usage)
+                    if _ERROR_MARK in out:
+                        _note_error_event(out, ex)
+                    if out.endswith(DONE):
+                        saw_done = True
+                    if out:
+                        if ex.ttft is None:
+                            ex.ttft = time.perf_counter() - ex.started
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if saw_done:
+                        break
+                guard.reschedule(min(loop.time() + idle, total_deadline))
+                data = await resp.read_chunk()
+    except TimeoutError:
+        if loop.time() >= total_deadline:
+            failure = UpstreamTimeout(
+                "The request took longer than the gateway's total timeout.", code="total_timeout"
+            )
+        elif phase == "first token":
+            failure = UpstreamTimeout(
+                "The backend sent no token within the first-byte timeout.", code="first_byte_timeout"
+            )
+        else:
+            failure = UpstreamTimeout(
+                f"The backend sent nothing for {idle:g}s in the middle of the stream.",
+                code="idle_timeout",
+            )
+    except UpstreamError as exc:
+        failure = exc
+    if failure is None and not saw_done:
+        failure = UpstreamError(
+            "The backend ended the stream without finishing it (no [DONE]).", code="stream_truncated"
+        )
+    if failure is not None:
+        ex.reason = failure.reason
+        ex.error = failure.message
+        await send({"type": "http.response.body", "body": sse_error_event(failure), "more_body": True})
+    ex.completing = True
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
+    at = out.rfind(_USAGE_MARK)
+    start = out.rfind(b"data: ", 0, at)
+    end = out.find(b"\n\n", at)
+    if start < 0 or end < 0:
+        return out
+    try:
+        _read_usage(ex, orjson.loads(out[start + 6 : end]).get("usage"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return out
+    return out[:start] + out[end + 2 :] if strip else out
+
+
+def _note_error_event(out: bytes, ex: Exchange) -> None:
+    at = out.find(_ERROR_MARK)
+    end = out.find(b"\n\n", at)
+    ex.reason = "upstream_error"
+    try:
+        err = orjson.loads(out[at + 6 : end])["error"]
+        ex.error = f"backend error event: {err.get('message')}"
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        ex.error = "backend error event"

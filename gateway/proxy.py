@@ -1,0 +1,222 @@
+"""The request pipeline for proxied endpoints, as a pure ASGI app.
+
+    receive → authenticate → limit → route → admit → call upstream → relay → account
+
+Each stage lives in ``gateway/pipeline/<stage>.py``; this module only runs
+them in order and turns a ``GatewayError`` from any stage into an
+OpenAI-shaped response. Authentication, limits and admission are later
+stages (issues #3 and #4) and slot in where marked.
+
+Pure ASGI rather than a FastAPI route: Starlette's request/response objects
+and StreamingResponse cost more CPU than the whole relay (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.asgi import Receive, Scope, Send, header
+from gateway.backends import BackendPool
+from gateway.config import Settings
+from gateway.errors import GatewayError, UpstreamTimeout, sse_error_event
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import receive as receive_stage
+from gateway.pipeline.account import Accountant
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.receive import ClientGone, Endpoint
+from gateway.pipeline.relay import relay_json, relay_sse
+from gateway.pipeline.route import choose_backend
+from gateway.pipeline.upstream import UpstreamClient
+
+_ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def request_id_from(scope: Scope) -> tuple[str, str]:
+    """(id returned to the client, unique id sent upstream).
+
+    A client's X-Request-Id is kept if it is short and plain; upstream always
+    gets a unique id (a client may reuse its id, and vLLM keys requests by it).
+    """
+    unique = os.urandom(8).hex()
+    given = header(scope, b"x-request-id")
+    if given and len(given) <= 128 and _ID_CHARS.issuperset(given):
+        rid = given.decode()
+        return rid, f"{rid}.{unique}"
+    return unique, unique
+
+
+class ProxyEndpoint:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        settings: Settings,
+        pool: BackendPool,
+        upstream: UpstreamClient,
+        metrics: GatewayMetrics,
+        accountant: Accountant,
+    ) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.pool = pool
+        self.upstream = upstream
+        self.in_flight = metrics.in_flight.labels(endpoint.name)
+        self.accountant = accountant
+        self.log = structlog.get_logger("gateway.proxy")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        rid, upstream_id = request_id_from(scope)
+        ex = Exchange(rid, self.endpoint.name, time.perf_counter())
+        deadline = loop.time() + self.settings.timeouts.total
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        self.in_flight.inc()
+        try:
+            await self._handle(scope, receive, send, ex, upstream_id, deadline)
+        except GatewayError as exc:
+            ex.reason = exc.reason
+            ex.error = exc.message
+            await self._send_error(send, ex, exc)
+        except ClientGone:
+            ex.disconnected = True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not ex.disconnected or task is None:
+                raise
+            task.uncancel()  # our own disconnect watcher cancelled us: a normal ending
+        except Exception as exc:  # a bug: log it once, answer a clean 500
+            ex.reason = "internal"
+            ex.error = type(exc).__name__
+            self.log.exception("internal error")
+            await self._send_error(send, ex, GatewayError("Internal gateway error."))
+        finally:
+            self.in_flight.dec()
+            ex.finished = time.perf_counter()
+            if ex.reason in ("upstream_error", "timeout", "upstream_unavailable"):
+                self.log.warning("upstream failure", backend=ex.backend, reason=ex.reason, cause=ex.error)
+            self.accountant.record(ex, self.pool.known_model(ex.model))
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ex: Exchange,
+        upstream_id: str,
+        total_deadline: float,
+    ) -> None:
+        s = self.settings
+        # 1. receive
+        length = header(scope, b"content-length")
+        raw = await receive_stage.read_body(
+            receive, int(length) if length and length.isdigit() else None, s.server.max_body_bytes
+        )
+        req = receive_stage.parse(self.endpoint, raw, s.validation)
+        ex.model, ex.stream = req.model, req.stream
+        # 2. authenticate, 3. limit: issue #3
+        # 4. route
+        backend = choose_backend(self.pool, req.model)
+        ex.backend = backend.label
+        # 5. admit: issue #4
+        # 6. call upstream
+        if req.stream and not req.client_wants_usage:
+            # Exact token accounting needs vLLM's usage chunk; relay strips it again.
+            opts: Any = req.body.get("stream_options")
+            req.body["stream_options"] = {**(opts or {}), "include_usage": True}
+            raw = orjson.dumps(req.body)
+        loop = asyncio.get_running_loop()
+        t = s.timeouts
+        first_byte_deadline = min(loop.time() + t.first_byte, total_deadline)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = loop.create_task(_watch_disconnect(receive, ex, task))
+        backend.outstanding += 1
+        try:
+            try:
+                async with asyncio.timeout_at(first_byte_deadline):
+                    resp = await self.upstream.post(backend, self.endpoint.path, raw, upstream_id)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
+                    code="first_byte_timeout",
+                ) from None
+            ex.upstream_ttfb = time.perf_counter() - ex.started
+            # 7. relay
+            try:
+                rid_bytes = ex.request_id.encode()
+                if req.stream and resp.status == 200:
+                    await relay_sse(
+                        resp,
+                        send,
+                        ex,
+                        rid_bytes,
+                        strip_usage=not req.client_wants_usage,
+                        first_byte_deadline=first_byte_deadline,
+                        idle=t.idle,
+                        total_deadline=total_deadline,
+                        heartbeat=s.streaming.heartbeat_interval,
+                    )
+                else:
+                    try:
+                        async with asyncio.timeout_at(total_deadline):
+                            await relay_json(resp, send, ex, rid_bytes)
+                    except TimeoutError:
+                        raise UpstreamTimeout(
+                            f"The request took longer than {t.total:g}s.", code="total_timeout"
+                        ) from None
+            finally:
+                if ex.disconnected or ex.reason:
+                    resp.close()
+                else:
+                    resp.release()
+        finally:
+            backend.outstanding -= 1
+            watcher.cancel()
+        # 8. account: in __call__'s finally, so failures are counted too
+
+    async def _send_error(self, send: Send, ex: Exchange, exc: GatewayError) -> None:
+        if ex.disconnected:
+            return
+        if ex.response_started:
+            # Headers are gone: the only honest signal left is a final SSE error event.
+            ex.completing = True
+            await send({"type": "http.response.body", "body": sse_error_event(exc), "more_body": False})
+            return
+        ex.status = exc.status
+        ex.response_started = ex.completing = True
+        body = exc.body()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", ex.request_id.encode()),
+                    *exc.headers(),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:
+    """Cancel the request's task when the client goes away.
+
+    Cancelling unwinds the upstream call, which closes vLLM's connection, and
+    vLLM aborts the generation and frees its KV cache.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if ex.completing:  # uvicorn also says "disconnect" once the response is complete
+                return
+            ex.disconnected = True
+            task.cancel()
+            return

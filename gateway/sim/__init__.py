@@ -1,0 +1,1 @@
+"""A vLLM simulator for development, tests and load tests without a GPU."""
