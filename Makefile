@@ -22,8 +22,8 @@ run: install
 test: install lint typecheck unit
 
 lint: install
-	$(BIN)/ruff check gateway tests loadtests scripts
-	$(BIN)/ruff format --check gateway tests loadtests scripts
+	$(BIN)/ruff check gateway tests loadtests
+	$(BIN)/ruff format --check gateway tests loadtests
 
 typecheck: install
 	$(BIN)/mypy
