@@ -44,7 +44,8 @@ class Proc:
         return self.proc.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
@@ -64,7 +65,7 @@ class Proc:
         self.stop(signal.SIGKILL)
 
 
-def wait_http(url: str, proc: Proc, status: int | None = 200, timeout: float = 20) -> None:
+def wait_http(url: str, proc: Proc, status: int | None = 200, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

@@ -1,0 +1,97 @@
+"""Logs are JSON with the request id and no prompt text; /metrics carries the request series."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.procs import Gateway, Sim
+
+SECRET_PROMPT = "zebra-unicorn-secret-prompt"
+
+
+def test_logs_are_json_carry_request_id_and_no_prompt_text(sim: Sim) -> None:
+    gw = Gateway([sim.url])
+    try:
+        c = openai.OpenAI(base_url=gw.v1, api_key="sk-do-not-log", max_retries=0)
+        msgs = [{"role": "user", "content": SECRET_PROMPT}]
+        r = c.chat.completions.with_raw_response.create(model="tiny", messages=msgs, max_tokens=3)  # type: ignore[arg-type]
+        rid = r.headers["x-request-id"]
+        list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, stream=True))  # type: ignore[arg-type]
+        time.sleep(0.3)  # the log writer thread flushes asynchronously
+    finally:
+        gw.stop()
+    lines = gw.log_lines()
+    assert lines
+    records = [orjson.loads(line) for line in lines]  # every line is JSON, uvicorn's included
+    assert any(r.get("logger") == "uvicorn.error" for r in records)
+    audit = [r for r in records if r.get("event") == "request"]
+    assert len(audit) == 2
+    plain = next(r for r in audit if r["request_id"] == rid)
+    assert plain["status"] == 200
+    assert plain["model"] == "tiny"
+    assert plain["completion_tokens"] == 3
+    assert plain["prompt_tokens"] > 0
+    assert plain["duration_ms"] > 0
+    streamed = next(r for r in audit if r["stream"])
+    assert streamed["completion_tokens"] == 3
+    assert streamed["ttft_ms"] > 0
+    text = "\n".join(lines)
+    assert SECRET_PROMPT not in text
+    assert "sk-do-not-log" not in text
+    assert " one two" not in text  # no completion text either
+
+
+def test_metrics_count_requests_tokens_and_latency(gateway: Gateway) -> None:
+    c = openai.OpenAI(base_url=gateway.v1, api_key="x", max_retries=0)
+    c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a b"}], max_tokens=2)  # type: ignore[arg-type]
+    list(
+        c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "a b"}], max_tokens=2, stream=True
+        )
+    )  # type: ignore[arg-type]
+    httpx.post(gateway.v1 + "/chat/completions", content=b"{bad json")
+    body = httpx.get(gateway.url + "/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(body)}
+    reqs = {
+        (s.labels["endpoint"], s.labels["model"], s.labels["status"], s.labels["stream"]): s.value
+        for s in fams["gateway_requests"].samples
+        if s.name == "gateway_requests_total"
+    }
+    assert reqs[("chat", "tiny", "200", "false")] >= 1
+    assert reqs[("chat", "tiny", "200", "true")] >= 1
+    assert reqs[("chat", "unknown", "400", "false")] >= 1
+    tokens = {
+        s.labels["model"]: s.value
+        for s in fams["gateway_completion_tokens"].samples
+        if s.name.endswith("_total")
+    }
+    assert tokens["tiny"] >= 4
+    ttft = [s for s in fams["gateway_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert ttft
+    assert ttft[0].value >= 1
+    assert "gateway_request_duration_seconds" in fams
+    assert "gateway_requests_in_flight" in fams
+    up = {s.labels["backend"]: s.value for s in fams["gateway_backend_up"].samples}
+    assert list(up.values()) == [1.0]
+    errors = {
+        s.labels["reason"]: s.value for s in fams["gateway_errors"].samples if s.name.endswith("_total")
+    }
+    assert errors["validation"] >= 1
+
+
+def test_two_workers_serve(sim: Sim) -> None:
+    gw = Gateway([sim.url], "--workers", "2")
+    try:
+        c = openai.OpenAI(base_url=gw.v1, api_key="x", max_retries=0)
+        for _ in range(4):
+            r = c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "w"}], max_tokens=1
+            )  # type: ignore[arg-type]
+            assert r.choices[0].message.content == " w"
+    finally:
+        gw.stop()
