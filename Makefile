@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT_PATHS := gateway tests scripts $(wildcard loadtests/*.py)
 
 .PHONY: install run test lint typecheck unit e2e-vllm bench docs clean
 
@@ -22,8 +23,8 @@ run: install
 test: install lint typecheck unit
 
 lint: install
-	$(BIN)/ruff check gateway tests loadtests
-	$(BIN)/ruff format --check gateway tests loadtests
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: install
 	$(BIN)/mypy
@@ -33,7 +34,7 @@ unit: install
 
 ## Real vLLM (CPU build) end to end: builds .venv-vllm and a tiny model once, then runs the suite.
 e2e-vllm: install
-	scripts/vllm/setup-venv.sh
+	bash scripts/vllm/setup-venv.sh
 	.venv-vllm/bin/python scripts/vllm/make_tiny_model.py .cache/tiny-llama
 	E2E_VLLM_REQUIRED=1 $(BIN)/pytest -q tests/e2e_vllm
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -60,7 +61,11 @@ class _Sampling(_Open):
     def _stream_options_need_stream(self) -> _Sampling:
         # Same rule and wording as vLLM, answered without a round trip.
         if self.stream_options is not None and not self.stream:
-            raise ValueError("Stream options can only be defined when `stream=True`.")
+            raise PydanticCustomError(
+                "stream_options_without_stream",
+                "Stream options can only be defined when `stream=True`.",
+                {"param": "stream_options"},
+            )
         return self
 
 
@@ -72,12 +77,12 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]]
 
-    @model_validator(mode="before")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_not_empty(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("prompt") in ("", []):
-            raise ValueError("`prompt` must not be empty")
-        return data
+    def _prompt_not_empty(cls, value: Any) -> Any:
+        if value in ("", []):
+            raise ValueError("must not be empty")
+        return value
 
 
 class EmbeddingRequest(_Open):

@@ -69,13 +69,16 @@ class ClientGone(Exception):
     """The client disconnected before its request was fully read."""
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "StrictStr"})
+
+
 def _first_error(exc: ValidationError) -> InvalidRequest:
     errors = exc.errors(include_url=False)
     err = errors[0]
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "json-or-python"))]
     # pydantic puts the union member name in the loc ("str", "list[...]"): drop it.
-    loc = [p for p in loc if not (p.startswith(("list[", "str", "int")) or p == "StrictStr")]
-    param = ".".join(loc) or None
+    loc = [p for p in loc if not (p.startswith(("list[", "dict[")) or p in _UNION_TAGS)]
+    param = ".".join(loc) or (err.get("ctx") or {}).get("param")
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -95,25 +98,30 @@ def parse(endpoint: Endpoint, raw: bytes, limits: ValidationSettings) -> ParsedR
         req = endpoint.schema.model_validate(body)
     except ValidationError as exc:
         raise _first_error(exc) from None
+    declared = type(req).model_fields  # extras (extra="allow") hold the client's raw JSON values
+
+    def field(name: str) -> Any:
+        return getattr(req, name) if name in declared else None
+
     stream = bool(getattr(req, "stream", False))
     if stream and not endpoint.streams:
         raise InvalidRequest("This endpoint does not stream.", param="stream", code="invalid_value")
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(req, field, None)
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = field(name)
         if value is not None and value > limits.max_tokens_ceiling:
             raise InvalidRequest(
-                f"`{field}` is {value}; this gateway allows at most {limits.max_tokens_ceiling}.",
-                param=field,
+                f"`{name}` is {value}; this gateway allows at most {limits.max_tokens_ceiling}.",
+                param=name,
                 code="invalid_value",
             )
-    n = getattr(req, "n", None)
+    n = field("n")
     if n is not None and n > limits.max_n:
         raise InvalidRequest(
             f"`n` is {n}; this gateway allows at most {limits.max_n}.",
             param="n",
             code="invalid_value",
         )
-    stop = getattr(req, "stop", None)
+    stop = field("stop")
     if isinstance(stop, list) and len(stop) > limits.max_stop_sequences:
         raise InvalidRequest(
             f"`stop` has {len(stop)} entries; at most {limits.max_stop_sequences} are allowed.",

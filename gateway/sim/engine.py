@@ -3,7 +3,7 @@
 Text is deterministic: the words of the last prompt message, repeated, one
 word per token (``" w1", " w2", ...``), so a test can compute the expected
 answer with :func:`expected_text`. Field names and their order follow the
-recorded transcripts in shared/fixtures/vllm-0.32.0-cpu.
+recorded transcripts in tests/fixtures/vllm-0.32.0-cpu.
 """
 
 from __future__ import annotations
@@ -176,25 +176,25 @@ class Generation:
         }
 
     def first_event(self, index: int) -> bytes:
-        if self.chat:
-            chunk = {
-                **self._head(),
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
-        else:
-            chunk = {**self._head(), "choices": [self._text_choice(index, "", None)]}
+        """Chat only: vLLM opens a chat stream with one role chunk per choice.
+
+        Completion streams have no such chunk; their first event is the first token.
+        """
+        chunk: dict[str, Any] = {
+            **self._head(),
+            "choices": [
+                {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
         if self.continuous_usage:
             chunk["usage"] = {**self.usage(0), "completion_tokens_details": None}
-        if self.chat:
-            chunk["prompt_token_ids"] = None
-            chunk["prompt_text"] = None
+        chunk["prompt_token_ids"] = None
+        chunk["prompt_text"] = None
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def _text_choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
@@ -222,8 +222,12 @@ class Generation:
             choice = self._text_choice(index, token, finish)
         chunk: dict[str, Any] = {**self._head(), "choices": [choice]}
         if self.continuous_usage:
-            chunk["usage"] = {**self.usage(step + 1), "completion_tokens_details": None}
-        if last and self.chat and not self.include_usage and index == self.n - 1:
+            usage = self.usage(step + 1)
+            # Chat sets completion_tokens_details (to null); completions leave it unset.
+            chunk["usage"] = {**usage, "completion_tokens_details": None} if self.chat else usage
+        if last and not self.include_usage:
+            # vLLM stamps the fingerprint on each choice's terminal chunk, unless a
+            # usage chunk follows (that one is then the true final message).
             chunk["system_fingerprint"] = FINGERPRINT
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
@@ -241,10 +245,28 @@ def error(message: str, type_: str, param: str | None, code: int) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
-def validation_error(type_: str, loc: str, msg: str, input_repr: str, ctx: str = "") -> bytes:
-    """vLLM's rendering of a FastAPI request-validation error (400, not 422)."""
-    detail = f"{{'type': '{type_}', 'loc': '{loc}', 'msg': '{msg}', 'input': {input_repr}{ctx}}}"
+def error_input(value: Any) -> Any:
+    """vLLM's size-bounded stand-in for a validation error's ``input`` value."""
+    if isinstance(value, str):
+        return value[:200] + "...[truncated]" if len(value) > 200 else value
+    if isinstance(value, list | tuple | dict):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text[:200] + "...[truncated]" if len(text) > 200 else text
+
+
+def validation_error(type_: str, loc: str, msg: str, input_: Any, ctx: dict[str, Any] | None = None) -> bytes:
+    """vLLM's rendering of one FastAPI request-validation error (400, not 422)."""
+    detail: dict[str, Any] = {"type": type_, "loc": loc, "msg": msg, "input": error_input(input_)}
+    if ctx is not None:
+        detail["ctx"] = ctx
     return error(f"1 validation error:\n  {detail}", "Bad Request", loc, 400)
+
+
+def vllm_validation_error(message: str, parameter: str, value: Any = None) -> bytes:
+    """A ``VLLMValidationError``: message plus ``(parameter=..., value=...)``, 400."""
+    extras = [f"parameter={parameter}"] + ([f"value={value}"] if value is not None else [])
+    return error(f"{message} ({', '.join(extras)})", "BadRequestError", parameter, 400)
 
 
 def model_card(name: str, max_model_len: int, created: int) -> dict[str, Any]:

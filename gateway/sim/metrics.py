@@ -91,22 +91,23 @@ class Histogram:
         self.total += v
         self.n += 1
 
-    def render(self, name: str, labels: str) -> list[str]:
+    def render(self, name: str, labels: dict[str, str]) -> list[str]:
         lines = []
         acc = 0
         for le, c in zip(self.buckets, self.counts, strict=False):
             acc += c
-            lines.append(f'{name}_bucket{{{labels},le="{le}"}} {float(acc)}')
-        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {float(self.n)}')
-        lines.append(f"{name}_count{{{labels}}} {float(self.n)}")
-        lines.append(f"{name}_sum{{{labels}}} {self.total}")
+            lines.append(f"{name}_bucket{{{_labels(labels, le=str(le))}}} {float(acc)}")
+        lines.append(f"{name}_bucket{{{_labels(labels, le='+Inf')}}} {float(self.n)}")
+        lines.append(f"{name}_count{{{_labels(labels)}}} {float(self.n)}")
+        lines.append(f"{name}_sum{{{_labels(labels)}}} {self.total}")
         return lines
 
 
-def _with_reason(labels: str, reason: str) -> str:
-    # vLLM orders labels alphabetically: engine, finished_reason, model_name.
-    engine, model = labels.split(",", 1)
-    return f'{engine},finished_reason="{reason}",{model}'
+def _labels(base: dict[str, str], **more: str) -> str:
+    # prometheus_client (and so vLLM) renders labels sorted by name: engine, finished_reason,
+    # le, model_name.
+    merged = {**base, **more}
+    return ",".join(f'{k}="{merged[k]}"' for k in sorted(merged))
 
 
 @dataclass
@@ -123,7 +124,8 @@ class SimMetrics:
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
 
     def render(self) -> bytes:
-        lab = f'engine="0",model_name="{self.model}"'
+        base = {"engine": "0", "model_name": self.model}
+        lab = _labels(base)
         kv = min(1.0, self.running / max(1, self.max_num_seqs))
         out: list[str] = []
 
@@ -167,7 +169,7 @@ class SimMetrics:
             "counter",
             "Count of successfully processed requests.",
             [
-                f"vllm:request_success_total{{{_with_reason(lab, r)}}} {float(c)}"
+                f"vllm:request_success_total{{{_labels(base, finished_reason=r)}}} {float(c)}"
                 for r, c in self.finished.items()
             ],
         )
@@ -175,18 +177,18 @@ class SimMetrics:
             "vllm:time_to_first_token_seconds",
             "histogram",
             "Histogram of time to first token in seconds.",
-            self.ttft.render("vllm:time_to_first_token_seconds", lab),
+            self.ttft.render("vllm:time_to_first_token_seconds", base),
         )
         family(
             "vllm:inter_token_latency_seconds",
             "histogram",
             "Histogram of inter-token latency in seconds.",
-            self.itl.render("vllm:inter_token_latency_seconds", lab),
+            self.itl.render("vllm:inter_token_latency_seconds", base),
         )
         family(
             "vllm:e2e_request_latency_seconds",
             "histogram",
             "Histogram of e2e request latency in seconds.",
-            self.e2e.render("vllm:e2e_request_latency_seconds", lab),
+            self.e2e.render("vllm:e2e_request_latency_seconds", base),
         )
         return ("\n".join(out) + "\n").encode()

@@ -7,14 +7,17 @@ connection after N tokens), ``error-event:N`` (vLLM's mid-stream error
 event), ``hang``, ``hang-after:N``, ``slow-start:SECONDS``, ``die`` (the
 process exits, like an engine death).
 
-Test hooks (not part of vLLM): ``GET /sim/stats`` (aborted request ids and
-the last requests received) and ``POST /sim/control`` (change knobs live).
+Test hooks (not part of vLLM): ``GET /sim/stats`` (aborted request ids, i.e.
+client disconnects including those during ``hang``; ``received``, the count of
+generation requests that reached the simulator, valid or not; the last
+requests) and ``POST /sim/control`` (change knobs live).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import time
@@ -45,6 +48,7 @@ class Simulator:
         self.aborted: deque[str] = deque(maxlen=1000)
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
         self.completed = 0
+        self.received = 0  # generation requests that reached the simulator, valid or not
         self._slots = asyncio.Semaphore(config.max_num_seqs)
         self._rng = random.Random(config.seed)
 
@@ -120,6 +124,7 @@ class Simulator:
         return {
             "aborted": list(self.aborted),
             "completed": self.completed,
+            "received": self.received,
             "running": m.running,
             "waiting": m.waiting,
             "requests": list(self.recent),
@@ -129,6 +134,7 @@ class Simulator:
     async def generate(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         cfg = self.config
         raw = await read_all(receive)
+        self.received += 1
         rid_header = header(scope, b"x-request-id")
         auth = header(scope, b"authorization")
         fault = (header(scope, b"x-sim-fault") or b"").decode() or cfg.fault
@@ -138,20 +144,19 @@ class Simulator:
         if not self.is_loaded():
             await respond(send, 503, engine.error("Model is loading", "ServiceUnavailable", None, 503))
             return
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            await respond(
-                send,
-                400,
-                engine.validation_error(
-                    "json_invalid",
-                    "body.1",
-                    "JSON decode error",
-                    "'<dict of 0 items>'",
-                    ", 'ctx': {'error': 'Expecting property name enclosed in double quotes'}",
-                ),
-            )
+        if path == "/v1/embeddings" and not cfg.embedding_models:
+            # A generative vLLM does not mount /v1/embeddings at all.
+            await respond(send, 404, b'{"detail":"Not Found"}')
+            return
+        media_type = (header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if media_type != b"application/json":
+            # vLLM's validate_json_request dependency, before the body is even parsed.
+            message = "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed"
+            await respond(send, 400, engine.error(message, "Bad Request", None, 400))
+            return
+        body, problem = parse_json(raw)
+        if problem is not None:
+            await respond(send, 400, problem)
             return
         self.recent.append(
             {
@@ -174,74 +179,101 @@ class Simulator:
             )
             return
         if fault == "hang":
+            # Accepted but never scheduled: the client (or gateway) can only give up,
+            # which vLLM counts as an abort.
             await wait_disconnect(receive)
+            self.aborted.append(rid_header.decode() if rid_header else engine.new_id("hang-"))
+            self.metrics.finished["abort"] += 1
             return
-        problem = self.check(body, path)
-        if problem is not None:
-            await respond(send, problem[0], problem[1])
+        status, answer = self.check(body, path)
+        if status != 200:
+            await respond(send, status, answer)
             return
+        body = {**body, "model": answer.decode()}  # the served name (vLLM fills in a missing model)
         if path == "/v1/embeddings":
             await self.embed(send, body)
             return
         await self.complete(scope, receive, send, body, path == "/v1/chat/completions", fault, rid_header)
 
-    def check(self, body: Any, path: str) -> tuple[int, bytes] | None:
-        """vLLM's own request checks, with its wording and status codes."""
+    def check(self, body: Any, path: str) -> tuple[int, bytes]:
+        """vLLM's own request checks, in its order, with its wording and status codes.
+
+        Returns ``(200, served model name)`` when the request may run, else
+        ``(status, error body)``.
+        """
         cfg = self.config
+        chat = path == "/v1/chat/completions"
+        # 1. FastAPI/pydantic body validation (only the shapes the simulator relies on).
         if not isinstance(body, dict):
             return 400, engine.validation_error(
                 "model_attributes_type",
                 "body",
                 "Input should be a valid dictionary or object to extract fields from",
-                repr(body),
+                body,
             )
-        model = body.get("model")
-        if path == "/v1/chat/completions" and not isinstance(body.get("messages"), list):
+        required = "messages" if chat else "prompt" if path == "/v1/completions" else "input"
+        if required not in body:
+            return 400, engine.validation_error("missing", f"body.{required}", "Field required", body)
+        if chat and not isinstance(body["messages"], list):
             return 400, engine.validation_error(
-                "list_type", "body.messages", "Input should be a valid list", repr(body.get("messages"))
+                "list_type", "body.messages", "Input should be a valid list", body["messages"]
             )
-        if path == "/v1/completions" and "prompt" not in body:
-            return 400, engine.validation_error("missing", "body.prompt", "Field required", "{...}")
-        served = cfg.embedding_models if path == "/v1/embeddings" else cfg.models
-        if path == "/v1/embeddings" and model not in served:
-            return 404, b'{"detail":"Not Found"}' if not cfg.embedding_models else engine.error(
-                f"The model `{model}` does not exist.", "NotFoundError", "model", 404
+        # A "before" model validator, so it runs before the model check.
+        if path != "/v1/embeddings" and body.get("stream_options") and not body.get("stream"):
+            return 400, engine.vllm_validation_error(
+                "Stream options can only be defined when `stream=True`.", "stream_options"
             )
-        if model not in served:
-            aliases = ", ".join(served)
+        # 2. The model: a missing or empty name means the served model.
+        model = body.get("model")
+        if path == "/v1/embeddings":
+            if not model:
+                return 200, cfg.embedding_models[0].encode()
+            if model not in cfg.embedding_models:
+                aliases = ", ".join(cfg.embedding_models)
+                return 404, engine.error(
+                    f"The model `{model}` does not exist. Valid aliases: {aliases}.",
+                    "NotFoundError",
+                    "model",
+                    404,
+                )
+            return 200, str(model).encode()
+        if not model:
+            model = cfg.models[0]
+        if model not in cfg.models:
+            aliases = ", ".join(cfg.models)
             return 404, engine.error(
                 f"The model `{model}` does not exist. Valid aliases: {aliases}.",
                 "NotFoundError",
                 "model",
                 404,
             )
-        if body.get("stream_options") is not None and not body.get("stream"):
-            return 400, engine.error(
-                "Stream options can only be defined when `stream=True`. (parameter=stream_options)",
-                "BadRequestError",
-                "stream_options",
-                400,
-            )
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        # 3. Token budget (vLLM's TokenizeParams and its prompt length check).
+        name = "max_tokens"
+        if chat and body.get("max_completion_tokens") is not None:
+            name = "max_completion_tokens"
+        max_tokens = body.get(name)
         if isinstance(max_tokens, int) and max_tokens > cfg.max_model_len:
-            return 400, engine.error(
-                f"max_tokens={max_tokens} cannot be greater than max_model_len={cfg.max_model_len}. "
-                f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})",
-                "BadRequestError",
-                "max_tokens",
-                400,
+            return 400, engine.vllm_validation_error(
+                f"{name}={max_tokens} cannot be greater than max_model_len={cfg.max_model_len}. "
+                "Please request fewer output tokens.",
+                name,
+                max_tokens,
             )
-        if path != "/v1/embeddings":
-            _, prompt_tokens = engine.prompt_words(body, path == "/v1/chat/completions")
-            if prompt_tokens > cfg.max_model_len:
-                message = (
-                    f"This model's maximum context length is {cfg.max_model_len} tokens. "
-                    f"However, your prompt contains at least {prompt_tokens} input tokens, which "
-                    "exceeds this limit even without any output tokens. Please reduce the length "
-                    f"of the input prompt. (parameter=input_tokens, value={prompt_tokens})"
-                )
-                return 400, engine.error(message, "BadRequestError", "input_tokens", 400)
-        return None
+        _, prompt_tokens = engine.prompt_words(body, chat)
+        if prompt_tokens > cfg.max_model_len:
+            prompt = body.get("prompt")
+            token_ids = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+            # vLLM's tokenizer stops at max_model_len + 1 tokens: "at least" that many.
+            count = prompt_tokens if token_ids else min(prompt_tokens, cfg.max_model_len + 1)
+            qualifier = "at least " if count == cfg.max_model_len + 1 else ""
+            return 400, engine.vllm_validation_error(
+                f"This model's maximum context length is {cfg.max_model_len} tokens. However, your "
+                f"prompt contains {qualifier}{count} input tokens, which exceeds this limit even "
+                "without any output tokens. Please reduce the length of the input prompt.",
+                "input_tokens",
+                count,
+            )
+        return 200, str(model).encode()
 
     async def embed(self, send: Send, body: dict[str, Any]) -> None:
         inputs = body.get("input")
@@ -302,7 +334,8 @@ class Simulator:
             prompt_tokens=prompt_tokens,
             finish_reason="length" if n_out == limit else "stop",
             include_usage=bool(opts.get("include_usage")),
-            continuous_usage=bool(opts.get("continuous_usage_stats")),
+            # vLLM: continuous usage stats only count when include_usage is on too.
+            continuous_usage=bool(opts.get("include_usage")) and bool(opts.get("continuous_usage_stats")),
         )
         request_id = rid_header.decode() if rid_header else gen.rid
         stream = bool(body.get("stream"))
@@ -353,8 +386,9 @@ class Simulator:
         await send({"type": "http.response.start", "status": 200, "headers": SSE})
         await _sleep(ttft, gone)
         m.ttft.observe(time.monotonic() - start)
-        events = [gen.first_event(i) for i in range(gen.n)]
-        await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
+        if gen.chat:  # a completion stream starts with its first token instead
+            events = [gen.first_event(i) for i in range(gen.n)]
+            await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         last = time.monotonic()
         for step in range(gen.completion_tokens):
             if step:
@@ -364,7 +398,17 @@ class Simulator:
             if step == hang_at:
                 await _sleep(1e9, gone)
             if step == error_at:
-                err = engine.error("Simulated engine error mid-stream", "InternalServerError", None, 500)
+                # vLLM renders a mid-stream GenerationError with json.dumps (spaced separators).
+                err = json.dumps(
+                    {
+                        "error": {
+                            "message": "Simulated engine error mid-stream",
+                            "type": "InternalServerError",
+                            "param": None,
+                            "code": 500,
+                        }
+                    }
+                ).encode()
                 await send(
                     {
                         "type": "http.response.body",
@@ -416,6 +460,25 @@ async def wait_disconnect(receive: Receive) -> None:
     await _watch(receive, gone)
 
 
+def parse_json(raw: bytes) -> tuple[Any, bytes | None]:
+    """The body as FastAPI decodes it, or vLLM's 400 for a body that is not JSON."""
+    if not raw:
+        return None, engine.validation_error("missing", "body", "Field required", None)
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError:
+        pass
+    try:  # the stdlib is laxer (NaN, huge integers) and names the position like FastAPI
+        return json.loads(raw), None
+    except json.JSONDecodeError as exc:
+        return None, engine.validation_error(
+            "json_invalid", f"body.{exc.pos}", "JSON decode error", {}, {"error": exc.msg}
+        )
+    except (UnicodeDecodeError, RecursionError) as exc:
+        ctx = {"error": str(exc)}
+        return None, engine.validation_error("json_invalid", "body", "JSON decode error", {}, ctx)
+
+
 async def read_all(receive: Receive) -> bytes:
     chunks = []
     while True:
@@ -428,9 +491,8 @@ async def read_all(receive: Receive) -> bytes:
 async def respond(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    await send(
-        {"type": "http.response.start", "status": status, "headers": JSON if headers is None else headers}
-    )
+    head = [*(JSON if headers is None else headers), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
 

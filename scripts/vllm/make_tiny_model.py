@@ -3,6 +3,12 @@
 Run with the vLLM venv's interpreter (it has torch, transformers and tokenizers):
 
     .venv-vllm/bin/python scripts/vllm/make_tiny_model.py [OUTDIR]   # default .cache/tiny-llama
+    .venv-vllm/bin/python scripts/vllm/make_tiny_model.py --crash-on-generate OUTDIR
+
+--crash-on-generate builds the same model with 8 attention heads (head_dim 16): vLLM
+0.32.0 (CPU) loads it and answers /health 200, but the first generation request gets
+HTTP 500 (EngineDeadError) and the whole server then shuts down and exits: a real
+"backend dies" case for tests.
 
 Everything is made offline and deterministically (fixed seed, fixed corpus):
   * a ~2000-token byte-level BPE tokenizer trained with `tokenizers` on a fixed,
@@ -70,14 +76,39 @@ MODEL_SPEC = {
 # A fixed list of stdlib modules (sorted, only those present are used) so that the
 # corpus, and so the tokenizer, is the same on every machine with the same Python.
 STDLIB_FILES = [
-    "argparse.py", "ast.py", "asyncio/base_events.py", "asyncio/streams.py",
-    "collections/__init__.py", "configparser.py", "csv.py", "dataclasses.py",
-    "datetime.py", "difflib.py", "email/message.py", "enum.py", "functools.py",
-    "http/client.py", "http/server.py", "inspect.py", "json/decoder.py",
-    "json/encoder.py", "logging/__init__.py", "pathlib.py", "pickle.py",
-    "shutil.py", "socket.py", "statistics.py", "string.py", "subprocess.py",
-    "tarfile.py", "textwrap.py", "threading.py", "typing.py", "unittest/case.py",
-    "urllib/parse.py", "zipfile.py",
+    "argparse.py",
+    "ast.py",
+    "asyncio/base_events.py",
+    "asyncio/streams.py",
+    "collections/__init__.py",
+    "configparser.py",
+    "csv.py",
+    "dataclasses.py",
+    "datetime.py",
+    "difflib.py",
+    "email/message.py",
+    "enum.py",
+    "functools.py",
+    "http/client.py",
+    "http/server.py",
+    "inspect.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "logging/__init__.py",
+    "pathlib.py",
+    "pickle.py",
+    "shutil.py",
+    "socket.py",
+    "statistics.py",
+    "string.py",
+    "subprocess.py",
+    "tarfile.py",
+    "textwrap.py",
+    "threading.py",
+    "typing.py",
+    "unittest/case.py",
+    "urllib/parse.py",
+    "zipfile.py",
 ]
 
 BUILTIN_TEXT = """\
@@ -90,11 +121,25 @@ One, two, three, four, five, six, seven, eight, nine, ten.
 """
 
 
-def spec_digest() -> str:
+CRASH_OVERRIDES = {"num_attention_heads": 8, "head_dim": 16}
+
+
+def model_spec(crash: bool) -> dict:
+    return {**MODEL_SPEC, **(CRASH_OVERRIDES if crash else {})}
+
+
+def spec_digest(crash: bool = False) -> str:
     blob = json.dumps(
-        {"model": MODEL_SPEC, "vocab": VOCAB_SIZE, "seed": SEED,
-         "special": SPECIAL_TOKENS, "template": CHAT_TEMPLATE,
-         "files": STDLIB_FILES, "text": BUILTIN_TEXT, "version": 1},
+        {
+            "model": model_spec(crash),
+            "vocab": VOCAB_SIZE,
+            "seed": SEED,
+            "special": SPECIAL_TOKENS,
+            "template": CHAT_TEMPLATE,
+            "files": STDLIB_FILES,
+            "text": BUILTIN_TEXT,
+            "version": 1,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -145,7 +190,7 @@ def build_tokenizer():
     return fast
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, crash: bool = False):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -155,7 +200,7 @@ def build_model(tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **MODEL_SPEC,
+        **model_spec(crash),
     )
     config.dtype = "float32"
     model = LlamaForCausalLM(config).to(torch.float32).eval()
@@ -167,27 +212,34 @@ def build_model(tokenizer):
     return model
 
 
-def is_complete(outdir: Path) -> bool:
+def is_complete(outdir: Path, crash: bool = False) -> bool:
     m = outdir / MARKER
-    return m.is_file() and m.read_text().strip() == spec_digest()
+    return m.is_file() and m.read_text().strip() == spec_digest(crash)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 2 or (len(argv) == 2 and argv[1] in ("-h", "--help")):
+    args = argv[1:]
+    crash = "--crash-on-generate" in args
+    args = [a for a in args if a != "--crash-on-generate"]
+    if len(args) > 1 or any(a.startswith("-") for a in args):
         print(__doc__)
-        return 0 if len(argv) == 2 else 2
-    out = Path(argv[1] if len(argv) == 2 else DEFAULT_OUTDIR)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    out = Path(args[0] if args else DEFAULT_OUTDIR)
     if not out.is_absolute():
         out = Path.cwd() / out
-    if is_complete(out):
+    if is_complete(out, crash):
         print(f"[make_tiny_model] complete model already at {out}; nothing to do")
         return 0
 
-    if out.exists() and any(out.iterdir()) and not (
-        (out / MARKER).exists() or (out / "config.json").exists()
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not ((out / MARKER).exists() or (out / "config.json").exists())
     ):
-        print(f"[make_tiny_model] refusing to overwrite {out}: not empty and not a "
-              "model made by this script", file=sys.stderr)
+        print(
+            f"[make_tiny_model] refusing to overwrite {out}: not empty and not a model made by this script",
+            file=sys.stderr,
+        )
         return 1
 
     t0 = time.monotonic()
@@ -198,7 +250,7 @@ def main(argv: list[str]) -> int:
         tokenizer = build_tokenizer()
         t1 = time.monotonic()
         print(f"[make_tiny_model] tokenizer: {len(tokenizer)} tokens in {t1 - t0:.1f}s")
-        model = build_model(tokenizer)
+        model = build_model(tokenizer, crash)
         n_params = sum(p.numel() for p in model.parameters())
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -208,7 +260,7 @@ def main(argv: list[str]) -> int:
         if "chat_template" not in cfg and not (tmp / "chat_template.jinja").exists():
             cfg["chat_template"] = CHAT_TEMPLATE
             tc.write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / MARKER).write_text(spec_digest() + "\n")
+        (tmp / MARKER).write_text(spec_digest(crash) + "\n")
         if out.exists():
             # An incomplete or outdated build of ours: replace it.
             shutil.rmtree(out)
@@ -216,8 +268,7 @@ def main(argv: list[str]) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[make_tiny_model] {n_params} parameters, saved to {out} "
-          f"in {time.monotonic() - t0:.1f}s")
+    print(f"[make_tiny_model] {n_params} parameters, saved to {out} in {time.monotonic() - t0:.1f}s")
     return 0
 
 

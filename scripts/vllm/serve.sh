@@ -8,12 +8,13 @@
 # MODEL_DIR   default $VLLM_MODEL_DIR or .cache/tiny-llama (relative to the repo root)
 # SERVED_NAME default tiny
 # Environment: VLLM_VENV (default .venv-vllm at the repo root),
-#              VLLM_SERVE_EXTRA_ARGS (extra flags, word-split).
+#              VLLM_MAX_MODEL_LEN (default 512; the tiny model allows up to 2048),
+#              VLLM_SERVE_EXTRA_ARGS (extra flags, word-split; later flags win).
 # Prerequisites: scripts/vllm/setup-venv.sh and scripts/vllm/make_tiny_model.py.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 
@@ -54,7 +55,7 @@ exec "$PY" -m vllm.entrypoints.openai.api_server \
   --served-model-name "$SERVED_NAME" \
   --host 127.0.0.1 \
   --port "$PORT" \
-  --max-model-len 512 \
+  --max-model-len "${VLLM_MAX_MODEL_LEN:-512}" \
   --dtype float32 \
   --enforce-eager \
   --max-num-seqs 8 \

@@ -54,7 +54,7 @@ extra=()
 if [[ -n "${VLLM_EXTRA_INDEX_URL:-}" ]]; then
   extra+=(--extra-index-url "$VLLM_EXTRA_INDEX_URL")
 fi
-log "pip install $WANT (a few minutes; ~2 GB)"
+log "pip install $WANT (about 2 minutes; ~3.4 GB)"
 "$PY" -m pip install --progress-bar off "${extra[@]}" "$WANT"
 log "pip install took $(( $(date +%s) - t0 ))s"
 

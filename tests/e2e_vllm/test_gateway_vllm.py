@@ -1,0 +1,201 @@
+"""The OpenAI SDK through the gateway in front of REAL vLLM (CPU build, tiny random model).
+
+The module starts its own vLLM *after* the gateway, so readiness during model
+loading is observed for real (vLLM refuses connections until it is loaded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e_vllm.conftest import (
+    REQUIRED,
+    VLLMServer,
+    _free_port,
+    _missing_prerequisites,
+    _stop,
+    start_vllm_server,
+)
+from tests.procs import Gateway
+
+MSG = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+class Stack:
+    def __init__(self, gw: Gateway, vllm: VLLMServer, loading_seen: list[dict[str, Any]]) -> None:
+        self.gw = gw
+        self.vllm = vllm
+        self.loading_seen = loading_seen
+        self.client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reason = _missing_prerequisites()
+    if reason is not None:
+        if REQUIRED:
+            pytest.fail(f"E2E_VLLM_REQUIRED=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    port = _free_port()
+    gw = Gateway([f"http://127.0.0.1:{port}"], wait_ready=False)
+    seen: list[dict[str, Any]] = []
+    stop_probing = threading.Event()
+
+    def probe() -> None:
+        # While vLLM loads, the gateway is live but not ready, and says why.
+        while not stop_probing.is_set():
+            try:
+                r = httpx.get(gw.url + "/ready", timeout=5)
+                health = httpx.get(gw.url + "/health", timeout=5).json()
+                seen.append({"ready": r.status_code, "state": health["backends"][0]["state"]})
+            except httpx.HTTPError as exc:
+                seen.append({"error": repr(exc)})
+            stop_probing.wait(1)
+
+    # vLLM is started from the main thread: its PR_SET_PDEATHSIG follows the starting thread.
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    server: VLLMServer | None = None
+    try:
+        try:
+            server = start_vllm_server(Path(tmp_path_factory.mktemp("vllm-gw")), port=port)
+        finally:
+            stop_probing.set()
+            prober.join()
+        deadline = time.monotonic() + 30
+        while httpx.get(gw.url + "/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield Stack(gw, server, seen)
+    finally:
+        gw.stop()
+        if server is not None:
+            _stop(server.proc)
+
+
+def test_readiness_while_vllm_loads(stack: Stack) -> None:
+    assert stack.loading_seen, "vLLM became healthy before the gateway was probed"
+    first = stack.loading_seen[0]
+    assert first["ready"] == 503
+    assert first["state"] == "loading"
+    r = httpx.get(stack.gw.url + "/ready")
+    direct = httpx.get(stack.vllm.url + "/health").status_code
+    assert r.status_code == 200, (r.text, stack.vllm.url, direct, stack.loading_seen)
+    assert httpx.get(stack.gw.url + "/live").status_code == 200
+
+
+def test_models_through_gateway(stack: Stack) -> None:
+    models = stack.client.models.list()
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_chat_plain_and_usage(stack: Stack) -> None:
+    r = stack.client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5)  # type: ignore[arg-type]
+    assert r.object == "chat.completion"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 5
+
+
+def test_chat_stream_usage_accounted_and_stripped(stack: Stack) -> None:
+    before = _completion_tokens(stack.gw)
+    chunks = list(
+        stack.client.chat.completions.create(model="tiny", messages=MSG, max_tokens=7, stream=True)  # type: ignore[arg-type]
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)
+    # The gateway read vLLM's usage chunk it asked for: exact token count, not an estimate.
+    assert _completion_tokens(stack.gw) - before == 7
+
+
+def test_chat_stream_with_client_usage(stack: Stack) -> None:
+    chunks = list(
+        stack.client.chat.completions.create(
+            model="tiny",
+            messages=MSG,  # type: ignore[arg-type]
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_completions_plain_and_stream(stack: Stack) -> None:
+    r = stack.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5)
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 5
+    parts = list(stack.client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, stream=True))
+    assert parts[-1].choices[0].finish_reason == "length"
+
+
+async def test_async_sdk(stack: Stack) -> None:
+    c = openai.AsyncOpenAI(base_url=stack.gw.v1, api_key="x", max_retries=0, timeout=120)
+    try:
+        r = await c.chat.completions.create(model="tiny", messages=MSG, max_tokens=3)  # type: ignore[arg-type]
+        assert r.usage is not None
+        assert r.usage.completion_tokens == 3
+    finally:
+        await c.close()
+
+
+def test_vllm_400_passes_through_intact(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        stack.client.chat.completions.create(model="tiny", messages=MSG, max_tokens=600)  # type: ignore[arg-type]
+    assert info.value.status_code == 400
+    assert info.value.body["message"].startswith(  # type: ignore[index]
+        "max_tokens=600 cannot be greater than max_model_len=512."
+    )
+
+
+def test_gateway_rejects_what_vllm_would_accept(stack: Stack) -> None:
+    # vLLM's chat template renders any role; the gateway refuses before the GPU sees it.
+    with pytest.raises(openai.BadRequestError) as info:
+        stack.client.chat.completions.create(model="tiny", messages=[{"role": "bogus", "content": "x"}])  # type: ignore[misc,list-item]
+    assert info.value.body["param"] == "messages.0.role"  # type: ignore[index]
+
+
+def test_client_disconnect_aborts_in_vllm(stack: Stack) -> None:
+    # On two busy cores vLLM may finish 480 tokens before the disconnect lands; retry then.
+    for attempt in range(4):
+        rid = f"gw-e2e-abort-{attempt}-{time.time_ns()}"
+        offset = stack.vllm.log_offset()
+        with httpx.stream(
+            "POST",
+            stack.gw.v1 + "/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": MSG,
+                "max_tokens": 480,
+                "ignore_eos": True,
+                "stream": True,
+            },
+            headers={"X-Request-Id": rid},
+            timeout=60,
+        ) as r:
+            assert r.status_code == 200
+            it = r.iter_raw()
+            next(it)
+        line = stack.vllm.wait_for_log(f"Aborted request(s) chatcmpl-{rid}", timeout=5, offset=offset)
+        if line is not None:
+            return
+    pytest.fail("vLLM never logged an abort for a disconnected stream:\n" + stack.vllm.log_tail(30))
+
+
+def _completion_tokens(gw: Gateway) -> float:
+    text = httpx.get(gw.url + "/metrics").text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "gateway_completion_tokens":
+            return sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    return 0.0
