@@ -19,12 +19,14 @@ from fastapi import FastAPI
 from gateway.api.router import build_router, install_error_handlers
 from gateway.asgi import Receive, Scope, Send
 from gateway.backends import BackendPool
-from gateway.config import Settings, settings_from_json
+from gateway.config import ConfigError, Settings, settings_from_json
 from gateway.errors import MethodNotAllowed
 from gateway.health import HealthPoller
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.account import Accountant
+from gateway.pipeline.authenticate import Authenticator
+from gateway.pipeline.limit import RateLimiter
 from gateway.pipeline.receive import CHAT, COMPLETIONS, EMBEDDINGS
 from gateway.pipeline.upstream import UpstreamClient
 from gateway.proxy import ProxyEndpoint
@@ -41,6 +43,8 @@ class Gateway:
     upstream: UpstreamClient
     poller: HealthPoller
     metrics: GatewayMetrics
+    auth: Authenticator
+    limiter: RateLimiter
 
 
 class GatewayApp:
@@ -86,12 +90,21 @@ def create_app(settings: Settings) -> GatewayApp:
         upstream=UpstreamClient(settings.timeouts),
         poller=HealthPoller(pool, settings.health),
         metrics=metrics,
+        auth=build_authenticator(settings),
+        limiter=RateLimiter(settings, metrics.count_limit_storage_error),
     )
     log = structlog.get_logger("gateway")
+    if not settings.auth.enabled:
+        log.warning(
+            "NO AUTHENTICATION CONFIGURED: every request is served anonymously",
+            host=settings.server.host,
+            allow_unauthenticated=settings.server.allow_unauthenticated,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gateway.upstream.start()
+        await gateway.auth.start()
         await gateway.poller.start()
         log.info(
             "gateway started",
@@ -102,6 +115,8 @@ def create_app(settings: Settings) -> GatewayApp:
             yield
         finally:
             await gateway.poller.stop()
+            await gateway.auth.stop()
+            await gateway.limiter.close()
             await gateway.upstream.close()
             log.info("gateway stopped")
 
@@ -116,10 +131,17 @@ def create_app(settings: Settings) -> GatewayApp:
     api.include_router(build_router(gateway))
     accountant = Accountant(metrics, structlog.get_logger("gateway.access"), settings.logging.access_log)
     routes = {
-        ep.path.decode(): ProxyEndpoint(ep, settings, pool, gateway.upstream, metrics, accountant)
-        for ep in (CHAT, COMPLETIONS, EMBEDDINGS)
+        ep.path.decode(): ProxyEndpoint(ep, gateway, accountant) for ep in (CHAT, COMPLETIONS, EMBEDDINGS)
     }
     return GatewayApp(gateway, api, routes)
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """Load keys and secrets now, so a bad one stops start-up with the key named."""
+    try:
+        return Authenticator(settings)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"auth: {exc}") from exc
 
 
 def create_app_from_env() -> GatewayApp:

@@ -21,6 +21,8 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             server[key] = value
+    if args.allow_unauthenticated:
+        server["allow_unauthenticated"] = True
     if server:
         overrides["server"] = server
     if args.backend:
@@ -46,13 +48,21 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[SETTINGS_ENV] = settings_to_json(settings)
         uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=s.workers, **common)
     else:
-        uvicorn.run(create_app(settings), **common)
+        try:
+            app = create_app(settings)
+        except ConfigError as exc:
+            print(f"configuration error:\n{exc}", file=sys.stderr)
+            return 2
+        uvicorn.run(app, **common)
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from gateway.app import build_authenticator
+
     try:
         settings = load_settings(args.file)
+        build_authenticator(settings)
     except ConfigError as exc:
         print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
         return 2
@@ -66,6 +76,25 @@ def _describe(settings: Settings) -> str:
 
     data = settings.model_dump(mode="json")  # secrets print as '**********'
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from gateway.auth.jwt import issue_token
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    if settings.auth.jwt is None:
+        print("the config has no auth.jwt section", file=sys.stderr)
+        return 2
+    try:
+        print(issue_token(settings.auth.jwt, args.sub, args.team, args.tier, args.ttl))
+    except (ValueError, StopIteration) as exc:
+        print(f"cannot sign a token: {exc or 'no HS* algorithm configured'}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -88,7 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve without auth on a non-loopback address (otherwise refused)",
+    )
     serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="print a development JWT signed with the config's HS* secret")
+    token.add_argument("--config", required=True)
+    token.add_argument("--sub", required=True, help="subject")
+    token.add_argument("--team")
+    token.add_argument("--tier")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.set_defaults(func=_token)
 
     check = sub.add_parser("check-config", help="validate a config file and print what it means")
     check.add_argument("file")

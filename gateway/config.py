@@ -18,6 +18,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -26,6 +27,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from gateway.config_auth import AuthSettings, LimitValues, RateLimitSettings, TeamSettings
 
 DEFAULT_BACKEND = "http://127.0.0.1:8000"
 
@@ -42,6 +45,13 @@ class ServerSettings(_Section):
         4 * 1024 * 1024,
         ge=1024,
         description="Largest request body accepted; larger bodies get 413.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description=(
+            "Serve without authentication on a non-loopback address. Without auth configured the "
+            "gateway refuses to bind anything but loopback unless this is true."
+        ),
     )
     drain_seconds: float = Field(
         30.0,
@@ -150,6 +160,34 @@ class Settings(BaseSettings):
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    tiers: dict[str, LimitValues] = Field(
+        default_factory=dict, description="Per-principal limits by tier name."
+    )
+    teams: dict[str, TeamSettings] = Field(
+        default_factory=dict, description="Teams: allowed models, team-wide limits, tier overrides."
+    )
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @model_validator(mode="after")
+    def _secure_by_default(self) -> Settings:
+        loopback = self.server.host in ("127.0.0.1", "::1", "localhost") or self.server.host.startswith(
+            "127."
+        )
+        if not self.auth.enabled and not loopback and not self.server.allow_unauthenticated:
+            raise ValueError(
+                f"server.host is {self.server.host} but no authentication is configured: configure "
+                "auth, bind a loopback address, or set server.allow_unauthenticated "
+                "(--allow-unauthenticated)"
+            )
+        known = set(self.tiers)
+        for name, team in self.teams.items():
+            for tier in team.tiers:
+                if tier not in known:
+                    raise ValueError(f"teams.{name}.tiers.{tier}: no such tier in `tiers`")
+        if self.auth.default_tier is not None and self.auth.default_tier not in known:
+            raise ValueError(f"auth.default_tier: no such tier `{self.auth.default_tier}`")
+        return self
 
     @field_validator("backends", mode="before")
     @classmethod

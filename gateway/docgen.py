@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -18,6 +18,7 @@ environment variables, the YAML file given with `--config`, defaults. An environ
 `GATEWAY_` + the key path joined with `__`, upper-case: `timeouts.idle` is `GATEWAY_TIMEOUTS__IDLE`.
 `GATEWAY_BACKENDS` takes comma-separated URLs (`http://a:8000,http://b:8000`) or a JSON list of
 backend objects. Unknown keys are errors: `llm-gateway check-config FILE` names them.
+A complete authentication and rate-limit configuration: `examples/auth-limits.yaml`.
 
 Example:
 
@@ -37,6 +38,8 @@ timeouts:
 
 
 def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         value: Any = field.default_factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
@@ -51,31 +54,59 @@ def _default(field: FieldInfo) -> str:
 
 
 def _type(field: FieldInfo) -> str:
-    text = str(field.annotation).replace("typing.", "").replace("gateway.config.", "")
-    text = text.replace("<class '", "").replace("'>", "").replace("pydantic.types.", "")
+    text = str(field.annotation).replace("typing.", "")
+    for prefix in ("gateway.config_auth.", "gateway.config.", "pydantic.types.", "pathlib."):
+        text = text.replace(prefix, "")
+    text = text.replace("<class '", "").replace("'>", "")
     return text.replace(" | ", " or ")
+
+
+def _nested(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """(how the key nests, the model) for sections, lists and maps of sections."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "", annotation
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is list and args and _nested(args[0]):
+        return "[]", args[0]
+    if origin is dict and len(args) == 2 and _nested(args[1]):
+        return ".<name>", args[1]
+    for arg in args:  # Optional[Section]
+        found = _nested(arg)
+        if found is not None and arg is not type(None):
+            return found
+    return None
+
+
+def _section(path: str, model: type[BaseModel], out: list[str]) -> None:
+    rows: list[str] = []
+    subsections: list[tuple[str, type[BaseModel]]] = []
+    for name, field in model.model_fields.items():
+        nested = _nested(field.annotation)
+        key = f"{path}.{name}" if path else name
+        if nested is not None:
+            subsections.append((key + nested[0], nested[1]))
+            if field.description:
+                rows.append(f"| `{key}` | section | {_default(field)} | {field.description} |")
+            continue
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type(field)} | {_default(field)} | {desc} |")
+    if rows:
+        out.append(f"\n## `{path}`\n")
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        out.extend(rows)
+    for key, sub in subsections:
+        _section(key, sub, out)
 
 
 def render() -> str:
     out = [HEADER]
     for name, field in Settings.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.append(f"\n## `{name}`\n")
-            out.append("| key | type | default | meaning |\n|---|---|---|---|")
-            for sub, sf in ann.model_fields.items():
-                desc = (sf.description or "").replace("|", "\\|")
-                out.append(f"| `{name}.{sub}` | {_type(sf)} | {_default(sf)} | {desc} |")
-        else:
-            out.append(f"\n## `{name}`\n")
-            out.append((field.description or "") + f" Default: {_default(field)}.\n")
-            out.append("Each backend:\n\n| key | type | default | meaning |\n|---|---|---|---|")
-            from gateway.config import BackendSettings
-
-            for sub, sf in BackendSettings.model_fields.items():
-                desc = (sf.description or "").replace("|", "\\|")
-                default = "required" if sf.is_required() else _default(sf)
-                out.append(f"| `{sub}` | {_type(sf)} | {default} | {desc} |")
+        nested = _nested(field.annotation)
+        if nested is None:
+            continue
+        if field.description:
+            out.append(f"\n## `{name}`\n\n{field.description} Default: {_default(field) or 'empty'}.")
+        _section(name + nested[0], nested[1], out)
     return "\n".join(out) + "\n"
 
 

@@ -84,6 +84,33 @@ class MethodNotAllowed(GatewayError):
     reason = "validation"
 
 
+class Unauthenticated(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_token"
+    reason = "auth"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        # RFC 6750: say it is a bearer problem, never echo the credential.
+        return [(b"www-authenticate", f'Bearer error="{_BEARER_ERRORS[self.code]}"'.encode())]
+
+
+_BEARER_ERRORS = {
+    "missing_credentials": "invalid_request",
+    "invalid_token": "invalid_token",
+    "token_expired": "invalid_token",
+    "invalid_api_key": "invalid_token",
+    "revoked_api_key": "invalid_token",
+}
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+    reason = "auth"
+
+
 class NoBackendAvailable(GatewayError):
     status = 503
     type = "service_unavailable"

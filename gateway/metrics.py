@@ -85,6 +85,11 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Proxied requests in progress.", ["endpoint"], registry=r
         )
+        self.limit_storage_errors = Counter(
+            "gateway_ratelimit_storage_errors",
+            "Rate-limit storage (Redis) calls that failed or timed out.",
+            registry=r,
+        )
         r.register(_BackendCollector(pool))
         self._cache: dict[tuple[Any, ...], Any] = {}
 
@@ -94,6 +99,9 @@ class GatewayMetrics:
         if c is None:
             c = self._cache[key] = metric.labels(*labels)
         return c
+
+    def count_limit_storage_error(self) -> None:
+        self.limit_storage_errors.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,23 +16,23 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
 from gateway.asgi import Receive, Scope, Send, header
-from gateway.backends import BackendPool
-from gateway.config import Settings
 from gateway.errors import GatewayError, UpstreamTimeout, sse_error_event
-from gateway.metrics import GatewayMetrics
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.limit import NO_LIMITS, RateLimiter
 from gateway.pipeline.receive import ClientGone, Endpoint
 from gateway.pipeline.relay import relay_json, relay_sse
 from gateway.pipeline.route import choose_backend
-from gateway.pipeline.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 _ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
@@ -52,20 +52,14 @@ def request_id_from(scope: Scope) -> tuple[str, str]:
 
 
 class ProxyEndpoint:
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        settings: Settings,
-        pool: BackendPool,
-        upstream: UpstreamClient,
-        metrics: GatewayMetrics,
-        accountant: Accountant,
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, gateway: Gateway, accountant: Accountant) -> None:
         self.endpoint = endpoint
-        self.settings = settings
-        self.pool = pool
-        self.upstream = upstream
-        self.in_flight = metrics.in_flight.labels(endpoint.name)
+        self.settings = gateway.settings
+        self.pool = gateway.pool
+        self.upstream = gateway.upstream
+        self.auth = gateway.auth
+        self.limiter = gateway.limiter
+        self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.log = structlog.get_logger("gateway.proxy")
 
@@ -96,6 +90,8 @@ class ProxyEndpoint:
             await self._send_error(send, ex, GatewayError("Internal gateway error."))
         finally:
             self.in_flight.dec()
+            if ex.reservation is not NO_LIMITS:
+                await self.limiter.settle(ex.reservation, _tokens_used(ex, self.limiter))
             ex.finished = time.perf_counter()
             if ex.reason in ("upstream_error", "timeout", "upstream_unavailable"):
                 self.log.warning("upstream failure", backend=ex.backend, reason=ex.reason, cause=ex.error)
@@ -112,6 +108,9 @@ class ProxyEndpoint:
         total_deadline: float,
     ) -> None:
         s = self.settings
+        # 2. authenticate: on the headers, before anything of the body is read
+        principal = await self.auth.authenticate(scope)
+        ex.principal = principal
         # 1. receive
         length = header(scope, b"content-length")
         raw = await receive_stage.read_body(
@@ -119,7 +118,13 @@ class ProxyEndpoint:
         )
         req = receive_stage.parse(self.endpoint, raw, s.validation)
         ex.model, ex.stream = req.model, req.stream
-        # 2. authenticate, 3. limit: issue #3
+        self.auth.authorize(principal, req.model)
+        # 3. limit (settled in __call__, whatever happens next)
+        if self.limiter.enabled:
+            ex.body_bytes = len(raw)
+            max_tokens = req.body.get("max_completion_tokens") or req.body.get("max_tokens")
+            estimate = self.limiter.estimate(len(raw), max_tokens if isinstance(max_tokens, int) else None)
+            ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
         # 4. route
         backend = choose_backend(self.pool, req.model)
         ex.backend = backend.label
@@ -199,11 +204,25 @@ class ProxyEndpoint:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"x-request-id", ex.request_id.encode()),
+                    *ex.reservation.headers,
                     *exc.headers(),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int | None:
+    """Tokens to charge: vLLM's usage when it arrived, else what the client saw."""
+    if ex.prompt_tokens is not None:
+        return ex.prompt_tokens + (ex.completion_tokens or 0)
+    if ex.upstream_ttfb is None:
+        return 0  # never reached the backend: nothing was spent
+    if ex.stream and ex.events:
+        # Cut off before the usage chunk (client disconnect, backend failure): the prompt
+        # estimate plus one token per relayed event.
+        return limiter.estimate(ex.body_bytes, 0) + ex.events
+    return None  # keep the reservation: the backend may have done the work
 
 
 async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:

@@ -39,6 +39,8 @@ class Accountant:
             self._log.info(
                 "request",
                 endpoint=ex.endpoint,
+                subject=ex.principal.subject,
+                team=ex.principal.team,
                 model=ex.model,
                 backend=ex.backend,
                 status=int(status),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gateway.auth.principal import ANONYMOUS, Principal
+from gateway.pipeline.limit import NO_LIMITS, Reservation
 
 
 @dataclass(slots=True)
@@ -10,6 +13,7 @@ class Exchange:
     request_id: str
     endpoint: str
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() has 1 ms resolution)
+    principal: Principal = ANONYMOUS
     model: str = "-"
     stream: bool = False
     backend: str | None = None
@@ -23,4 +27,7 @@ class Exchange:
     finished: float = 0.0
     response_started: bool = False
     completing: bool = False  # the last body message is being sent
+    reservation: Reservation = field(default_factory=lambda: NO_LIMITS)
+    body_bytes: int = 0
+    events: int = 0  # SSE data events relayed: the token count if usage never arrives
     disconnected: bool = False

@@ -33,8 +33,8 @@ _USAGE_MARK = b'"choices":[]'
 _ERROR_MARK = b'data: {"error"'
 
 
-def _headers(content_type: bytes, request_id: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", content_type), (b"x-request-id", request_id)]
+def _headers(content_type: bytes, request_id: bytes, ex: Exchange) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type), (b"x-request-id", request_id), *ex.reservation.headers]
 
 
 def _read_usage(ex: Exchange, usage: Any) -> None:
@@ -64,7 +64,7 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
             "type": "http.response.start",
             "status": status,
             "headers": [
-                *_headers(content_type, request_id),
+                *_headers(content_type, request_id, ex),
                 (b"content-length", str(len(body)).encode()),
             ],
         }
@@ -143,7 +143,7 @@ async def relay_sse(
             "type": "http.response.start",
             "status": 200,
             "headers": [
-                *_headers(b"text/event-stream; charset=utf-8", request_id),
+                *_headers(b"text/event-stream; charset=utf-8", request_id, ex),
                 (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
             ],
@@ -173,6 +173,7 @@ async def relay_sse(
                     if out.endswith(DONE):
                         saw_done = True
                     if out:
+                        ex.events += out.count(b"data: ")
                         if ex.ttft is None:
                             ex.ttft = time.perf_counter() - ex.started
                         await send({"type": "http.response.body", "body": out, "more_body": True})

@@ -1,0 +1,1 @@
+"""Credentials → Principal: JWT (static keys or JWKS) and API keys."""

@@ -1,0 +1,185 @@
+"""JWT verification with python-jose (cryptography backend).
+
+Algorithms come from config, never from the token. `exp` is required;
+`nbf`/`iat` are honoured with a leeway; `iss` and `aud` are required when
+configured (python-jose would pass a token without `aud` even when an
+audience is given, so ``require_aud`` is set explicitly).
+
+Verified tokens are cached until they expire (bounded, and cleared when the
+JWKS changes), because SDK clients send the same token on every request and
+a signature check costs far more than a dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from jose import jwk
+from jose import jwt as jose_jwt
+from jose.backends.base import Key
+from jose.exceptions import ExpiredSignatureError, JWTClaimsError, JWTError
+
+from gateway.auth.jwks import JwksCache, JwksUnavailable
+from gateway.auth.principal import Principal
+from gateway.config_auth import JwtSettings
+
+CACHE_SIZE = 4096
+
+
+class TokenError(Exception):
+    def __init__(self, message: str, code: str = "invalid_token") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AuthUnavailable(Exception):
+    """Tokens cannot be checked right now (no JWKS could be fetched)."""
+
+
+def hmac_secret(settings: JwtSettings) -> str | None:
+    if settings.secret is not None:
+        return settings.secret.get_secret_value()
+    if settings.secret_env is not None:
+        value = os.environ.get(settings.secret_env)
+        if not value:
+            raise ValueError(f"auth.jwt.secret_env: environment variable {settings.secret_env} is not set")
+        return value
+    return None
+
+
+class JwtVerifier:
+    def __init__(self, settings: JwtSettings, default_tier: str | None) -> None:
+        self._s = settings
+        self._default_tier = default_tier
+        self._allowed = frozenset(settings.algorithms)
+        self._static: dict[str, Key] = {}
+        secret = hmac_secret(settings)
+        pem = settings.public_key
+        if settings.public_key_file is not None:
+            pem = Path(settings.public_key_file).read_text()
+        for alg in settings.algorithms:
+            material = secret if alg.startswith("HS") else pem
+            if material is not None:
+                self._static[alg] = jwk.construct(material, alg)
+        self.jwks = JwksCache(settings, self._cache_clear) if settings.jwks_url else None
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._options = {
+            "require_exp": True,
+            "require_aud": settings.audience is not None,
+            "require_iss": settings.issuer is not None,
+            "verify_aud": settings.audience is not None,
+            "verify_iss": settings.issuer is not None,
+            "verify_at_hash": False,
+            "leeway": settings.leeway,
+        }
+
+    def _cache_clear(self) -> None:
+        self._cache.clear()
+
+    async def verify(self, token: str) -> Principal:
+        hit = self._cache.get(token)
+        if hit is not None:
+            if time.time() < hit[1]:
+                return hit[0]
+            del self._cache[token]
+        if len(token) > self._s.max_token_bytes:
+            raise TokenError("The bearer token is too long.")
+        if token.count(".") != 2:
+            raise TokenError("The bearer token is not a JWT.")
+        try:
+            header = jose_jwt.get_unverified_header(token)
+        except JWTError:
+            raise TokenError("The token header cannot be decoded.") from None
+        alg = header.get("alg")
+        if alg not in self._allowed:
+            raise TokenError(f"Token algorithm {str(alg)[:10]!r} is not accepted.")
+        key = await self._key(header.get("kid"), alg)
+        try:
+            claims: dict[str, Any] = jose_jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._s.audience,
+                issuer=self._s.issuer,
+                options=self._options,
+            )
+        except ExpiredSignatureError:
+            raise TokenError("The token has expired.", "token_expired") from None
+        except JWTClaimsError as exc:
+            raise TokenError(f"The token's claims are not valid: {exc}") from None
+        except JWTError as exc:
+            raise TokenError(f"The token is not valid: {exc}") from None
+        principal = self._principal(claims)
+        expires = float(claims["exp"])
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[token] = (principal, expires)
+        return principal
+
+    async def _key(self, kid: Any, alg: str) -> Key:
+        if self.jwks is not None:
+            if kid is not None and not isinstance(kid, str):
+                raise TokenError("The token's `kid` is not a string.")
+            try:
+                key = await self.jwks.key_for(kid, alg)
+            except JwksUnavailable:
+                raise AuthUnavailable from None
+            if key is not None:
+                return key
+            if alg not in self._static:
+                raise TokenError("The token's signing key (`kid`) is not known.")
+        key = self._static.get(alg)
+        if key is None:
+            raise TokenError("No key is configured for this token.")
+        return key
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        s = self._s
+        subject = claims.get(s.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise TokenError(f"The token has no `{s.subject_claim}` claim.")
+        team = claims.get(s.team_claim)
+        tier = claims.get(s.tier_claim) or self._default_tier
+        scopes = claims.get(s.scopes_claim) or []
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        models = claims.get(s.models_claim)
+        return Principal(
+            subject=subject,
+            team=str(team) if team is not None else None,
+            tier=str(tier) if tier is not None else None,
+            scopes=frozenset(str(x) for x in scopes) if isinstance(scopes, list) else frozenset(),
+            models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
+            via="jwt",
+        )
+
+
+def issue_token(
+    settings: JwtSettings,
+    subject: str,
+    team: str | None = None,
+    tier: str | None = None,
+    ttl: int = 3600,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A development token signed with the configured HS* secret (`llm-gateway token`)."""
+    secret = hmac_secret(settings)
+    if secret is None:
+        raise ValueError("auth.jwt has no HS* secret to sign with")
+    now = int(time.time())
+    claims: dict[str, Any] = {settings.subject_claim: subject, "iat": now, "exp": now + ttl}
+    if team is not None:
+        claims[settings.team_claim] = team
+    if tier is not None:
+        claims[settings.tier_claim] = tier
+    if settings.issuer is not None:
+        claims["iss"] = settings.issuer
+    if settings.audience is not None:
+        claims["aud"] = settings.audience
+    claims.update(extra or {})
+    alg = next(a for a in settings.algorithms if a.startswith("HS"))
+    token: str = jose_jwt.encode(claims, secret, algorithm=alg)
+    return token

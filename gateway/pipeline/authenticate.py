@@ -1,0 +1,80 @@
+"""Stage 2, authenticate: bearer credential → Principal, before the body is read.
+
+``Authorization: Bearer <jwt>`` or ``Bearer <api key>`` (what the OpenAI SDK
+sends as ``api_key``), or ``x-api-key``. A JWT is recognised by its shape
+(three dot-separated parts). With no authentication configured every
+request is the anonymous principal (the gateway then binds loopback only).
+"""
+
+from __future__ import annotations
+
+from gateway.asgi import Scope, header
+from gateway.auth.apikeys import ApiKeyError, ApiKeyStore, load_api_keys
+from gateway.auth.jwt import AuthUnavailable, JwtVerifier, TokenError
+from gateway.auth.principal import ANONYMOUS, Principal
+from gateway.config import Settings
+from gateway.errors import Forbidden, GatewayError, Unauthenticated
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        a = settings.auth
+        self.enabled = a.enabled
+        self.jwt = JwtVerifier(a.jwt, a.default_tier) if a.jwt is not None else None
+        self.api_keys = ApiKeyStore(load_api_keys(a), a.default_tier)
+        self._team_models = {
+            name: frozenset(t.models) if t.models is not None else None for name, t in settings.teams.items()
+        }
+        self._tiers = frozenset(settings.tiers)
+
+    async def start(self) -> None:
+        if self.jwt is not None and self.jwt.jwks is not None:
+            await self.jwt.jwks.start()
+
+    async def stop(self) -> None:
+        if self.jwt is not None and self.jwt.jwks is not None:
+            await self.jwt.jwks.stop()
+
+    async def authenticate(self, scope: Scope) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        raw = header(scope, b"authorization")
+        if raw is not None:
+            scheme, _, credential = raw.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer":
+                raise Unauthenticated("Use `Authorization: Bearer <token>`.", code="missing_credentials")
+            credential = credential.strip()
+        else:
+            key = header(scope, b"x-api-key")
+            credential = key.decode("latin-1").strip() if key is not None else ""
+        if not credential:
+            raise Unauthenticated(
+                "No credential: send `Authorization: Bearer <token or API key>`.", code="missing_credentials"
+            )
+        principal = await self._verify(credential)
+        if principal.tier is not None and self._tiers and principal.tier not in self._tiers:
+            raise Forbidden(f"Tier `{principal.tier}` is not configured here.", code="unknown_tier")
+        return principal
+
+    async def _verify(self, credential: str) -> Principal:
+        if self.jwt is not None and credential.count(".") == 2:
+            try:
+                return await self.jwt.verify(credential)
+            except TokenError as exc:
+                raise Unauthenticated(str(exc), code=exc.code) from None
+            except AuthUnavailable:
+                raise GatewayError(
+                    "The identity provider's keys cannot be fetched right now.",
+                    status=503,
+                    code="auth_unavailable",
+                    retry_after=5,
+                ) from None
+        try:
+            return self.api_keys.verify(credential)
+        except ApiKeyError as exc:
+            raise Unauthenticated(str(exc), code=exc.code) from None
+
+    def authorize(self, principal: Principal, model: str) -> None:
+        team_models = self._team_models.get(principal.team) if principal.team is not None else None
+        if not principal.may_use(model, team_models):
+            raise Forbidden(f"You may not use the model `{model}`.", param="model")

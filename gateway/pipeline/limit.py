@@ -1,0 +1,253 @@
+"""Stage 3, limit: requests and tokens per minute and requests in flight, per principal and team.
+
+Counters live in a ``limits`` async storage: ``memory://`` for one process,
+``redis://`` so every worker and replica shares them. Each counter is a
+fixed window that starts at its first hit (the ``limits`` package's fixed
+window); the increment is one atomic INCRBY on Redis, so two replicas racing
+for the last slot get different counts and only one passes.
+
+Token budgets are reserved before the call and reconciled after it:
+
+* reserved = prompt estimate + (max_tokens or ``completion_estimate``), where
+  the prompt estimate is request-body bytes / ``bytes_per_token``. Body bytes
+  over-count prompt tokens (JSON syntax, roles), so the reservation errs on
+  the safe side and costs nothing to compute;
+* after the response the counters are corrected by (real usage - reserved),
+  from vLLM's usage block or usage chunk, also after a client disconnect
+  (then whatever usage arrived, else the reservation stands).
+
+A storage failure (Redis down or slow) never becomes a 500 or a hang: every
+call has a timeout, and ``on_storage_error`` decides between serving (open)
+and 503 (closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from limits.aio.storage import Storage
+from limits.storage import storage_from_string
+
+from gateway.auth.principal import Principal
+from gateway.config import Settings
+from gateway.config_auth import LimitValues
+from gateway.errors import GatewayError
+
+WINDOW = 60  # seconds: limits are per minute
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    reason = "rate_limited"
+
+
+class LimitStorageDown(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "rate_limit_storage_unavailable"
+    reason = "limit_storage"
+
+
+@dataclass(slots=True)
+class _Counter:
+    kind: str  # "requests" | "tokens" | "concurrent"
+    scope: str  # "principal" | "team"
+    key: str
+    limit: int
+    cost: int
+    count: int = 0
+    deadline: float = 0.0  # monotonic end of the window (tokens: for reconciliation)
+
+
+@dataclass(slots=True)
+class Reservation:
+    tokens: list[_Counter] = field(default_factory=list)
+    concurrent: _Counter | None = None
+    reserved_tokens: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+NO_LIMITS = Reservation()
+
+
+def _reset_text(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    s = math.ceil(seconds)
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+class RateLimiter:
+    def __init__(self, settings: Settings, on_storage_error: Any = None) -> None:
+        rl = settings.rate_limits
+        self._settings = rl
+        uri = rl.storage
+        if uri.startswith("memory://"):
+            self.storage: Storage = storage_from_string("async+memory://")  # type: ignore[assignment]
+        else:
+            self.storage = storage_from_string(
+                "async+" + uri, implementation="redispy", socket_timeout=rl.storage_timeout
+            )  # type: ignore[assignment]
+        self._tiers = settings.tiers
+        self._teams = settings.teams
+        self._resolved: dict[tuple[str | None, str | None], LimitValues] = {}
+        self._log = structlog.get_logger("gateway.limits")
+        self._last_error_log = 0.0
+        self._count_error = on_storage_error or (lambda: None)
+        self.enabled = bool(settings.tiers) or any(t.limits != LimitValues() for t in settings.teams.values())
+
+    def principal_limits(self, p: Principal) -> LimitValues:
+        key = (p.team, p.tier)
+        found = self._resolved.get(key)
+        if found is None:
+            base = self._tiers.get(p.tier) if p.tier is not None else None
+            team = self._teams.get(p.team) if p.team is not None else None
+            override = team.tiers.get(p.tier) if team is not None and p.tier is not None else None
+            found = (base or LimitValues()).merged(override)
+            self._resolved[key] = found
+        return found
+
+    def estimate(self, body_bytes: int, max_tokens: int | None) -> int:
+        prompt = math.ceil(body_bytes / self._settings.bytes_per_token)
+        return prompt + (max_tokens if max_tokens is not None else self._settings.completion_estimate)
+
+    def _counters(self, p: Principal, estimate: int) -> list[_Counter]:
+        out: list[_Counter] = []
+        mine = self.principal_limits(p)
+        who = f"p:{p.subject}"
+        if mine.requests_per_minute:
+            out.append(_Counter("requests", "principal", f"gw:rpm:{who}", mine.requests_per_minute, 1))
+        if mine.tokens_per_minute:
+            out.append(_Counter("tokens", "principal", f"gw:tpm:{who}", mine.tokens_per_minute, estimate))
+        team = self._teams.get(p.team) if p.team is not None else None
+        if team is not None:
+            t = team.limits
+            where = f"t:{p.team}"
+            if t.requests_per_minute:
+                out.append(_Counter("requests", "team", f"gw:rpm:{where}", t.requests_per_minute, 1))
+            if t.tokens_per_minute:
+                out.append(_Counter("tokens", "team", f"gw:tpm:{where}", t.tokens_per_minute, estimate))
+        if mine.max_concurrent:
+            out.append(_Counter("concurrent", "principal", f"gw:inflight:{who}", mine.max_concurrent, 1))
+        return out
+
+    async def admit(self, p: Principal, estimate: int, total_timeout: float) -> Reservation:
+        counters = self._counters(p, estimate)
+        if not counters:
+            return NO_LIMITS
+        try:
+            async with asyncio.timeout(self._settings.storage_timeout):
+                return await self._admit(counters, estimate, total_timeout)
+        except RateLimited:
+            raise
+        except Exception as exc:  # storage unreachable, timed out, or broken
+            return self._storage_failed(exc)
+
+    async def _admit(self, counters: list[_Counter], estimate: int, total_timeout: float) -> Reservation:
+        storage = self.storage
+        taken: list[_Counter] = []
+        now = time.monotonic()
+        for c in counters:
+            # A counter of requests in flight expires only as a safety net for a crashed replica.
+            expiry = WINDOW if c.kind != "concurrent" else int(total_timeout) + WINDOW
+            c.count = await storage.incr(c.key, expiry, amount=c.cost)
+            taken.append(c)
+            if c.count > c.limit:
+                for t in taken:
+                    await storage.incr(t.key, expiry, amount=-t.cost)
+                raise await self._rejection(c)
+        res = Reservation(reserved_tokens=estimate)
+        for c in counters:
+            if c.kind == "tokens":
+                c.deadline = now + await storage.get_expiry(c.key) - time.time()
+                res.tokens.append(c)
+            elif c.kind == "concurrent":
+                res.concurrent = c
+        res.headers = await self._headers(counters, now)
+        return res
+
+    async def _rejection(self, c: _Counter) -> RateLimited:
+        if c.kind == "concurrent":
+            return RateLimited(
+                f"Too many requests in flight for this {c.scope}: at most {c.limit} at once.",
+                code="concurrency_limit_exceeded",
+                retry_after=1,
+            )
+        wait = max(0.0, await self.storage.get_expiry(c.key) - time.time())
+        per = "requests" if c.kind == "requests" else "tokens"
+        if c.kind == "tokens" and c.cost > c.limit:
+            message = (
+                f"This request needs about {c.cost} tokens, more than the {c.scope}'s whole budget of "
+                f"{c.limit} tokens per minute; lower max_tokens."
+            )
+        else:
+            message = (
+                f"Rate limit reached for {per} per minute ({c.scope}): limit {c.limit}. "
+                f"Try again in {_reset_text(wait)}."
+            )
+        return RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
+
+    async def _headers(self, counters: list[_Counter], now: float) -> list[tuple[bytes, bytes]]:
+        headers: list[tuple[bytes, bytes]] = []
+        for c in counters:
+            if c.scope != "principal" or c.kind == "concurrent":
+                continue
+            reset = (c.deadline - now) if c.deadline else (await self.storage.get_expiry(c.key) - time.time())
+            headers += [
+                (f"x-ratelimit-limit-{c.kind}".encode(), str(c.limit).encode()),
+                (f"x-ratelimit-remaining-{c.kind}".encode(), str(max(0, c.limit - c.count)).encode()),
+                (f"x-ratelimit-reset-{c.kind}".encode(), _reset_text(reset).encode()),
+            ]
+        return headers
+
+    async def settle(self, res: Reservation, used_tokens: int | None) -> None:
+        """Reconcile reserved tokens with real usage; release the in-flight slot."""
+        if res is NO_LIMITS:
+            return
+        try:
+            async with asyncio.timeout(self._settings.storage_timeout):
+                if used_tokens is not None and res.tokens:
+                    delta = used_tokens - res.reserved_tokens
+                    now = time.monotonic()
+                    for c in res.tokens:
+                        if delta and now < c.deadline:  # a later window owes nothing
+                            await self.storage.incr(c.key, WINDOW, amount=delta)
+                if res.concurrent is not None:
+                    await self.storage.incr(res.concurrent.key, WINDOW, amount=-1)
+        except Exception as exc:
+            self._note_error(exc)
+
+    def _storage_failed(self, exc: BaseException) -> Reservation:
+        self._note_error(exc)
+        if self._settings.on_storage_error == "closed":
+            raise LimitStorageDown(
+                "Rate-limit storage is unavailable; retry shortly.", retry_after=2
+            ) from None
+        return NO_LIMITS
+
+    def _note_error(self, exc: BaseException) -> None:
+        self._count_error()
+        now = time.monotonic()
+        if now - self._last_error_log >= 30:  # once per interval, not once per request
+            self._last_error_log = now
+            self._log.error(
+                "rate-limit storage unavailable",
+                error=type(exc).__name__,
+                behaviour="fail-" + self._settings.on_storage_error,
+            )
+
+    async def close(self) -> None:
+        close = getattr(self.storage, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                pass
