@@ -46,6 +46,10 @@ class RateLimited(GatewayError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
     reason = "rate_limited"
+    limit_headers: list[tuple[bytes, bytes]] = []
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), *self.limit_headers]
 
 
 class LimitStorageDown(GatewayError):
@@ -193,7 +197,14 @@ class RateLimiter:
                 f"Rate limit reached for {per} per minute ({c.scope}): limit {c.limit}. "
                 f"Try again in {_reset_text(wait)}."
             )
-        return RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
+        err = RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
+        if c.scope == "principal":
+            err.limit_headers = [
+                (f"x-ratelimit-limit-{c.kind}".encode(), str(c.limit).encode()),
+                (f"x-ratelimit-remaining-{c.kind}".encode(), b"0"),
+                (f"x-ratelimit-reset-{c.kind}".encode(), _reset_text(wait).encode()),
+            ]
+        return err
 
     async def _headers(self, counters: list[_Counter], now: float) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = []
