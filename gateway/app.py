@@ -20,6 +20,7 @@ from gateway.api.router import build_router, install_error_handlers
 from gateway.asgi import Receive, Scope, Send
 from gateway.backends import BackendPool
 from gateway.config import ConfigError, Settings, settings_from_json
+from gateway.drain import Drain
 from gateway.errors import MethodNotAllowed
 from gateway.health import HealthPoller
 from gateway.logs import configure_logging
@@ -45,6 +46,7 @@ class Gateway:
     metrics: GatewayMetrics
     auth: Authenticator
     limiter: RateLimiter
+    drain: Drain
 
 
 class GatewayApp:
@@ -92,6 +94,7 @@ def create_app(settings: Settings) -> GatewayApp:
         metrics=metrics,
         auth=build_authenticator(settings),
         limiter=RateLimiter(settings, metrics.count_limit_storage_error),
+        drain=Drain(settings.server.drain_seconds),
     )
     log = structlog.get_logger("gateway")
     if not settings.auth.enabled:
@@ -106,6 +109,7 @@ def create_app(settings: Settings) -> GatewayApp:
         await gateway.upstream.start()
         await gateway.auth.start()
         await gateway.poller.start()
+        gateway.drain.install()
         log.info(
             "gateway started",
             backends=[b.label for b in pool.backends],

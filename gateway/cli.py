@@ -41,7 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
         "log_config": None,
         "access_log": False,
         "server_header": False,
-        "timeout_graceful_shutdown": s.drain_seconds,
+        # The gateway drains before uvicorn is told to stop (gateway/drain.py); this only bounds
+        # the close of connections that are still open after that.
+        "timeout_graceful_shutdown": 5,
         "timeout_keep_alive": 75,
     }
     if s.workers > 1:

@@ -118,6 +118,13 @@ class NoBackendAvailable(GatewayError):
     reason = "upstream_unavailable"
 
 
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
+    reason = "shed"
+
+
 class UpstreamUnavailable(GatewayError):
     """The backend could not be reached (connection refused, reset before a response)."""
 

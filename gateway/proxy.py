@@ -22,7 +22,7 @@ import orjson
 import structlog
 
 from gateway.asgi import Receive, Scope, Send, header
-from gateway.errors import GatewayError, UpstreamTimeout, sse_error_event
+from gateway.errors import GatewayError, ShuttingDown, UpstreamTimeout, sse_error_event
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.exchange import Exchange
@@ -59,6 +59,7 @@ class ProxyEndpoint:
         self.upstream = gateway.upstream
         self.auth = gateway.auth
         self.limiter = gateway.limiter
+        self.drain = gateway.drain
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.log = structlog.get_logger("gateway.proxy")
@@ -70,7 +71,14 @@ class ProxyEndpoint:
         deadline = loop.time() + self.settings.timeouts.total
         structlog.contextvars.bind_contextvars(request_id=rid)
         self.in_flight.inc()
+        drain = self.drain
+        drain.active += 1
         try:
+            if drain.draining:
+                raise ShuttingDown(
+                    "This gateway is shutting down; retry on another replica.",
+                    retry_after=drain.retry_after(),
+                )
             await self._handle(scope, receive, send, ex, upstream_id, deadline)
         except GatewayError as exc:
             ex.reason = exc.reason
@@ -90,6 +98,7 @@ class ProxyEndpoint:
             await self._send_error(send, ex, GatewayError("Internal gateway error."))
         finally:
             self.in_flight.dec()
+            drain.active -= 1
             if ex.reservation is not NO_LIMITS:
                 await self.limiter.settle(ex.reservation, _tokens_used(ex, self.limiter))
             ex.finished = time.perf_counter()

@@ -51,6 +51,8 @@ def build_router(gw: Gateway) -> APIRouter:
 
     @router.get("/ready", summary="Readiness: a backend is healthy and lists its model")
     async def ready() -> Response:
+        if gw.drain.draining:
+            return JSONBytes({"status": "draining", "reason": "shutting down"}, status_code=503)
         ready = [b.label for b in pool.backends if b.ready]
         if ready:
             return JSONBytes({"status": "ready", "backends": ready})

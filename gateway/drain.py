@@ -1,0 +1,84 @@
+"""Graceful drain on SIGTERM (rolling deploy, spot reclaim).
+
+uvicorn's own SIGTERM handling closes the listener at once and only then
+waits for open connections, so a load balancer still routing here sees
+connection refusals, and `/ready` never says "going away". Instead, the
+lifespan takes SIGTERM/SIGINT over: `/ready` turns 503 at once, new
+proxied requests get 503 + Retry-After, requests and streams in flight run
+to completion (up to ``server.drain_seconds``), and only then is uvicorn's
+original handler called to stop the server. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import structlog
+
+Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class Drain:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.active = 0  # proxied requests in progress in this process
+        self.since: float | None = None  # monotonic time the drain began
+        self._previous: dict[int, Handler] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._log = structlog.get_logger("gateway.drain")
+
+    @property
+    def draining(self) -> bool:
+        return self.since is not None
+
+    def install(self) -> None:
+        """Take over SIGTERM/SIGINT from uvicorn (call inside the running loop)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                self._previous.pop(sig, None)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.since is not None:  # second signal: stop now
+            self._hand_over(sig)
+            return
+        self.since = time.monotonic()
+        self._log.warning(
+            "draining", signal=signal.Signals(sig).name, in_flight=self.active, timeout=self.timeout
+        )
+        self._task = asyncio.get_running_loop().create_task(self._wait_then_stop(sig))
+
+    async def _wait_then_stop(self, sig: int) -> None:
+        assert self.since is not None
+        deadline = self.since + self.timeout
+        while self.active > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._log.warning(
+            "drain finished", in_flight=self.active, seconds=round(time.monotonic() - self.since, 3)
+        )
+        self._hand_over(sig)
+
+    def _hand_over(self, sig: int) -> None:
+        loop = asyncio.get_running_loop()
+        for s, handler in self._previous.items():
+            loop.remove_signal_handler(s)
+            signal.signal(s, handler)
+        previous = self._previous.get(sig)
+        if callable(previous):
+            previous(sig, None)
+        else:
+            signal.raise_signal(sig)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the rest of the drain, at least 1."""
+        if self.since is None:
+            return 1
+        return max(1, int(self.since + self.timeout - time.monotonic()) + 1)
