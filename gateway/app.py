@@ -31,6 +31,7 @@ from gateway.pipeline.limit import RateLimiter
 from gateway.pipeline.receive import CHAT, COMPLETIONS, EMBEDDINGS
 from gateway.pipeline.upstream import UpstreamClient
 from gateway.proxy import ProxyEndpoint
+from gateway.retry import RetryBudget
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
 
@@ -47,6 +48,7 @@ class Gateway:
     auth: Authenticator
     limiter: RateLimiter
     drain: Drain
+    retry_budget: RetryBudget
 
 
 class GatewayApp:
@@ -84,17 +86,18 @@ async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
 
 def create_app(settings: Settings) -> GatewayApp:
     configure_logging(settings.logging)
-    pool = BackendPool(settings.backends)
+    pool = BackendPool(settings.backends, settings.resilience)
     metrics = GatewayMetrics(pool)
     gateway = Gateway(
         settings=settings,
         pool=pool,
         upstream=UpstreamClient(settings.timeouts),
-        poller=HealthPoller(pool, settings.health),
+        poller=HealthPoller(pool, settings.health, settings.resilience.readmit_after),
         metrics=metrics,
         auth=build_authenticator(settings),
         limiter=RateLimiter(settings, metrics.count_limit_storage_error),
         drain=Drain(settings.server.drain_seconds),
+        retry_budget=RetryBudget(settings.resilience.retry_budget_ratio),
     )
     log = structlog.get_logger("gateway")
     if not settings.auth.enabled:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from gateway.config import BackendSettings
+from gateway.breaker import ReplicaBreaker
+from gateway.config import BackendSettings, ResilienceSettings
 
 
 class BackendState(StrEnum):
@@ -32,11 +33,14 @@ class Backend:
     last_check: float | None = None  # wall clock, for /health
     last_latency: float | None = None
     outstanding: int = 0
+    good_checks: int = 0  # consecutive successful health checks
+    breaker: ReplicaBreaker | None = None
 
     @classmethod
-    def from_settings(cls, s: BackendSettings) -> Backend:
+    def from_settings(cls, s: BackendSettings, r: ResilienceSettings) -> Backend:
         auth = f"Bearer {s.api_key.get_secret_value()}" if s.api_key else None
-        return cls(settings=s, label=s.label, url=s.url, auth_header=auth)
+        breaker = ReplicaBreaker(s.label, r.breaker_fail_max, r.breaker_reset_seconds, r.half_open_trials)
+        return cls(settings=s, label=s.label, url=s.url, auth_header=auth, breaker=breaker)
 
     @property
     def ready(self) -> bool:
@@ -55,12 +59,14 @@ class Backend:
             "last_check": self.last_check,
             "latency_seconds": self.last_latency,
             "outstanding": self.outstanding,
+            "breaker": self.breaker.state if self.breaker is not None else None,
         }
 
 
 class BackendPool:
-    def __init__(self, settings: list[BackendSettings]) -> None:
-        self.backends = [Backend.from_settings(s) for s in settings]
+    def __init__(self, settings: list[BackendSettings], resilience: ResilienceSettings) -> None:
+        self.backends = [Backend.from_settings(s, resilience) for s in settings]
+        self.turn = 0  # round-robin offset for ties in load
         self.started = time.monotonic()
 
     def ready_backends(self) -> list[Backend]:

@@ -134,6 +134,31 @@ class HealthSettings(_Section):
     )
 
 
+class ResilienceSettings(_Section):
+    breaker_fail_max: int = Field(
+        5, ge=1, description="Consecutive failures (5xx, connection errors, timeouts) that open a breaker."
+    )
+    breaker_reset_seconds: float = Field(
+        30.0, gt=0, description="Seconds an open breaker waits before letting trial requests through."
+    )
+    half_open_trials: int = Field(1, ge=1, description="Trial requests at once while half-open.")
+    retry_attempts: int = Field(
+        2,
+        ge=0,
+        description=(
+            "Extra attempts on other replicas, only before the first byte reaches the client: on "
+            "connection errors, vLLM 503s and first-byte timeouts."
+        ),
+    )
+    retry_budget_ratio: float = Field(
+        0.2, ge=0, description="Retries may add at most this fraction of the request rate."
+    )
+    retry_backoff: float = Field(0.05, ge=0, description="Base of the jittered exponential backoff.")
+    readmit_after: int = Field(
+        2, ge=1, description="Consecutive good health checks before a down replica is used again."
+    )
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     format: Literal["json", "console"] = Field("json", description="json (default) or console.")
@@ -159,6 +184,7 @@ class Settings(BaseSettings):
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tiers: dict[str, LimitValues] = Field(

@@ -21,6 +21,8 @@ class GatewayError(Exception):
     type: str = "internal_error"
     code: str = "internal_error"
     reason: str = "internal"
+    backend_fault: bool = False  # counts against the backend's circuit breaker
+    retryable: bool = False  # safe to send to another replica (nothing reached the client)
 
     def __init__(
         self,
@@ -132,6 +134,8 @@ class UpstreamUnavailable(GatewayError):
     type = "service_unavailable"
     code = "upstream_unavailable"
     reason = "upstream_error"
+    backend_fault = True
+    retryable = True
 
 
 class UpstreamError(GatewayError):
@@ -141,6 +145,7 @@ class UpstreamError(GatewayError):
     type = "upstream_error"
     code = "upstream_error"
     reason = "upstream_error"
+    backend_fault = True
 
 
 class UpstreamTimeout(GatewayError):
@@ -148,6 +153,7 @@ class UpstreamTimeout(GatewayError):
     type = "timeout"
     code = "upstream_timeout"
     reason = "timeout"
+    backend_fault = True
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> bytes:

@@ -19,9 +19,10 @@ from gateway.config import HealthSettings
 
 
 class HealthPoller:
-    def __init__(self, pool: BackendPool, settings: HealthSettings) -> None:
+    def __init__(self, pool: BackendPool, settings: HealthSettings, readmit_after: int) -> None:
         self._pool = pool
         self._settings = settings
+        self._readmit_after = readmit_after
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("gateway.health")
@@ -84,8 +85,17 @@ class HealthPoller:
     def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
         before = b.state
         if failure is None:
-            b.state, b.reason, b.models = BackendState.HEALTHY, "ok", models
+            b.good_checks += 1
+            b.models = models
+            # A replica that was down must prove itself; one still loading is let in at once.
+            if before is not BackendState.DOWN or b.good_checks >= self._readmit_after:
+                if before is BackendState.DOWN and b.breaker is not None:
+                    b.breaker.reset()
+                b.state, b.reason = BackendState.HEALTHY, "ok"
+            else:
+                b.reason = f"recovering ({b.good_checks}/{self._readmit_after} good checks)"
         else:
+            b.good_checks = 0
             in_grace = time.monotonic() - self._pool.started < self._settings.startup_grace
             never_up = before is BackendState.LOADING
             b.state = BackendState.LOADING if (in_grace and never_up) else BackendState.DOWN

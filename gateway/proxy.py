@@ -22,14 +22,16 @@ import orjson
 import structlog
 
 from gateway.asgi import Receive, Scope, Send, header
-from gateway.errors import GatewayError, ShuttingDown, UpstreamTimeout, sse_error_event
+from gateway.backends import Backend
+from gateway.errors import GatewayError, ShuttingDown, sse_error_event
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.account import Accountant
+from gateway.pipeline.attempt import Deadlines, attempt
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.limit import NO_LIMITS, RateLimiter
 from gateway.pipeline.receive import ClientGone, Endpoint
-from gateway.pipeline.relay import relay_json, relay_sse
 from gateway.pipeline.route import choose_backend
+from gateway.retry import backoff
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -60,6 +62,7 @@ class ProxyEndpoint:
         self.auth = gateway.auth
         self.limiter = gateway.limiter
         self.drain = gateway.drain
+        self.retry_budget = gateway.retry_budget
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.log = structlog.get_logger("gateway.proxy")
@@ -134,65 +137,49 @@ class ProxyEndpoint:
             max_tokens = req.body.get("max_completion_tokens") or req.body.get("max_tokens")
             estimate = self.limiter.estimate(len(raw), max_tokens if isinstance(max_tokens, int) else None)
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
-        # 4. route
-        backend = choose_backend(self.pool, req.model)
-        ex.backend = backend.label
-        # 5. admit: issue #4
-        # 6. call upstream
         if req.stream and not req.client_wants_usage:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again.
             opts: Any = req.body.get("stream_options")
             req.body["stream_options"] = {**(opts or {}), "include_usage": True}
             raw = orjson.dumps(req.body)
         loop = asyncio.get_running_loop()
-        t = s.timeouts
-        first_byte_deadline = min(loop.time() + t.first_byte, total_deadline)
+        deadlines = Deadlines(min(loop.time() + s.timeouts.first_byte, total_deadline), total_deadline)
         task = asyncio.current_task()
         assert task is not None
         watcher = loop.create_task(_watch_disconnect(receive, ex, task))
-        backend.outstanding += 1
+        self.retry_budget.deposit()
+        tried: tuple[Backend, ...] = ()
         try:
-            try:
-                async with asyncio.timeout_at(first_byte_deadline):
-                    resp = await self.upstream.post(backend, self.endpoint.path, raw, upstream_id)
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
-                    code="first_byte_timeout",
-                ) from None
-            ex.upstream_ttfb = time.perf_counter() - ex.started
-            # 7. relay
-            try:
-                rid_bytes = ex.request_id.encode()
-                if req.stream and resp.status == 200:
-                    await relay_sse(
-                        resp,
-                        send,
-                        ex,
-                        rid_bytes,
-                        strip_usage=not req.client_wants_usage,
-                        first_byte_deadline=first_byte_deadline,
-                        idle=t.idle,
-                        total_deadline=total_deadline,
-                        heartbeat=s.streaming.heartbeat_interval,
-                    )
-                else:
+            while True:
+                # 4. route
+                backend = choose_backend(self.pool, req.model, tried)
+                ex.backend = backend.label
+                # 5. admit: issue #4
+                # 6, 7. call upstream and relay, under the replica's breaker
+                try:
+                    await attempt(self.upstream, backend, req, raw, upstream_id, send, ex, deadlines, s)
+                    return
+                except GatewayError as exc:
+                    if not self._may_retry(exc, ex, len(tried)):
+                        raise
+                    tried = (*tried, backend)
+                    self.log.info("retrying on another replica", backend=backend.label, cause=exc.code)
+                    await asyncio.sleep(backoff(len(tried) - 1, s.resilience.retry_backoff))
                     try:
-                        async with asyncio.timeout_at(total_deadline):
-                            await relay_json(resp, send, ex, rid_bytes)
-                    except TimeoutError:
-                        raise UpstreamTimeout(
-                            f"The request took longer than {t.total:g}s.", code="total_timeout"
-                        ) from None
-            finally:
-                if ex.disconnected or ex.reason:
-                    resp.close()
-                else:
-                    resp.release()
+                        choose_backend(self.pool, req.model, tried)
+                    except GatewayError:
+                        raise exc from None  # no other replica: report the real failure
         finally:
-            backend.outstanding -= 1
             watcher.cancel()
         # 8. account: in __call__'s finally, so failures are counted too
+
+    def _may_retry(self, exc: GatewayError, ex: Exchange, retries: int) -> bool:
+        return (
+            exc.retryable
+            and not ex.response_started
+            and retries < self.settings.resilience.retry_attempts
+            and self.retry_budget.withdraw()
+        )
 
     async def _send_error(self, send: Send, ex: Exchange, exc: GatewayError) -> None:
         if ex.disconnected:

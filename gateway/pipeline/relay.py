@@ -72,6 +72,21 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def upstream_message(body: bytes) -> str | None:
+    """vLLM's error message from an error body, if it has one."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    err = parsed.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err["message"]  # type: ignore[no-any-return]
+    detail = parsed.get("detail")
+    return detail if isinstance(detail, str) else None
+
+
 def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes]:
     """Map a non-200 upstream answer to what the client gets.
 
@@ -79,16 +94,7 @@ def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes
     precise: "max_tokens=... cannot be greater than max_model_len=..."). Other
     4xx are wrapped; 5xx become 502 with vLLM's message kept.
     """
-    message: str | None = None
-    try:
-        parsed = orjson.loads(body)
-        err = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            message = err["message"]
-        elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):
-            message = parsed["detail"]
-    except orjson.JSONDecodeError:
-        pass
+    message = upstream_message(body)
     ex.reason = "upstream_client_error" if status < 500 else "upstream_error"
     ex.error = f"backend answered {status}: {message or body[:200]!r}"
     if 400 <= status < 500:

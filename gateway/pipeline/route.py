@@ -11,10 +11,20 @@ from gateway.backends import Backend, BackendPool
 from gateway.errors import ModelNotFound, NoBackendAvailable
 
 
-def choose_backend(pool: BackendPool, model: str) -> Backend:
+def choose_backend(pool: BackendPool, model: str, exclude: tuple[Backend, ...] = ()) -> Backend:
     best: Backend | None = None
-    for b in pool.backends:
-        if b.ready and model in b.models and (best is None or b.outstanding < best.outstanding):
+    backends = pool.backends
+    n = len(backends)
+    pool.turn = start = (pool.turn + 1) % n  # ties go round-robin, not always to the first
+    for i in range(n):
+        b = backends[(start + i) % n]
+        if (
+            b.ready
+            and model in b.models
+            and (best is None or b.outstanding < best.outstanding)
+            and b not in exclude
+            and (b.breaker is None or b.breaker.available())
+        ):
             best = b
     if best is not None:
         return best
