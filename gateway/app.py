@@ -26,6 +26,7 @@ from gateway.health import HealthPoller
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.account import Accountant
+from gateway.pipeline.admit import Admission
 from gateway.pipeline.authenticate import Authenticator
 from gateway.pipeline.limit import RateLimiter
 from gateway.pipeline.receive import CHAT, COMPLETIONS, EMBEDDINGS
@@ -49,6 +50,7 @@ class Gateway:
     limiter: RateLimiter
     drain: Drain
     retry_budget: RetryBudget
+    admission: Admission
 
 
 class GatewayApp:
@@ -87,17 +89,23 @@ async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
 def create_app(settings: Settings) -> GatewayApp:
     configure_logging(settings.logging)
     pool = BackendPool(settings.backends, settings.resilience)
-    metrics = GatewayMetrics(pool)
+    admission = Admission(
+        pool,
+        settings.admission,
+        {name: t.priority for name, t in settings.tiers.items() if t.priority is not None},
+    )
+    metrics = GatewayMetrics(pool, admission)
     gateway = Gateway(
         settings=settings,
         pool=pool,
         upstream=UpstreamClient(settings.timeouts),
-        poller=HealthPoller(pool, settings.health, settings.resilience.readmit_after),
+        poller=HealthPoller(pool, settings.health, settings.resilience.readmit_after, admission.dispatch),
         metrics=metrics,
         auth=build_authenticator(settings),
         limiter=RateLimiter(settings, metrics.count_limit_storage_error),
         drain=Drain(settings.server.drain_seconds),
         retry_budget=RetryBudget(settings.resilience.retry_budget_ratio),
+        admission=admission,
     )
     log = structlog.get_logger("gateway")
     if not settings.auth.enabled:

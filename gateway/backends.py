@@ -76,6 +76,11 @@ class BackendPool:
     def any_ready(self) -> bool:
         return any(b.ready for b in self.backends)
 
+    @property
+    def cold(self) -> bool:
+        """Nothing is ready yet but something is still loading: worth waiting for."""
+        return not self.any_ready and any(b.state is BackendState.LOADING for b in self.backends)
+
     def model_cards(self) -> list[dict[str, Any]]:
         """The union of the models ready backends list, vLLM's cards as they came."""
         seen: dict[str, dict[str, Any]] = {}

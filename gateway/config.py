@@ -70,6 +70,11 @@ class BackendSettings(_Section):
         default_factory=list,
         description="Models this backend must list before it counts as ready (empty: any).",
     )
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="Requests sent to this replica at once (match vLLM's --max-num-seqs); more wait.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -159,6 +164,21 @@ class ResilienceSettings(_Section):
     )
 
 
+class AdmissionSettings(_Section):
+    max_queue: int = Field(1000, ge=0, description="Requests that may wait per pool; more get 429.")
+    queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for capacity before a 503."
+    )
+    cold_start_wait: float = Field(
+        180.0,
+        ge=0,
+        description="Seconds a request may wait while no replica is ready (deploy, scale from zero).",
+    )
+    default_priority: int = Field(
+        10, description="Priority of principals whose tier sets none (lower is served first)."
+    )
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     format: Literal["json", "console"] = Field("json", description="json (default) or console.")
@@ -185,6 +205,7 @@ class Settings(BaseSettings):
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tiers: dict[str, LimitValues] = Field(

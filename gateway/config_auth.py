@@ -100,6 +100,9 @@ class LimitValues(_Section):
         None, ge=1, description="Tokens per minute (prompt + completion, reserved then reconciled)."
     )
     max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
+    priority: int | None = Field(
+        None, description="Tiers only: admission-queue priority, lower first (interactive 0, batch 10)."
+    )
 
     def merged(self, override: LimitValues | None) -> LimitValues:
         if override is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,8 +20,15 @@ from gateway.config import HealthSettings
 
 
 class HealthPoller:
-    def __init__(self, pool: BackendPool, settings: HealthSettings, readmit_after: int) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        settings: HealthSettings,
+        readmit_after: int,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self._pool = pool
+        self._on_change = on_change
         self._settings = settings
         self._readmit_after = readmit_after
         self._client: httpx.AsyncClient | None = None
@@ -103,6 +111,7 @@ class HealthPoller:
             if models:
                 b.models = models
         if b.state is not before:
+            self._on_change()  # e.g. let queued requests in now that a replica is ready
             log = self._log.info if b.state is BackendState.HEALTHY else self._log.warning
             log(
                 "backend state changed",

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.backends import BackendPool, BackendState
+from gateway.pipeline.admit import Admission
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -22,10 +23,11 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 
 class _BackendCollector(Collector):
-    """Backend health read at scrape time from the pool: nothing to update per request."""
+    """Backend health and queue depth read at scrape time: nothing to update per request."""
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: BackendPool, admission: Admission) -> None:
         self._pool = pool
+        self._admission = admission
 
     def collect(self) -> Any:
         up = GaugeMetricFamily(
@@ -44,13 +46,41 @@ class _BackendCollector(Collector):
             for s in BackendState:
                 state.add_metric([b.label, s.value], 1.0 if b.state is s else 0.0)
             outstanding.add_metric([b.label], float(b.outstanding))
+        breaker = GaugeMetricFamily(
+            "gateway_backend_circuit_open",
+            "1 when the backend's circuit breaker is open or half-open.",
+            labels=["backend", "state"],
+        )
+        for b in self._pool.backends:
+            if b.breaker is not None:
+                breaker.add_metric([b.label, b.breaker.state], 0.0 if b.breaker.state == "closed" else 1.0)
+        depth = GaugeMetricFamily(
+            "gateway_queue_depth",
+            "Requests waiting for pool capacity, by model and priority (scale on this).",
+            labels=["model", "priority"],
+        )
+        for model, priority, n in self._admission.snapshot():
+            depth.add_metric([model, str(priority)], float(n))
+        pool_in_flight = GaugeMetricFamily(
+            "gateway_pool_in_flight", "Admitted requests in flight per pool.", labels=["model"]
+        )
+        capacity = GaugeMetricFamily(
+            "gateway_pool_capacity", "Sum of max_in_flight of the pool's ready replicas.", labels=["model"]
+        )
+        for q in self._admission.queues.values():
+            pool_in_flight.add_metric([q.model], float(q.in_flight))
+            capacity.add_metric([q.model], float(self._admission.capacity(q.model)))
         yield up
         yield state
         yield outstanding
+        yield breaker
+        yield depth
+        yield pool_in_flight
+        yield capacity
 
 
 class GatewayMetrics:
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: BackendPool, admission: Admission) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -90,7 +120,14 @@ class GatewayMetrics:
             "Rate-limit storage (Redis) calls that failed or timed out.",
             registry=r,
         )
-        r.register(_BackendCollector(pool))
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time requests waited for pool capacity.",
+            ["model", "priority"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180),
+            registry=r,
+        )
+        r.register(_BackendCollector(pool, admission))
         self._cache: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

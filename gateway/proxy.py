@@ -29,8 +29,8 @@ from gateway.pipeline.account import Accountant
 from gateway.pipeline.attempt import Deadlines, attempt
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.limit import NO_LIMITS, RateLimiter
-from gateway.pipeline.receive import ClientGone, Endpoint
-from gateway.pipeline.route import choose_backend
+from gateway.pipeline.receive import ClientGone, Endpoint, ParsedRequest
+from gateway.pipeline.route import check_model, choose_backend
 from gateway.retry import backoff
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class ProxyEndpoint:
         self.limiter = gateway.limiter
         self.drain = gateway.drain
         self.retry_budget = gateway.retry_budget
+        self.admission = gateway.admission
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.log = structlog.get_logger("gateway.proxy")
@@ -147,14 +148,37 @@ class ProxyEndpoint:
         task = asyncio.current_task()
         assert task is not None
         watcher = loop.create_task(_watch_disconnect(receive, ex, task))
+        try:
+            await self._admit_and_forward(req, raw, upstream_id, send, ex, deadlines, total_deadline)
+        finally:
+            watcher.cancel()
+
+    async def _admit_and_forward(
+        self,
+        req: ParsedRequest,
+        raw: bytes,
+        upstream_id: str,
+        send: Send,
+        ex: Exchange,
+        deadlines: Deadlines,
+        total_deadline: float,
+    ) -> None:
+        s = self.settings
+        principal = ex.principal
         self.retry_budget.deposit()
+        # 5. admit: wait for capacity in the model's pool (or for a replica to finish loading)
+        check_model(self.pool, req.model)
+        queued = time.perf_counter()
+        slot = await self.admission.admit(req.model, principal.tier, principal.team, total_deadline)
+        ex.priority = self.admission.priority_of(principal.tier)
+        ex.queue_wait = admitted = time.perf_counter()
+        ex.queue_wait -= queued
         tried: tuple[Backend, ...] = ()
         try:
             while True:
-                # 4. route
+                # 4. route (a replica of the pool; retried on another one before the first byte)
                 backend = choose_backend(self.pool, req.model, tried)
                 ex.backend = backend.label
-                # 5. admit: issue #4
                 # 6, 7. call upstream and relay, under the replica's breaker
                 try:
                     await attempt(self.upstream, backend, req, raw, upstream_id, send, ex, deadlines, s)
@@ -170,7 +194,7 @@ class ProxyEndpoint:
                     except GatewayError:
                         raise exc from None  # no other replica: report the real failure
         finally:
-            watcher.cancel()
+            self.admission.release(slot, time.perf_counter() - admitted)
         # 8. account: in __call__'s finally, so failures are counted too
 
     def _may_retry(self, exc: GatewayError, ex: Exchange, retries: int) -> bool:

@@ -237,11 +237,15 @@ def test_backend_that_closes_without_answering_is_clean_error() -> None:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    gw = Gateway([f"http://127.0.0.1:{port}"], wait_ready=False)
+    gw = Gateway(
+        [f"http://127.0.0.1:{port}"], wait_ready=False, env={"GATEWAY_ADMISSION__COLD_START_WAIT": "0.5"}
+    )
     try:
+        # Never healthy, so still "loading": the request waits for the cold start, then gives up.
         r = httpx.post(gw.v1 + "/chat/completions", json=BODY, timeout=10)
         assert r.status_code == 503
-        assert r.json()["error"]["code"] == "no_backend_available"
+        assert r.json()["error"]["code"] == "queue_timeout"
+        assert r.headers["retry-after"]
         ready = httpx.get(gw.url + "/ready")
         assert ready.status_code == 503
         reason = str(ready.json()["reason"])

@@ -47,13 +47,13 @@ def test_ready_flips_when_backend_dies_and_returns() -> None:
 
 
 def test_backend_still_loading_is_not_ready_and_not_down() -> None:
-    sim = Sim(None, "--load-time", "2")
+    sim = Sim(None, "--load-time", "8")  # long enough to outlast a slow gateway start
     gw = Gateway([sim.url], wait_ready=False)
     try:
         r = httpx.get(gw.url + "/ready")
         assert r.status_code == 503
         assert httpx.get(gw.url + "/health").json()["backends"][0]["state"] == "loading"
-        assert wait_status(gw.url + "/ready", 200, timeout=10).status_code == 200
+        assert wait_status(gw.url + "/ready", 200, timeout=20).status_code == 200
     finally:
         gw.stop()
         sim.stop()

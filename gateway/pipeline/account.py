@@ -32,6 +32,8 @@ class Accountant:
             m.child(m.prompt_tokens, model).inc(ex.prompt_tokens)
         if ex.completion_tokens:
             m.child(m.completion_tokens, model).inc(ex.completion_tokens)
+        if ex.queue_wait:
+            m.child(m.queue_wait, model, str(ex.priority)).observe(ex.queue_wait)
         reason = "client_disconnect" if ex.disconnected else ex.reason
         if reason is not None:
             m.child(m.errors, ex.endpoint, reason).inc()
@@ -49,6 +51,7 @@ class Accountant:
                 completion_tokens=ex.completion_tokens,
                 ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 2),
                 duration_ms=round(duration * 1000, 2),
+                queue_wait_ms=round(ex.queue_wait * 1000, 2),
                 client_disconnected=ex.disconnected,
                 error_reason=reason,
             )

@@ -23,7 +23,9 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft: float | None = None  # seconds from arrival to the first event sent (streams)
-    upstream_ttfb: float | None = None  # seconds from arrival to upstream response headers
+    upstream_ttfb: float | None = None
+    queue_wait: float = 0.0  # seconds waited for pool capacity
+    priority: int = 0  # seconds from arrival to upstream response headers
     finished: float = 0.0
     response_started: bool = False
     completing: bool = False  # the last body message is being sent

@@ -23,6 +23,7 @@ def choose_backend(pool: BackendPool, model: str, exclude: tuple[Backend, ...] =
             and model in b.models
             and (best is None or b.outstanding < best.outstanding)
             and b not in exclude
+            and b.outstanding < b.settings.max_in_flight
             and (b.breaker is None or b.breaker.available())
         ):
             best = b
@@ -37,3 +38,12 @@ def choose_backend(pool: BackendPool, model: str, exclude: tuple[Backend, ...] =
         )
     available = ", ".join(sorted(c["id"] for c in pool.model_cards()))
     raise ModelNotFound(f"The model `{model}` does not exist. Available models: {available}.", param="model")
+
+
+def check_model(pool: BackendPool, model: str) -> None:
+    """404 at once for a model no backend lists (while any backend is up to say so)."""
+    if pool.any_ready and not pool.known_model(model):
+        available = ", ".join(sorted(c["id"] for c in pool.model_cards()))
+        raise ModelNotFound(
+            f"The model `{model}` does not exist. Available models: {available}.", param="model"
+        )
