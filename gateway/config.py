@@ -8,6 +8,7 @@ Nothing else in the code base reads environment variables for configuration.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -218,9 +219,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secure_by_default(self) -> Settings:
-        loopback = self.server.host in ("127.0.0.1", "::1", "localhost") or self.server.host.startswith(
-            "127."
-        )
+        loopback = _is_loopback(self.server.host)
         if not self.auth.enabled and not loopback and not self.server.allow_unauthenticated:
             raise ValueError(
                 f"server.host is {self.server.host} but no authentication is configured: configure "
@@ -256,6 +255,15 @@ class Settings(BaseSettings):
         if not v:
             raise ValueError("at least one backend is required")
         return v
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it could resolve anywhere
 
 
 class ConfigError(Exception):

@@ -106,6 +106,13 @@ _BEARER_ERRORS = {
 }
 
 
+class AuthUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "auth_unavailable"
+    reason = "auth"
+
+
 class Forbidden(GatewayError):
     status = 403
     type = "permission_error"

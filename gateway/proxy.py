@@ -136,7 +136,12 @@ class ProxyEndpoint:
         if self.limiter.enabled:
             ex.body_bytes = len(raw)
             max_tokens = req.body.get("max_completion_tokens") or req.body.get("max_tokens")
-            estimate = self.limiter.estimate(len(raw), max_tokens if isinstance(max_tokens, int) else None)
+            n = req.body.get("n")
+            estimate = self.limiter.estimate(
+                len(raw),
+                max_tokens if isinstance(max_tokens, int) else None,
+                n if isinstance(n, int) else 1,
+            )
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
         if req.stream and not req.client_wants_usage:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again.

@@ -33,11 +33,13 @@ def build_router(gw: Gateway) -> APIRouter:
     pool = gw.pool
 
     @router.get("/v1/models", summary="Models the ready backends serve")
-    async def list_models() -> Response:
+    async def list_models(request: Request) -> Response:
+        await gw.auth.authenticate(request.scope)
         return JSONBytes({"object": "list", "data": pool.model_cards()})
 
     @router.get("/v1/models/{model_id:path}", summary="One model")
-    async def get_model(model_id: str) -> Response:
+    async def get_model(model_id: str, request: Request) -> Response:
+        await gw.auth.authenticate(request.scope)
         for card in pool.model_cards():
             if card.get("id") == model_id:
                 return JSONBytes(card)
@@ -83,7 +85,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def gateway_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return Response(exc.body(), status_code=exc.status, media_type="application/json")
+        headers = {k.decode(): v.decode() for k, v in exc.headers()}
+        return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=headers)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

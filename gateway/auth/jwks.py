@@ -17,6 +17,7 @@ import httpx
 import structlog
 from jose import jwk
 from jose.backends.base import Key
+from jose.exceptions import JOSEError
 
 from gateway.config_auth import JwtSettings
 
@@ -73,6 +74,9 @@ class JwksCache:
             self._log.info("jwks loaded", kids=sorted(str(k) for k in keys))
         self._loaded = True
 
+    def stale(self) -> bool:
+        return time.monotonic() - self._fetched_at >= self._settings.jwks_cache_seconds
+
     async def key_for(self, kid: str | None, alg: str) -> Key | None:
         age = time.monotonic() - self._fetched_at
         stale = age >= self._settings.jwks_cache_seconds
@@ -85,9 +89,15 @@ class JwksCache:
             data = next(iter(self._keys.values()))
         if data is None:
             return None
-        if data.get("alg") not in (None, alg):
-            return None
+        if data.get("alg") not in (None, alg) or data.get("kty") != _KTY.get(alg[:2]):
+            return None  # e.g. a header claiming ES256 with the kid of an RSA key
         built = self._built.get((kid, alg))
         if built is None:
-            built = self._built[(kid, alg)] = jwk.construct(data, alg)
+            try:
+                built = self._built[(kid, alg)] = jwk.construct(data, alg)
+            except JOSEError:
+                return None
         return built
+
+
+_KTY = {"RS": "RSA", "ES": "EC", "HS": "oct", "PS": "RSA"}

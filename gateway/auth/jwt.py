@@ -12,6 +12,7 @@ a signature check costs far more than a dict lookup.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -80,6 +81,8 @@ class JwtVerifier:
         self._cache.clear()
 
     async def verify(self, token: str) -> Principal:
+        if self.jwks is not None and self.jwks.stale():
+            await self.jwks.refresh()  # a withdrawn key must also end cached verdicts
         hit = self._cache.get(token)
         if hit is not None:
             if time.time() < hit[1]:
@@ -93,8 +96,8 @@ class JwtVerifier:
             header = jose_jwt.get_unverified_header(token)
         except JWTError:
             raise TokenError("The token header cannot be decoded.") from None
-        alg = header.get("alg")
-        if alg not in self._allowed:
+        alg = header.get("alg") if isinstance(header, dict) else None
+        if not isinstance(alg, str) or alg not in self._allowed:
             raise TokenError(f"Token algorithm {str(alg)[:10]!r} is not accepted.")
         key = await self._key(header.get("kid"), alg)
         try:
@@ -112,8 +115,16 @@ class JwtVerifier:
             raise TokenError(f"The token's claims are not valid: {exc}") from None
         except JWTError as exc:
             raise TokenError(f"The token is not valid: {exc}") from None
+        except (TypeError, ValueError, OverflowError):
+            # python-jose only catches ValueError around int(exp/nbf/iat): null, lists, huge numbers.
+            raise TokenError("The token's time claims are not valid.") from None
         principal = self._principal(claims)
-        expires = float(claims["exp"])
+        try:
+            expires = float(claims["exp"])
+        except (TypeError, ValueError, OverflowError):
+            raise TokenError("The token's `exp` claim is not valid.") from None
+        if not math.isfinite(expires):
+            raise TokenError("The token's `exp` claim is not valid.")
         if len(self._cache) >= CACHE_SIZE:
             self._cache.pop(next(iter(self._cache)))
         self._cache[token] = (principal, expires)
@@ -147,6 +158,11 @@ class JwtVerifier:
         if isinstance(scopes, str):
             scopes = scopes.split()
         models = claims.get(s.models_claim)
+        if isinstance(models, str):
+            models = models.split()
+        elif models is not None and not isinstance(models, list):
+            # Fail closed: an allowance we cannot read must not mean "every model".
+            raise TokenError(f"The token's `{s.models_claim}` claim must be a list.")
         return Principal(
             subject=subject,
             team=str(team) if team is not None else None,

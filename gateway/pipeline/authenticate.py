@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from gateway.asgi import Scope, header
 from gateway.auth.apikeys import ApiKeyError, ApiKeyStore, load_api_keys
-from gateway.auth.jwt import AuthUnavailable, JwtVerifier, TokenError
+from gateway.auth.jwt import AuthUnavailable as KeysUnavailable
+from gateway.auth.jwt import JwtVerifier, TokenError
 from gateway.auth.principal import ANONYMOUS, Principal
 from gateway.config import Settings
-from gateway.errors import Forbidden, GatewayError, Unauthenticated
+from gateway.errors import AuthUnavailable, Forbidden, Unauthenticated
 
 
 class Authenticator:
@@ -62,12 +63,9 @@ class Authenticator:
                 return await self.jwt.verify(credential)
             except TokenError as exc:
                 raise Unauthenticated(str(exc), code=exc.code) from None
-            except AuthUnavailable:
-                raise GatewayError(
-                    "The identity provider's keys cannot be fetched right now.",
-                    status=503,
-                    code="auth_unavailable",
-                    retry_after=5,
+            except KeysUnavailable:
+                raise AuthUnavailable(
+                    "The identity provider's keys cannot be fetched right now.", retry_after=5
                 ) from None
         try:
             return self.api_keys.verify(credential)

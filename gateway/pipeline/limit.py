@@ -106,6 +106,11 @@ class RateLimiter:
         self._log = structlog.get_logger("gateway.limits")
         self._last_error_log = 0.0
         self._count_error = on_storage_error or (lambda: None)
+        # Redis reports TTLs in whole seconds: be a second conservative with waits and deadlines.
+        self._ttl_slack = 0.0 if uri.startswith("memory://") else 1.0
+        # Corrections (token refunds, in-flight releases) that failed while storage was down,
+        # replayed on the next successful admission: (key, amount, monotonic valid-until).
+        self._pending: list[tuple[str, int, float]] = []
         self.enabled = bool(settings.tiers) or any(t.limits != LimitValues() for t in settings.teams.values())
 
     def principal_limits(self, p: Principal) -> LimitValues:
@@ -119,9 +124,11 @@ class RateLimiter:
             self._resolved[key] = found
         return found
 
-    def estimate(self, body_bytes: int, max_tokens: int | None) -> int:
+    def estimate(self, body_bytes: int, max_tokens: int | None, n: int = 1) -> int:
+        """Prompt estimate + completion budget; `n` choices each get max_tokens."""
         prompt = math.ceil(body_bytes / self._settings.bytes_per_token)
-        return prompt + (max_tokens if max_tokens is not None else self._settings.completion_estimate)
+        completion = max_tokens if max_tokens is not None else self._settings.completion_estimate
+        return prompt + completion * max(1, n)
 
     def _counters(self, p: Principal, estimate: int) -> list[_Counter]:
         out: list[_Counter] = []
@@ -159,6 +166,8 @@ class RateLimiter:
         storage = self.storage
         taken: list[_Counter] = []
         now = time.monotonic()
+        if self._pending:
+            await self._replay(now)
         for c in counters:
             # A counter of requests in flight expires only as a safety net for a crashed replica.
             expiry = WINDOW if c.kind != "concurrent" else int(total_timeout) + WINDOW
@@ -171,7 +180,7 @@ class RateLimiter:
         res = Reservation(reserved_tokens=estimate)
         for c in counters:
             if c.kind == "tokens":
-                c.deadline = now + await storage.get_expiry(c.key) - time.time()
+                c.deadline = now + await storage.get_expiry(c.key) - time.time() - self._ttl_slack
                 res.tokens.append(c)
             elif c.kind == "concurrent":
                 res.concurrent = c
@@ -185,7 +194,9 @@ class RateLimiter:
                 code="concurrency_limit_exceeded",
                 retry_after=1,
             )
-        wait = max(0.0, await self.storage.get_expiry(c.key) - time.time())
+        wait = min(
+            float(WINDOW), max(0.0, await self.storage.get_expiry(c.key) - time.time() + self._ttl_slack)
+        )
         per = "requests" if c.kind == "requests" else "tokens"
         if c.kind == "tokens" and c.cost > c.limit:
             message = (
@@ -223,18 +234,34 @@ class RateLimiter:
         """Reconcile reserved tokens with real usage; release the in-flight slot."""
         if res is NO_LIMITS:
             return
+        now = time.monotonic()
+        todo: list[tuple[str, int, float]] = []
+        if used_tokens is not None and res.tokens:
+            delta = used_tokens - res.reserved_tokens
+            todo += [(c.key, delta, c.deadline) for c in res.tokens if delta and now < c.deadline]
+        if res.concurrent is not None:
+            todo.append((res.concurrent.key, -1, now + WINDOW * 10))
+        done = 0
         try:
             async with asyncio.timeout(self._settings.storage_timeout):
-                if used_tokens is not None and res.tokens:
-                    delta = used_tokens - res.reserved_tokens
-                    now = time.monotonic()
-                    for c in res.tokens:
-                        if delta and now < c.deadline:  # a later window owes nothing
-                            await self.storage.incr(c.key, WINDOW, amount=delta)
-                if res.concurrent is not None:
-                    await self.storage.incr(res.concurrent.key, WINDOW, amount=-1)
+                for key, amount, _ in todo:
+                    await self.storage.incr(key, WINDOW, amount=amount)
+                    done += 1
         except Exception as exc:
             self._note_error(exc)
+            if len(self._pending) < 10_000:
+                self._pending += todo[done:]  # replayed once storage answers again
+
+    async def _replay(self, now: float) -> None:
+        pending, self._pending = self._pending, []
+        for i, (key, amount, valid_until) in enumerate(pending):
+            if now >= valid_until:
+                continue  # that window is over: nothing is owed any more
+            try:
+                await self.storage.incr(key, WINDOW, amount=amount)
+            except Exception:
+                self._pending = pending[i:] + self._pending
+                raise
 
     def _storage_failed(self, exc: BaseException) -> Reservation:
         self._note_error(exc)
