@@ -28,8 +28,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.admit import Admission
 from gateway.pipeline.authenticate import Authenticator
+from gateway.pipeline.fallback import ExternalFallback
 from gateway.pipeline.limit import RateLimiter
 from gateway.pipeline.receive import CHAT, COMPLETIONS, EMBEDDINGS
+from gateway.pipeline.route import Router
 from gateway.pipeline.upstream import UpstreamClient
 from gateway.proxy import ProxyEndpoint
 from gateway.retry import RetryBudget
@@ -51,6 +53,8 @@ class Gateway:
     drain: Drain
     retry_budget: RetryBudget
     admission: Admission
+    router: Router
+    fallback: ExternalFallback | None
 
 
 class GatewayApp:
@@ -106,6 +110,8 @@ def create_app(settings: Settings) -> GatewayApp:
         drain=Drain(settings.server.drain_seconds),
         retry_budget=RetryBudget(settings.resilience.retry_budget_ratio),
         admission=admission,
+        router=Router(settings.routing),
+        fallback=ExternalFallback(settings.external, settings) if settings.external else None,
     )
     log = structlog.get_logger("gateway")
     if not settings.auth.enabled:

@@ -34,6 +34,9 @@ class Backend:
     last_latency: float | None = None
     outstanding: int = 0
     good_checks: int = 0  # consecutive successful health checks
+    vllm_waiting: float = 0.0  # vllm:num_requests_waiting from the last scrape
+    vllm_running: float = 0.0
+    kv_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1) from the last scrape
     breaker: ReplicaBreaker | None = None
 
     @classmethod
@@ -60,6 +63,11 @@ class Backend:
             "latency_seconds": self.last_latency,
             "outstanding": self.outstanding,
             "breaker": self.breaker.state if self.breaker is not None else None,
+            "vllm": {
+                "waiting": self.vllm_waiting,
+                "running": self.vllm_running,
+                "kv_cache_usage": self.kv_usage,
+            },
         }
 
 

@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from gateway.config_auth import AuthSettings, LimitValues, RateLimitSettings, TeamSettings
+from gateway.config_routing import ExternalSettings, RoutingSettings
 
 DEFAULT_BACKEND = "http://127.0.0.1:8000"
 
@@ -207,6 +208,8 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    external: ExternalSettings | None = Field(None, description="The external fallback provider.")
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     tiers: dict[str, LimitValues] = Field(

@@ -82,6 +82,8 @@ class HealthPoller:
                     missing = [name for name in b.settings.models if name not in models]
                     if missing:
                         failure = f"model(s) not listed: {', '.join(missing)}"
+                    else:
+                        await self._scrape(b, headers)
         except httpx.HTTPError as exc:
             b.last_latency = None
             failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -89,6 +91,19 @@ class HealthPoller:
             failure = "/v1/models did not return JSON"
         b.last_check = time.time()
         self._apply(b, failure, models)
+
+    async def _scrape(self, b: Backend, headers: dict[str, str]) -> None:
+        """vLLM's own load signals, for routing and for re-export; never fails the check."""
+        assert self._client is not None
+        try:
+            r = await self._client.get(b.url + "/metrics", headers=headers)
+        except httpx.HTTPError:
+            return
+        if r.status_code != 200:
+            return
+        b.vllm_waiting = _sum_metric(r.text, "vllm:num_requests_waiting")
+        b.vllm_running = _sum_metric(r.text, "vllm:num_requests_running")
+        b.kv_usage = _sum_metric(r.text, "vllm:kv_cache_usage_perc")
 
     def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
         before = b.state
@@ -120,3 +135,16 @@ class HealthPoller:
                 was=before.value,
                 reason=b.reason,
             )
+
+
+def _sum_metric(text: str, name: str) -> float:
+    """Sum of a metric's samples in Prometheus text (one per engine); 0 when absent."""
+    total = 0.0
+    starts = (name + "{", name + " ")
+    for line in text.splitlines():
+        if line.startswith(starts):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return total

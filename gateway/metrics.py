@@ -120,6 +120,12 @@ class GatewayMetrics:
             "Rate-limit storage (Redis) calls that failed or timed out.",
             registry=r,
         )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Requests served by the external provider, by the local failure that caused it.",
+            ["reason"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "gateway_queue_wait_seconds",
             "Time requests waited for pool capacity.",

@@ -30,7 +30,8 @@ from gateway.pipeline.attempt import Deadlines, attempt
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.limit import NO_LIMITS, RateLimiter
 from gateway.pipeline.receive import ClientGone, Endpoint, ParsedRequest
-from gateway.pipeline.route import check_model, choose_backend
+from gateway.pipeline.relay import gateway_headers
+from gateway.pipeline.route import RoutePlan, check_model, choose_backend
 from gateway.retry import backoff
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ class ProxyEndpoint:
         self.drain = gateway.drain
         self.retry_budget = gateway.retry_budget
         self.admission = gateway.admission
+        self.router = gateway.router
+        self.fallback = gateway.fallback
+        self.fallbacks = gateway.metrics.fallbacks
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.log = structlog.get_logger("gateway.proxy")
@@ -130,8 +134,15 @@ class ProxyEndpoint:
             receive, int(length) if length and length.isdigit() else None, s.server.max_body_bytes
         )
         req = receive_stage.parse(self.endpoint, raw, s.validation)
+        # 4a. route plan: task type and alias → the served model (replicas are picked below)
+        dirty = s.routing.task_field in req.body
+        plan = self.router.plan(scope, req.body, req.model)
+        ex.route = plan.name
+        self.auth.authorize(principal, req.model, plan.model)
+        if plan.model != req.model:
+            req.body["model"] = req.model = plan.model
+            dirty = True
         ex.model, ex.stream = req.model, req.stream
-        self.auth.authorize(principal, req.model)
         # 3. limit (settled in __call__, whatever happens next)
         if self.limiter.enabled:
             ex.body_bytes = len(raw)
@@ -147,20 +158,40 @@ class ProxyEndpoint:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again.
             opts: Any = req.body.get("stream_options")
             req.body["stream_options"] = {**(opts or {}), "include_usage": True}
-            raw = orjson.dumps(req.body)
+            dirty = True
+        if dirty:
+            raw = orjson.dumps(req.body)  # once, and only when the gateway changed something
         loop = asyncio.get_running_loop()
         deadlines = Deadlines(min(loop.time() + s.timeouts.first_byte, total_deadline), total_deadline)
         task = asyncio.current_task()
         assert task is not None
         watcher = loop.create_task(_watch_disconnect(receive, ex, task))
         try:
-            await self._admit_and_forward(req, raw, upstream_id, send, ex, deadlines, total_deadline)
+            try:
+                await self._admit_and_forward(
+                    req, plan, raw, upstream_id, send, ex, deadlines, total_deadline
+                )
+            except GatewayError as exc:
+                fb = self.fallback
+                if (
+                    fb is None
+                    or ex.response_started
+                    or not fb.worth_it(exc)
+                    or not fb.allowed(principal, plan)
+                ):
+                    raise
+                # The local pool cannot serve and this team's data may leave: the external provider.
+                ex.fallback, ex.backend = exc.code, fb.backend.label
+                self.fallbacks.labels(exc.code).inc()
+                body = fb.request_body(req, plan)
+                await attempt(self.upstream, fb.backend, req, body, upstream_id, send, ex, deadlines, s)
         finally:
             watcher.cancel()
 
     async def _admit_and_forward(
         self,
         req: ParsedRequest,
+        plan: RoutePlan,
         raw: bytes,
         upstream_id: str,
         send: Send,
@@ -169,6 +200,7 @@ class ProxyEndpoint:
         total_deadline: float,
     ) -> None:
         s = self.settings
+        rs = s.routing
         principal = ex.principal
         self.retry_budget.deposit()
         # 5. admit: wait for capacity in the model's pool (or for a replica to finish loading)
@@ -182,7 +214,9 @@ class ProxyEndpoint:
         try:
             while True:
                 # 4. route (a replica of the pool; retried on another one before the first byte)
-                backend = choose_backend(self.pool, req.model, tried)
+                backend = choose_backend(
+                    self.pool, req.model, tried, plan.affinity, rs.load_aware, rs.affinity_max_skew
+                )
                 ex.backend = backend.label
                 # 6, 7. call upstream and relay, under the replica's breaker
                 try:
@@ -229,6 +263,7 @@ class ProxyEndpoint:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"x-request-id", ex.request_id.encode()),
+                    *gateway_headers(ex),
                     *ex.reservation.headers,
                     *exc.headers(),
                 ],

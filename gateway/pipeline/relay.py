@@ -33,8 +33,22 @@ _USAGE_MARK = b'"choices":[]'
 _ERROR_MARK = b'data: {"error"'
 
 
+def gateway_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
+    """What the gateway did: which route, which backend, whether it fell back (and why)."""
+    return [
+        (b"x-gateway-route", ex.route.encode()),
+        (b"x-gateway-backend", (ex.backend or "-").encode()),
+        (b"x-gateway-fallback", ex.fallback.encode() if ex.fallback else b"false"),
+    ]
+
+
 def _headers(content_type: bytes, request_id: bytes, ex: Exchange) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", content_type), (b"x-request-id", request_id), *ex.reservation.headers]
+    return [
+        (b"content-type", content_type),
+        (b"x-request-id", request_id),
+        *gateway_headers(ex),
+        *ex.reservation.headers,
+    ]
 
 
 def _read_usage(ex: Exchange, usage: Any) -> None:

@@ -1,0 +1,71 @@
+"""Configuration sections for routing: aliases, task-type routes, affinity, the external fallback.
+
+Part of the one Settings tree (gateway/config.py); split out only to keep modules small.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouteSettings(_Section):
+    model: str | None = Field(
+        None, description="Target model or alias (none: the model the client asked for)."
+    )
+    fallback: bool = Field(
+        False,
+        description=(
+            "May go to the external provider when the local pool cannot serve (never for a team "
+            "with `data_residency: strict`)."
+        ),
+    )
+
+
+class RoutingSettings(_Section):
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="Friendly names → served model names, e.g. `default: qwen2.5-7b`."
+    )
+    task_header: str = Field("x-task-type", description="Request header naming the task type.")
+    task_field: str = Field(
+        "task_type", description="Body field naming the task type (removed before forwarding)."
+    )
+    routes: dict[str, RouteSettings] = Field(
+        default_factory=dict, description="Task type → route, e.g. `classification: {model: clf-v2}`."
+    )
+    default_route: RouteSettings = Field(
+        default_factory=RouteSettings, description="Route for requests with no or an unknown task type."
+    )
+    affinity_header: str = Field(
+        "x-session-id", description="Header whose value keeps a conversation on one replica."
+    )
+    affinity_user_field: bool = Field(True, description="Use the body's `user` field for affinity too.")
+    affinity_max_skew: int = Field(
+        4,
+        ge=0,
+        description="Leave the sticky replica when it is this much busier than the least busy one.",
+    )
+    load_aware: bool = Field(
+        True,
+        description="Weigh replicas by their scraped vllm:num_requests_waiting and KV-cache usage too.",
+    )
+
+    @field_validator("task_header", "affinity_header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+
+class ExternalSettings(_Section):
+    base_url: str = Field(description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the provider's key.")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Local model → provider model, e.g. `qwen2.5-7b: gpt-4o-mini`."
+    )
+    name: str = Field("external", description="Label in headers, logs and metrics.")
+    allow_teamless: bool = Field(
+        False, description="Principals without a team may fall back too (default: never off-premises)."
+    )
