@@ -171,52 +171,57 @@ async def relay_sse(
     )
     saw_done = False
     failure: GatewayError | None = None
-    phase = "first token"
+    dog: _Watchdog | None = None
     try:
         data = await _first_chunk(resp, send, min(first_byte_deadline, total_deadline), heartbeat)
-        phase = "idle"
+        dog = _Watchdog(loop, resp, idle, total_deadline)
         buf = b""
-        async with asyncio.timeout_at(min(loop.time() + idle, total_deadline)) as guard:
-            while data:
-                buf = buf + data if buf else data
-                end = buf.rfind(b"\n\n")
-                if end >= 0:
-                    end += 2
-                    if end == len(buf):
-                        out, buf = buf, b""
-                    else:
-                        out, buf = buf[:end], buf[end:]
-                    if _USAGE_MARK in out:
-                        out = _take_usage(out, ex, strip_usage)
-                    if _ERROR_MARK in out:
-                        _note_error_event(out, ex)
-                    if out.endswith(DONE):
-                        saw_done = True
-                    if out:
-                        ex.events += out.count(b"data: ")
-                        if ex.ttft is None:
-                            ex.ttft = time.perf_counter() - ex.started
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if saw_done:
-                        break
-                guard.reschedule(min(loop.time() + idle, total_deadline))
-                data = await resp.read_chunk()
-    except TimeoutError:
+        while data:
+            buf = buf + data if buf else data
+            end = buf.rfind(b"\n\n")
+            if end >= 0:
+                end += 2
+                if end == len(buf):
+                    out, buf = buf, b""
+                else:
+                    out, buf = buf[:end], buf[end:]
+                if _USAGE_MARK in out:
+                    out = _take_usage(out, ex, strip_usage)
+                if _ERROR_MARK in out:
+                    _note_error_event(out, ex)
+                if out.endswith(DONE):
+                    saw_done = True
+                if out:
+                    ex.events += out.count(b"data: ")
+                    if ex.ttft is None:
+                        ex.ttft = time.perf_counter() - ex.started
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if saw_done:
+                    break
+            dog.last = loop.time()
+            data = await resp.read_chunk()
+    except TimeoutError:  # only _first_chunk raises it
         if loop.time() >= total_deadline:
-            failure = UpstreamTimeout(
-                "The request took longer than the gateway's total timeout.", code="total_timeout"
-            )
-        elif phase == "first token":
+            failure = _total_timeout()
+        else:
             failure = UpstreamTimeout(
                 "The backend sent no token within the first-byte timeout.", code="first_byte_timeout"
             )
-        else:
-            failure = UpstreamTimeout(
+    except UpstreamError as exc:
+        failure = exc
+    finally:
+        if dog is not None:
+            dog.handle.cancel()
+    if dog is not None and dog.fired is not None:
+        # The watchdog closed the upstream response: say why, not "the backend broke off".
+        failure = (
+            _total_timeout()
+            if dog.fired == "total"
+            else UpstreamTimeout(
                 f"The backend sent nothing for {idle:g}s in the middle of the stream.",
                 code="idle_timeout",
             )
-    except UpstreamError as exc:
-        failure = exc
+        )
     if failure is None and not saw_done:
         failure = UpstreamError(
             "The backend ended the stream without finishing it (no [DONE]).", code="stream_truncated"
@@ -227,6 +232,36 @@ async def relay_sse(
         await send({"type": "http.response.body", "body": sse_error_event(failure), "more_body": True})
     ex.completing = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _total_timeout() -> UpstreamTimeout:
+    return UpstreamTimeout("The request took longer than the gateway's total timeout.", code="total_timeout")
+
+
+class _Watchdog:
+    """Idle and total timeouts of a stream for the price of a float store per chunk.
+
+    asyncio.Timeout.reschedule() on every chunk re-creates a timer handle (3.6 µs under uvloop,
+    ~5 % of a chunk's CPU); here one timer re-arms itself from the last event's time and, when
+    it expires, closes the upstream response, which ends the relay loop's read.
+    """
+
+    __slots__ = ("fired", "handle", "idle", "last", "loop", "resp", "total")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resp: UpstreamResponse, idle: float, total: float):
+        self.loop, self.resp, self.idle, self.total = loop, resp, idle, total
+        self.last = loop.time()
+        self.fired: str | None = None
+        self.handle = loop.call_at(min(self.last + idle, total), self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        due = self.last + self.idle
+        if now >= self.total or now >= due:
+            self.fired = "total" if now >= self.total else "idle"
+            self.resp.close()
+            return
+        self.handle = self.loop.call_at(min(due, self.total), self._check)
 
 
 def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
