@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINT_PATHS := gateway tests scripts $(wildcard loadtests/*.py)
 
-.PHONY: install run test lint typecheck unit e2e-vllm bench docs clean
+.PHONY: install run test lint typecheck unit e2e-vllm lint-deploy bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ e2e-vllm: install
 	bash scripts/vllm/setup-venv.sh
 	.venv-vllm/bin/python scripts/vllm/make_tiny_model.py .cache/tiny-llama
 	E2E_VLLM_REQUIRED=1 $(BIN)/pytest -q tests/e2e_vllm
+
+## Deployment files: hadolint, Compose schema, cfn-lint, checkov, botocore, kubernetes-validate, shellcheck.
+lint-deploy: install
+	bash scripts/lint-deploy.sh
 
 ## First benchmark: the simulator directly vs through the gateway (bounded, loopback only).
 bench: install

@@ -150,7 +150,15 @@ def create_app(settings: Settings) -> GatewayApp:
     )
     install_error_handlers(api)
     api.include_router(build_router(gateway))
-    accountant = Accountant(metrics, structlog.get_logger("gateway.access"), settings.logging.access_log)
+    accountant = Accountant(
+        metrics,
+        structlog.get_logger("gateway.access"),
+        settings.logging.access_log,
+        teams=set(settings.teams),
+        backends={b.label for b in pool.backends}
+        | ({gateway.fallback.backend.label} if gateway.fallback else set()),
+    )
+    metrics.build_info.labels(_version(), _config_hash(settings)).set(1)
     routes = {
         ep.path.decode(): ProxyEndpoint(ep, gateway, accountant) for ep in (CHAT, COMPLETIONS, EMBEDDINGS)
     }
@@ -168,6 +176,14 @@ def build_authenticator(settings: Settings) -> Authenticator:
 def create_app_from_env() -> GatewayApp:
     """uvicorn factory for worker processes: settings resolved once by the CLI, passed as JSON."""
     return create_app(settings_from_json(os.environ[SETTINGS_ENV]))
+
+
+def _config_hash(settings: Settings) -> str:
+    import hashlib
+
+    from gateway.config import settings_to_json
+
+    return hashlib.sha256(settings_to_json(settings).encode()).hexdigest()[:12]
 
 
 def _version() -> str:

@@ -19,6 +19,7 @@ from gateway.pipeline.admit import Admission
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -67,6 +68,19 @@ class _BackendCollector(Collector):
         capacity = GaugeMetricFamily(
             "gateway_pool_capacity", "Sum of max_in_flight of the pool's ready replicas.", labels=["model"]
         )
+        vllm = {
+            name: GaugeMetricFamily(
+                f"gateway_backend_{name}",
+                f"The replica's own vllm:{name}, from the background scrape.",
+                labels=["backend"],
+            )
+            for name in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
+        }
+        for b in self._pool.backends:
+            vllm["num_requests_waiting"].add_metric([b.label], b.vllm_waiting)
+            vllm["num_requests_running"].add_metric([b.label], b.vllm_running)
+            vllm["kv_cache_usage_perc"].add_metric([b.label], b.kv_usage)
+        yield from vllm.values()
         for q in self._admission.queues.values():
             pool_in_flight.add_metric([q.model], float(q.in_flight))
             capacity.add_metric([q.model], float(self._admission.capacity(q.model)))
@@ -85,8 +99,8 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
-            "Requests handled, by endpoint, model, HTTP status and streaming.",
-            ["endpoint", "model", "status", "stream"],
+            "Requests handled, by endpoint, model, route, backend, HTTP status and streaming.",
+            ["endpoint", "model", "route", "backend", "status", "stream"],
             registry=r,
         )
         self.errors = Counter(
@@ -106,11 +120,50 @@ class GatewayMetrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Time between two streamed events sent to the client.",
+            ["endpoint"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.upstream_ttft = Histogram(
+            "gateway_upstream_time_to_first_token_seconds",
+            "Time from sending the request upstream to vLLM's first event (plain: its response).",
+            ["endpoint", "stream"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time spent inside the gateway: total minus upstream time minus queue wait.",
+            ["endpoint", "stream"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
-            "gateway_prompt_tokens", "Prompt tokens, from vLLM's usage.", ["model"], registry=r
+            "gateway_prompt_tokens",
+            "Prompt tokens, from vLLM's usage, by model and team (unconfigured teams: other).",
+            ["model", "team"],
+            registry=r,
         )
         self.completion_tokens = Counter(
-            "gateway_completion_tokens", "Completion tokens, from vLLM's usage.", ["model"], registry=r
+            "gateway_completion_tokens",
+            "Completion tokens, from vLLM's usage, by model and team (unconfigured teams: other).",
+            ["model", "team"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_ratelimit_rejections",
+            "Requests refused by a limit, by kind (requests, tokens, concurrent, queue) and scope.",
+            ["kind", "scope"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "gateway_build_info",
+            "Version and configuration hash of this gateway.",
+            ["version", "config_hash"],
+            registry=r,
         )
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Proxied requests in progress.", ["endpoint"], registry=r

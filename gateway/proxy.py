@@ -68,6 +68,7 @@ class ProxyEndpoint:
         self.router = gateway.router
         self.fallback = gateway.fallback
         self.fallbacks = gateway.metrics.fallbacks
+        self.itl = gateway.metrics.itl.labels(endpoint.name)
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.log = structlog.get_logger("gateway.proxy")
@@ -91,6 +92,7 @@ class ProxyEndpoint:
         except GatewayError as exc:
             ex.reason = exc.reason
             ex.error = exc.message
+            ex.limited = getattr(exc, "limit", None)
             await self._send_error(send, ex, exc)
         except ClientGone:
             ex.disconnected = True
@@ -184,7 +186,9 @@ class ProxyEndpoint:
                 ex.fallback, ex.backend = exc.code, fb.backend.label
                 self.fallbacks.labels(exc.code).inc()
                 body = fb.request_body(req, plan)
-                await attempt(self.upstream, fb.backend, req, body, upstream_id, send, ex, deadlines, s)
+                await attempt(
+                    self.upstream, fb.backend, req, body, upstream_id, send, ex, deadlines, s, self.itl
+                )
         finally:
             watcher.cancel()
 
@@ -220,7 +224,9 @@ class ProxyEndpoint:
                 ex.backend = backend.label
                 # 6, 7. call upstream and relay, under the replica's breaker
                 try:
-                    await attempt(self.upstream, backend, req, raw, upstream_id, send, ex, deadlines, s)
+                    await attempt(
+                        self.upstream, backend, req, raw, upstream_id, send, ex, deadlines, s, self.itl
+                    )
                     return
                 except GatewayError as exc:
                     if not self._may_retry(exc, ex, len(tried)):

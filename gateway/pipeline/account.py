@@ -13,25 +13,39 @@ from gateway.pipeline.exchange import Exchange
 
 
 class Accountant:
-    def __init__(self, metrics: GatewayMetrics, log: Any, access_log: bool) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, log: Any, access_log: bool, teams: set[str], backends: set[str]
+    ) -> None:
         self._m = metrics
         self._log = log
         self._access_log = access_log
+        self._teams = teams  # label values are bounded to configured names
+        self._backends = backends
 
     def record(self, ex: Exchange, known_model: bool) -> None:
         m = self._m
         stream = "true" if ex.stream else "false"
         model = ex.model if known_model else "unknown"
         status = "499" if ex.disconnected and not ex.response_started else str(ex.status)
-        m.child(m.requests, ex.endpoint, model, status, stream).inc()
+        backend = ex.backend if ex.backend in self._backends else "-"
+        m.child(m.requests, ex.endpoint, model, ex.route, backend, status, stream).inc()
         duration = ex.finished - ex.started
         m.child(m.duration, ex.endpoint, stream).observe(duration)
         if ex.ttft is not None:
             m.child(m.ttft, ex.endpoint, model).observe(ex.ttft)
+        if ex.upstream_first is not None and ex.upstream_sent is not None:
+            m.child(m.upstream_ttft, ex.endpoint, stream).observe(ex.upstream_first - ex.upstream_sent)
+        if ex.upstream_sent is not None and ex.upstream_done is not None:
+            upstream = ex.upstream_done - ex.upstream_sent
+            m.child(m.overhead, ex.endpoint, stream).observe(max(0.0, duration - upstream - ex.queue_wait))
+        team = ex.principal.team
+        team_label = "none" if team is None else team if team in self._teams else "other"
         if ex.prompt_tokens:
-            m.child(m.prompt_tokens, model).inc(ex.prompt_tokens)
+            m.child(m.prompt_tokens, model, team_label).inc(ex.prompt_tokens)
         if ex.completion_tokens:
-            m.child(m.completion_tokens, model).inc(ex.completion_tokens)
+            m.child(m.completion_tokens, model, team_label).inc(ex.completion_tokens)
+        if ex.limited is not None:
+            m.child(m.rate_limited, *ex.limited).inc()
         if ex.queue_wait:
             m.child(m.queue_wait, model, str(ex.priority)).observe(ex.queue_wait)
         reason = "client_disconnect" if ex.disconnected else ex.reason

@@ -27,6 +27,7 @@ class QueueFull(GatewayError):
     type = "rate_limit_error"
     code = "queue_full"
     reason = "shed"
+    limit = ("queue", "pool")
 
 
 class QueueTimeout(GatewayError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.asgi import Send
 from gateway.backends import Backend
@@ -42,12 +43,14 @@ async def attempt(
     ex: Exchange,
     deadlines: Deadlines,
     settings: Settings,
+    itl: Any = None,
 ) -> None:
     t = settings.timeouts
     backend.outstanding += 1
     assert backend.breaker is not None
     try:
         with backend.breaker.guard():
+            ex.upstream_sent = time.perf_counter()
             try:
                 async with asyncio.timeout_at(deadlines.first_byte):
                     resp = await upstream.post(backend, req.endpoint.path, raw, upstream_id)
@@ -58,7 +61,8 @@ async def attempt(
                 )
                 err.retryable = True
                 raise err from None
-            ex.upstream_ttfb = time.perf_counter() - ex.started
+            ex.upstream_first = now = time.perf_counter()
+            ex.upstream_ttfb = now - ex.started
             try:
                 if resp.status >= 500:
                     await _server_error(resp.status, await resp.read(), backend)
@@ -74,6 +78,7 @@ async def attempt(
                         idle=t.idle,
                         total_deadline=deadlines.total,
                         heartbeat=settings.streaming.heartbeat_interval,
+                        itl=itl,
                     )
                 else:
                     try:
@@ -84,6 +89,7 @@ async def attempt(
                             f"The request took longer than {t.total:g}s.", code="total_timeout"
                         ) from None
             finally:
+                ex.upstream_done = time.perf_counter()
                 if ex.disconnected or ex.reason or resp.status >= 500:
                     resp.close()
                 else:

@@ -27,6 +27,10 @@ class Exchange:
     ttft: float | None = None  # seconds from arrival to the first event sent (streams)
     upstream_ttfb: float | None = None
     queue_wait: float = 0.0  # seconds waited for pool capacity
+    upstream_sent: float | None = None  # perf_counter when the last attempt was sent upstream
+    upstream_first: float | None = None  # ... when its first event (plain: its headers) arrived
+    upstream_done: float | None = None  # ... when relaying it ended
+    limited: tuple[str, str] | None = None  # (kind, scope) of the limit that refused it
     priority: int = 0  # seconds from arrival to upstream response headers
     finished: float = 0.0
     response_started: bool = False

@@ -47,6 +47,7 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
     reason = "rate_limited"
     limit_headers: list[tuple[bytes, bytes]] = []
+    limit: tuple[str, str] = ("requests", "principal")  # (kind, scope) for the metric
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [*super().headers(), *self.limit_headers]
@@ -189,11 +190,13 @@ class RateLimiter:
 
     async def _rejection(self, c: _Counter) -> RateLimited:
         if c.kind == "concurrent":
-            return RateLimited(
+            busy = RateLimited(
                 f"Too many requests in flight for this {c.scope}: at most {c.limit} at once.",
                 code="concurrency_limit_exceeded",
                 retry_after=1,
             )
+            busy.limit = (c.kind, c.scope)
+            return busy
         wait = min(
             float(WINDOW), max(0.0, await self.storage.get_expiry(c.key) - time.time() + self._ttl_slack)
         )
@@ -209,6 +212,7 @@ class RateLimiter:
                 f"Try again in {_reset_text(wait)}."
             )
         err = RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
+        err.limit = (c.kind, c.scope)
         if c.scope == "principal":
             err.limit_headers = [
                 (f"x-ratelimit-limit-{c.kind}".encode(), str(c.limit).encode()),

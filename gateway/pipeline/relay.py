@@ -154,7 +154,9 @@ async def relay_sse(
     idle: float,
     total_deadline: float,
     heartbeat: float,
+    itl: Any = None,
 ) -> None:
+    """`itl` is the inter-token-latency histogram child to observe (None: not measured)."""
     loop = asyncio.get_running_loop()
     ex.status = 200
     ex.response_started = True
@@ -172,6 +174,7 @@ async def relay_sse(
     saw_done = False
     failure: GatewayError | None = None
     dog: _Watchdog | None = None
+    last_event = 0.0
     try:
         data = await _first_chunk(resp, send, min(first_byte_deadline, total_deadline), heartbeat)
         dog = _Watchdog(loop, resp, idle, total_deadline)
@@ -193,8 +196,14 @@ async def relay_sse(
                     saw_done = True
                 if out:
                     ex.events += out.count(b"data: ")
+                    now = time.perf_counter()
                     if ex.ttft is None:
-                        ex.ttft = time.perf_counter() - ex.started
+                        ex.ttft = now - ex.started
+                        if ex.upstream_sent is not None:
+                            ex.upstream_first = now  # vLLM's first event, not its headers
+                    elif itl is not None:
+                        itl.observe(now - last_event)
+                    last_event = now
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if saw_done:
                     break
