@@ -37,6 +37,8 @@ from gateway.proxy import ProxyEndpoint
 from gateway.retry import RetryBudget
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
+# prometheus-client's own switch for multiprocess mode; must be set before it is imported.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -90,7 +92,7 @@ async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings) -> GatewayApp:
+def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
     configure_logging(settings.logging)
     pool = BackendPool(settings.backends, settings.resilience)
     admission = Admission(
@@ -98,7 +100,7 @@ def create_app(settings: Settings) -> GatewayApp:
         settings.admission,
         {name: t.priority for name, t in settings.tiers.items() if t.priority is not None},
     )
-    metrics = GatewayMetrics(pool, admission)
+    metrics = GatewayMetrics(pool, admission, multiprocess_dir)
     gateway = Gateway(
         settings=settings,
         pool=pool,
@@ -138,6 +140,7 @@ def create_app(settings: Settings) -> GatewayApp:
             await gateway.poller.stop()
             await gateway.auth.stop()
             await gateway.limiter.close()
+            gateway.metrics.worker_exit()
             await gateway.upstream.close()
             log.info("gateway stopped")
 
@@ -175,7 +178,7 @@ def build_authenticator(settings: Settings) -> Authenticator:
 
 def create_app_from_env() -> GatewayApp:
     """uvicorn factory for worker processes: settings resolved once by the CLI, passed as JSON."""
-    return create_app(settings_from_json(os.environ[SETTINGS_ENV]))
+    return create_app(settings_from_json(os.environ[SETTINGS_ENV]), os.environ.get(METRICS_DIR_ENV))
 
 
 def _config_hash(settings: Settings) -> str:

@@ -13,7 +13,7 @@ from gateway.config import ConfigError, Settings, load_settings, settings_to_jso
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import SETTINGS_ENV, create_app
+    from gateway.app import METRICS_DIR_ENV, SETTINGS_ENV, create_app
 
     overrides: dict[str, Any] = {}
     server: dict[str, Any] = {}
@@ -47,8 +47,17 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_keep_alive": 75,
     }
     if s.workers > 1:
+        import shutil
+        import tempfile
+
         os.environ[SETTINGS_ENV] = settings_to_json(settings)
-        uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=s.workers, **common)
+        # Workers are spawned fresh, so they import prometheus-client with this set.
+        metrics_dir = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+        os.environ[METRICS_DIR_ENV] = metrics_dir
+        try:
+            uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=s.workers, **common)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         try:
             app = create_app(settings)

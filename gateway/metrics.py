@@ -8,10 +8,12 @@ per metric instead of prometheus-client's label validation.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from gateway.backends import BackendPool, BackendState
@@ -94,7 +96,10 @@ class _BackendCollector(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, pool: BackendPool, admission: Admission) -> None:
+    def __init__(self, pool: BackendPool, admission: Admission, multiprocess_dir: str | None = None) -> None:
+        # With several workers (`--workers N`) prometheus-client's multiprocess mode keeps each
+        # worker's values in files under `multiprocess_dir`; a scrape of any worker sums them all.
+        self._multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -164,9 +169,14 @@ class GatewayMetrics:
             "Version and configuration hash of this gateway.",
             ["version", "config_hash"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Proxied requests in progress.", ["endpoint"], registry=r
+            "gateway_requests_in_flight",
+            "Proxied requests in progress.",
+            ["endpoint"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.limit_storage_errors = Counter(
             "gateway_ratelimit_storage_errors",
@@ -186,7 +196,8 @@ class GatewayMetrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180),
             registry=r,
         )
-        r.register(_BackendCollector(pool, admission))
+        self._collector = _BackendCollector(pool, admission)
+        r.register(self._collector)
         self._cache: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -200,4 +211,15 @@ class GatewayMetrics:
         self.limit_storage_errors.inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # Counters and histograms summed over every worker; backend health and queues are this
+        # worker's view (each worker polls the backends itself).
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        combined.register(self._collector)
+        return generate_latest(combined)
+
+    def worker_exit(self) -> None:
+        if self._multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self._multiprocess_dir)  # type: ignore[no-untyped-call]
