@@ -97,16 +97,21 @@ class HealthPoller:
         assert self._client is not None
         try:
             r = await self._client.get(b.url + "/metrics", headers=headers)
+            ok = r.status_code == 200
         except httpx.HTTPError:
-            return
-        if r.status_code != 200:
+            ok = False
+        if not ok:
+            b.vllm_waiting = b.vllm_running = b.kv_usage = 0.0  # unknown, not the last value
             return
         b.vllm_waiting = _sum_metric(r.text, "vllm:num_requests_waiting")
         b.vllm_running = _sum_metric(r.text, "vllm:num_requests_running")
-        b.kv_usage = _sum_metric(r.text, "vllm:kv_cache_usage_perc")
+        # With several engines (data parallel) usage is per engine: the fullest one matters.
+        b.kv_usage = _sum_metric(r.text, "vllm:kv_cache_usage_perc", max)
 
     def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
         before = b.state
+        if failure is not None:
+            b.vllm_waiting = b.vllm_running = b.kv_usage = 0.0
         if failure is None:
             b.good_checks += 1
             b.models = models
@@ -137,14 +142,14 @@ class HealthPoller:
             )
 
 
-def _sum_metric(text: str, name: str) -> float:
-    """Sum of a metric's samples in Prometheus text (one per engine); 0 when absent."""
-    total = 0.0
+def _sum_metric(text: str, name: str, combine: Callable[[list[float]], float] = sum) -> float:
+    """A metric's samples in Prometheus text (one per engine), combined; 0 when absent."""
+    values: list[float] = []
     starts = (name + "{", name + " ")
     for line in text.splitlines():
         if line.startswith(starts):
             try:
-                total += float(line.rsplit(" ", 1)[1])
+                values.append(float(line.rsplit(" ", 1)[1]))
             except (IndexError, ValueError):
                 continue
-    return total
+    return combine(values) if values else 0.0

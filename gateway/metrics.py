@@ -52,17 +52,28 @@ class _BackendCollector(Collector):
         breaker = GaugeMetricFamily(
             "gateway_backend_circuit_open",
             "1 when the backend's circuit breaker is open or half-open.",
+            labels=["backend"],
+        )
+        breaker_state = GaugeMetricFamily(
+            "gateway_backend_circuit_state",
+            "Circuit-breaker state (1 for the current state).",
             labels=["backend", "state"],
         )
         for b in self._pool.backends:
             if b.breaker is not None:
-                breaker.add_metric([b.label, b.breaker.state], 0.0 if b.breaker.state == "closed" else 1.0)
+                current = b.breaker.state
+                breaker.add_metric([b.label], 0.0 if current == "closed" else 1.0)
+                for st in ("closed", "open", "half-open"):
+                    breaker_state.add_metric([b.label, st], 1.0 if current == st else 0.0)
         depth = GaugeMetricFamily(
             "gateway_queue_depth",
             "Requests waiting for pool capacity, by model and priority (scale on this).",
             labels=["model", "priority"],
         )
-        for model, priority, n in self._admission.snapshot():
+        # Every served model and every configured priority, zeros included: an idle gateway
+        # reports 0, not nothing, so sums and alerts on it stay defined.
+        models = sorted({m for b in self._pool.backends for m in b.models})
+        for model, priority, n in self._admission.snapshot(models):
             depth.add_metric([model, str(priority)], float(n))
         pool_in_flight = GaugeMetricFamily(
             "gateway_pool_in_flight", "Admitted requests in flight per pool.", labels=["model"]
@@ -83,13 +94,15 @@ class _BackendCollector(Collector):
             vllm["num_requests_running"].add_metric([b.label], b.vllm_running)
             vllm["kv_cache_usage_perc"].add_metric([b.label], b.kv_usage)
         yield from vllm.values()
-        for q in self._admission.queues.values():
-            pool_in_flight.add_metric([q.model], float(q.in_flight))
-            capacity.add_metric([q.model], float(self._admission.capacity(q.model)))
+        for model in models:
+            q = self._admission.queues.get(model)
+            pool_in_flight.add_metric([model], float(q.in_flight if q is not None else 0))
+            capacity.add_metric([model], float(self._admission.capacity(model)))
         yield up
         yield state
         yield outstanding
         yield breaker
+        yield breaker_state
         yield depth
         yield pool_in_flight
         yield capacity

@@ -67,7 +67,7 @@ class ProxyEndpoint:
         self.admission = gateway.admission
         self.router = gateway.router
         self.fallback = gateway.fallback
-        self.fallbacks = gateway.metrics.fallbacks
+        self.metrics = gateway.metrics
         self.itl = gateway.metrics.itl.labels(endpoint.name)
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
@@ -184,7 +184,7 @@ class ProxyEndpoint:
                     raise
                 # The local pool cannot serve and this team's data may leave: the external provider.
                 ex.fallback, ex.backend = exc.code, fb.backend.label
-                self.fallbacks.labels(exc.code).inc()
+                self.metrics.child(self.metrics.fallbacks, exc.code).inc()
                 body = fb.request_body(req, plan)
                 await attempt(
                     self.upstream, fb.backend, req, body, upstream_id, send, ex, deadlines, s, self.itl

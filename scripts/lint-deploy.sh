@@ -107,9 +107,13 @@ step "Compose: the Compose specification's JSON schema (check-jsonschema), merge
 run compose-schema "$BIN/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
 run compose "$PY" deploy/lint/check_deploy.py compose
 
-step "Prometheus and PromQL: promtool"
+step "Prometheus, alerting rules and PromQL: promtool"
 PROMTOOL=$VENV/promtool/usr/bin/promtool
-run promtool-config "$PROMTOOL" check config --syntax-only deploy/prometheus/prometheus.yml
+# Without --syntax-only: the rule files prometheus.yml names must exist and parse too.
+run promtool-config "$PROMTOOL" check config deploy/prometheus/prometheus.yml
+run promtool-alerts "$PROMTOOL" check rules deploy/prometheus/alerts.yml
+run promtool-alerts-test "$PROMTOOL" test rules deploy/prometheus/alerts_test.yml
+run alerts "$PY" deploy/lint/check_deploy.py alerts
 rules=$(mktemp --suffix=.yml)
 trap 'rm -f "$rules"' EXIT
 run promql "$PY" deploy/lint/check_deploy.py promql "$rules"

@@ -18,6 +18,10 @@
                                 really export.
     check_deploy.py promql OUT  Every PromQL expression (dashboards, KEDA) as a rules file for
                                 `promtool check rules`.
+    check_deploy.py alerts      Alerting rules (deploy/prometheus/alerts.yml): loaded by
+                                prometheus.yml, severity/summary/description/runbook_url on each,
+                                runbook anchors present in the docs, metrics really exported, a
+                                firing and a not-firing case for each in alerts_test.yml.
     check_deploy.py gateway     Every gateway configuration the deployments use (compose env, ECS
                                 env, the Kubernetes ConfigMap) loaded by the gateway's own settings
                                 model; needs the project's venv (`make install`).
@@ -46,8 +50,7 @@ K8S = ROOT / "deploy" / "k8s"
 DASHBOARDS = ROOT / "dashboards"
 VLLM_METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32.0-cpu" / "metrics.txt"
 GATEWAY_METRICS_SOURCE = ROOT / "gateway" / "metrics.py"
-# Named by the issue as the intended gateway metric; not exported until the admission queue lands.
-FUTURE_METRICS = {"gateway_queue_depth"}
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DRAIN_SECONDS = 30.0
 
 
@@ -746,7 +749,12 @@ def dashboard_exprs(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def exported_metric_names() -> set[str]:
-    names = set(re.findall(r'"(gateway_[a-z_]+)"', GATEWAY_METRICS_SOURCE.read_text()))
+    source = GATEWAY_METRICS_SOURCE.read_text()
+    names = set(re.findall(r'"(gateway_[a-z_]+)"', source))
+    # Families named in a loop: f"gateway_backend_{name}" ... for name in ("a", "b", ...)
+    for prefix, var in re.findall(r'f"(gateway_[a-z_]*)\{(\w+)\}"', source):
+        for values in re.findall(rf"for {var} in \(([^)]*)\)", source):
+            names |= {prefix + v for v in re.findall(r'"([a-z_:]+)"', values)}
     names |= set(re.findall(r"^# TYPE (vllm:[a-z_:]+)", VLLM_METRICS_FIXTURE.read_text(), re.M))
     return names
 
@@ -781,7 +789,7 @@ def cmd_dashboards(_: list[str]) -> int:
             for name in re.findall(r"\b(gateway_[a-z_]+|vllm:[a-z_:]+)", expr):
                 used.add(_base_metric(name))
                 f.check(
-                    _base_metric(name) in known or name in FUTURE_METRICS,
+                    _base_metric(name) in known,
                     f"panel {title}: {name} is not exported by the gateway or vLLM 0.32",
                 )
         if path.name == "gateway-overview.json":
@@ -815,6 +823,83 @@ def cmd_promql(args: list[str]) -> int:
     Path(args[0]).write_text(yaml.safe_dump({"groups": [{"name": "lint-deploy", "rules": rules}]}))
     print(f"  ok   {len(rules)} PromQL expressions collected for promtool")
     return 0
+
+
+# --------------------------------------------------------------------------- alerting rules
+
+SEVERITIES = {"critical", "warning"}
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def doc_anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)  # no headings in code
+    return {github_anchor(m) for m in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", text, re.M)}
+
+
+def cmd_alerts(_: list[str]) -> int:
+    f = Findings("deploy/prometheus alerting rules")
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    rule_files = config.get("rule_files") or []
+    f.check("alerts.yml" in rule_files, "prometheus.yml does not load alerts.yml (rule_files)")
+    for name in rule_files:
+        f.check(
+            (PROMETHEUS_DIR / name).is_file(), f"rule file {name} (relative to prometheus.yml) is missing"
+        )
+    known = {_base_metric(n) for n in exported_metric_names()}
+    alerts: dict[str, dict[str, Any]] = {}
+    for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert")
+            if not f.check(name, f"group {group['name']}: a rule that is not an alert"):
+                continue
+            f.check(name not in alerts, f"{name}: defined twice")
+            alerts[name] = rule
+            labels, notes = rule.get("labels", {}), rule.get("annotations", {})
+            f.check(
+                labels.get("severity") in SEVERITIES, f"{name}: severity must be one of {sorted(SEVERITIES)}"
+            )
+            for key in ("summary", "description", "runbook_url"):
+                f.check(notes.get(key), f"{name}: no {key} annotation")
+            doc, _, anchor = str(notes.get("runbook_url", "")).partition("#")
+            path = ROOT / doc
+            if f.check(
+                doc.startswith("docs/") and path.is_file() and anchor, f"{name}: runbook_url {doc}#{anchor}"
+            ):
+                f.check(anchor in doc_anchors(path), f"{name}: {doc} has no heading for #{anchor}")
+            for metric in re.findall(r"\b(gateway_[a-z_]+|vllm:[a-z_:]+)", rule["expr"]):
+                f.check(_base_metric(metric) in known, f"{name}: {metric} is not exported")
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())
+    f.check("alerts.yml" in tests.get("rule_files", []), "alerts_test.yml does not load alerts.yml")
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests.get("tests", []):
+        for t in case.get("alert_rule_test", []):
+            (firing if t.get("exp_alerts") else quiet).add(t["alertname"])
+    for name in alerts:
+        f.check(name in firing, f"{name}: no test where it fires")
+        f.check(name in quiet, f"{name}: no test where it must not fire")
+    f.check(
+        not (firing | quiet) - set(alerts),
+        f"tests for unknown alerts: {sorted((firing | quiet) - set(alerts))}",
+    )
+    status = f.finish()
+    # The compose stack mounts prometheus.yml file by file: its rule files need a mount too.
+    problems: list[str] = []
+    prom = strip_tags(load_compose(COMPOSE, problems)).get("services", {}).get("prometheus", {})
+    targets = {_volume_target(v) for v in prom.get("volumes", [])}
+    for name in rule_files:
+        if f"/etc/prometheus/{name}" not in targets and "/etc/prometheus" not in targets:
+            print(
+                f"  WARN docker-compose.yml: the prometheus service does not mount {name}, so Prometheus "
+                "starts silently without those rules; add "
+                f"`- ./deploy/prometheus/{name}:/etc/prometheus/{name}:ro`"
+            )
+    return status
 
 
 # --------------------------------------------------------------------------- gateway configs
@@ -894,6 +979,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "crds": cmd_crds,
     "dashboards": cmd_dashboards,
     "promql": cmd_promql,
+    "alerts": cmd_alerts,
     "gateway": cmd_gateway,
 }
 

@@ -173,6 +173,12 @@ class Admission:
         mean = q.busy_seconds / q.served if q.served else 1.0
         return max(1, min(300, math.ceil((q.waiting + 1) * mean / cap)))
 
-    def snapshot(self) -> list[tuple[str, int, int]]:
-        """(model, priority, depth) for the metrics collector."""
-        return [(q.model, p, q.depth(p)) for q in self.queues.values() for p in q.lanes]
+    def snapshot(self, models: list[str]) -> list[tuple[str, int, int]]:
+        """(model, priority, depth) for every model and every known priority, zeros included."""
+        priorities = sorted({*self._priority.values(), self._s.default_priority})
+        out = []
+        for model in sorted({*models, *self.queues}):
+            q = self.queues.get(model)
+            for p in sorted({*priorities, *(q.lanes if q is not None else ())}):
+                out.append((model, p, q.depth(p) if q is not None else 0))
+        return out
