@@ -84,11 +84,6 @@ class BackendPool:
     def any_ready(self) -> bool:
         return any(b.ready for b in self.backends)
 
-    @property
-    def cold(self) -> bool:
-        """Nothing is ready yet but something is still loading: worth waiting for."""
-        return not self.any_ready and any(b.state is BackendState.LOADING for b in self.backends)
-
     def model_cards(self) -> list[dict[str, Any]]:
         """The union of the models ready backends list, vLLM's cards as they came."""
         seen: dict[str, dict[str, Any]] = {}
@@ -99,4 +94,14 @@ class BackendPool:
         return list(seen.values())
 
     def known_model(self, model: str) -> bool:
-        return any(model in b.models for b in self.backends)
+        """A replica lists it, or a backend is configured to serve it (and may still be loading)."""
+        return any(model in b.models or model in b.settings.models for b in self.backends)
+
+    def cold_for(self, model: str) -> bool:
+        """No ready replica serves `model`, but one that may serve it is still loading."""
+        if any(b.ready and model in b.models for b in self.backends):
+            return False
+        return any(
+            b.state is BackendState.LOADING and (not b.settings.models or model in b.settings.models)
+            for b in self.backends
+        )

@@ -231,9 +231,15 @@ class Settings(BaseSettings):
             )
         known = set(self.tiers)
         for name, team in self.teams.items():
-            for tier in team.tiers:
+            if team.limits.priority is not None:
+                raise ValueError(f"teams.{name}.limits.priority: priorities are set on `tiers` only")
+            for tier, values in team.tiers.items():
                 if tier not in known:
                     raise ValueError(f"teams.{name}.tiers.{tier}: no such tier in `tiers`")
+                if values.priority is not None:
+                    raise ValueError(
+                        f"teams.{name}.tiers.{tier}.priority: priorities are set on `tiers` only"
+                    )
         if self.auth.default_tier is not None and self.auth.default_tier not in known:
             raise ValueError(f"auth.default_tier: no such tier `{self.auth.default_tier}`")
         return self

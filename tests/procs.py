@@ -91,7 +91,11 @@ class Sim:
             [sys.executable, "-m", "gateway", "sim", "--port", str(self.port), *flags], name="sim"
         )
         if wait:
-            wait_http(self.url + "/version", self.proc)
+            try:
+                wait_http(self.url + "/version", self.proc)
+            except BaseException:
+                self.proc.kill()  # never leave a half-started process behind
+                raise
 
     def stats(self) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(self.url + "/sim/stats", timeout=5).json()
@@ -122,7 +126,11 @@ class Gateway:
             args += ["--backend", b]
         base_env = {"GATEWAY_HEALTH__INTERVAL": "0.2"}
         self.proc = Proc([*args, *extra], env={**base_env, **(env or {})}, name="gateway")
-        wait_http(self.url + ("/ready" if wait_ready else "/live"), self.proc)
+        try:
+            wait_http(self.url + ("/ready" if wait_ready else "/live"), self.proc)
+        except BaseException:
+            self.proc.kill()  # never leave a half-started process behind
+            raise
 
     @property
     def v1(self) -> str:

@@ -88,7 +88,7 @@ class Admission:
         if q.waiting == 0 and q.in_flight < cap:
             q.in_flight += 1
             return q
-        cold = self._pool.cold
+        cold = self._pool.cold_for(model)
         if cap == 0 and not cold:
             raise NoBackendAvailable(
                 f"No backend is ready to serve `{model}` right now; retry shortly.",
