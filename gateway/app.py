@@ -101,11 +101,14 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         {name: t.priority for name, t in settings.tiers.items() if t.priority is not None},
     )
     metrics = GatewayMetrics(pool, admission, multiprocess_dir)
+    upstream = UpstreamClient(settings.timeouts)
     gateway = Gateway(
         settings=settings,
         pool=pool,
-        upstream=UpstreamClient(settings.timeouts),
-        poller=HealthPoller(pool, settings.health, settings.resilience.readmit_after, admission.dispatch),
+        upstream=upstream,
+        poller=HealthPoller(
+            pool, settings.health, settings.resilience.readmit_after, upstream, admission.dispatch
+        ),
         metrics=metrics,
         auth=build_authenticator(settings),
         limiter=RateLimiter(settings, metrics.count_limit_storage_error),

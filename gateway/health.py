@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
+import orjson
 import structlog
 
 from gateway.backends import Backend, BackendPool, BackendState
 from gateway.config import HealthSettings
+from gateway.pipeline.upstream import ProbeFailed, UpstreamClient
 
 
 class HealthPoller:
@@ -25,18 +26,19 @@ class HealthPoller:
         pool: BackendPool,
         settings: HealthSettings,
         readmit_after: int,
+        upstream: UpstreamClient,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
+        self._upstream = upstream
         self._on_change = on_change
         self._settings = settings
         self._readmit_after = readmit_after
-        self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("gateway.health")
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._settings.timeout)
+        """Call after the upstream client has started: the poller shares its session."""
         await self.poll_once()
         self._task = asyncio.create_task(self._run(), name="health-poller")
 
@@ -47,8 +49,6 @@ class HealthPoller:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._client is not None:
-            await self._client.aclose()
 
     async def _run(self) -> None:
         while True:
@@ -62,51 +62,49 @@ class HealthPoller:
         await asyncio.gather(*(self._check(b) for b in self._pool.backends))
 
     async def _check(self, b: Backend) -> None:
-        assert self._client is not None
-        headers = {"Authorization": b.auth_header} if b.auth_header else {}
+        get, timeout = self._upstream.get, self._settings.timeout
         started = time.perf_counter()
         failure: str | None = None
         models: dict[str, dict[str, Any]] = {}
         try:
-            r = await self._client.get(b.url + "/health", headers=headers)
+            status, _ = await get(b, "/health", timeout)
             b.last_latency = time.perf_counter() - started
-            if r.status_code != 200:
-                failure = f"/health answered {r.status_code}"
+            if status != 200:
+                failure = f"/health answered {status}"
             else:
-                m = await self._client.get(b.url + "/v1/models", headers=headers)
-                if m.status_code != 200:
-                    failure = f"/v1/models answered {m.status_code}"
+                status, body = await get(b, "/v1/models", timeout)
+                if status != 200:
+                    failure = f"/v1/models answered {status}"
                 else:
-                    data = m.json().get("data", [])
+                    data = orjson.loads(body).get("data", [])
                     models = {c["id"]: c for c in data if isinstance(c, dict) and "id" in c}
                     missing = [name for name in b.settings.models if name not in models]
                     if missing:
                         failure = f"model(s) not listed: {', '.join(missing)}"
                     else:
-                        await self._scrape(b, headers)
-        except httpx.HTTPError as exc:
+                        await self._scrape(b)
+        except ProbeFailed as exc:
             b.last_latency = None
-            failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        except ValueError:
-            failure = "/v1/models did not return JSON"
+            failure = str(exc)
+        except (orjson.JSONDecodeError, AttributeError):
+            failure = "/v1/models did not return a JSON model list"
         b.last_check = time.time()
         self._apply(b, failure, models)
 
-    async def _scrape(self, b: Backend, headers: dict[str, str]) -> None:
+    async def _scrape(self, b: Backend) -> None:
         """vLLM's own load signals, for routing and for re-export; never fails the check."""
-        assert self._client is not None
         try:
-            r = await self._client.get(b.url + "/metrics", headers=headers)
-            ok = r.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if not ok:
+            status, body = await self._upstream.get(b, "/metrics", self._settings.timeout)
+        except ProbeFailed:
+            status, body = 0, b""
+        if status != 200:
             b.vllm_waiting = b.vllm_running = b.kv_usage = 0.0  # unknown, not the last value
             return
-        b.vllm_waiting = _sum_metric(r.text, "vllm:num_requests_waiting")
-        b.vllm_running = _sum_metric(r.text, "vllm:num_requests_running")
+        text = body.decode("utf-8", "replace")
+        b.vllm_waiting = _sum_metric(text, "vllm:num_requests_waiting")
+        b.vllm_running = _sum_metric(text, "vllm:num_requests_running")
         # With several engines (data parallel) usage is per engine: the fullest one matters.
-        b.kv_usage = _sum_metric(r.text, "vllm:kv_cache_usage_perc", max)
+        b.kv_usage = _sum_metric(text, "vllm:kv_cache_usage_perc", max)
 
     def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
         before = b.state

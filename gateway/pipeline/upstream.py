@@ -15,6 +15,10 @@ from gateway.config import TimeoutSettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 
+class ProbeFailed(Exception):
+    """A poller GET that got no HTTP answer."""
+
+
 class UpstreamResponse:
     """A started upstream response: status and content type known, body not yet read."""
 
@@ -73,6 +77,27 @@ class UpstreamClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    async def get(self, backend: Backend, path: str, timeout: float) -> tuple[int, bytes]:
+        """A small GET for the background poller (health, models, metrics).
+
+        On the same aiohttp session as the proxied calls: an httpx request costs several
+        times more CPU, and the poller runs forever (docs/benchmarks.md, idle burn).
+        Raises ProbeFailed with a short cause.
+        """
+        assert self._session is not None
+        headers = {"Authorization": backend.auth_header} if backend.auth_header else None
+        try:
+            async with self._session.get(
+                backend.url + path, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                return resp.status, await resp.read()
+        except TimeoutError:
+            raise ProbeFailed(f"timed out after {timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise ProbeFailed(_describe(exc.os_error)) from None
+        except aiohttp.ClientError as exc:
+            raise ProbeFailed(_describe(exc)) from None
 
     async def post(self, backend: Backend, path: bytes, body: bytes, request_id: str) -> UpstreamResponse:
         """Send the request; return once the response headers have arrived."""
