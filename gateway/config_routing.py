@@ -5,6 +5,8 @@ Part of the one Settings tree (gateway/config.py); split out only to keep module
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -60,7 +62,16 @@ class RoutingSettings(_Section):
 
 
 class ExternalSettings(_Section):
-    base_url: str = Field(description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1.")
+    kind: Literal["openai", "anthropic"] = Field(
+        "openai", description="`openai` (chat/completions API) or `anthropic` (Messages API, chat only)."
+    )
+    base_url: str = Field(
+        description="Base URL, e.g. https://api.openai.com/v1 or https://api.anthropic.com/v1."
+    )
+    anthropic_version: str = Field("2023-06-01", description="`anthropic-version` header (anthropic).")
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens sent to Anthropic when the client set none (it is required)."
+    )
     api_key_env: str | None = Field(None, description="Environment variable holding the provider's key.")
     models: dict[str, str] = Field(
         default_factory=dict, description="Local model → provider model, e.g. `qwen2.5-7b: gpt-4o-mini`."

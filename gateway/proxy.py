@@ -179,16 +179,13 @@ class ProxyEndpoint:
                     fb is None
                     or ex.response_started
                     or not fb.worth_it(exc)
-                    or not fb.allowed(principal, plan)
+                    or not fb.allowed(principal, plan, req)
                 ):
                     raise
                 # The local pool cannot serve and this team's data may leave: the external provider.
                 ex.fallback, ex.backend = exc.code, fb.backend.label
                 self.metrics.child(self.metrics.fallbacks, exc.code).inc()
-                body = fb.request_body(req, plan)
-                await attempt(
-                    self.upstream, fb.backend, req, body, upstream_id, send, ex, deadlines, s, self.itl
-                )
+                await fb.forward(self.upstream, req, plan, upstream_id, send, ex, deadlines, s, self.itl)
         finally:
             watcher.cancel()
 

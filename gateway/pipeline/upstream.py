@@ -99,12 +99,21 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise ProbeFailed(_describe(exc)) from None
 
-    async def post(self, backend: Backend, path: bytes, body: bytes, request_id: str) -> UpstreamResponse:
+    async def post(
+        self,
+        backend: Backend,
+        path: bytes,
+        body: bytes,
+        request_id: str,
+        extra_headers: dict[str, str] | None = None,
+    ) -> UpstreamResponse:
         """Send the request; return once the response headers have arrived."""
         assert self._session is not None
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         if backend.auth_header is not None:
             headers["Authorization"] = backend.auth_header
+        if extra_headers:
+            headers.update(extra_headers)
         try:
             resp = await self._session.post(backend.url + path.decode(), data=body, headers=headers)
         except aiohttp.ClientConnectorError as exc:

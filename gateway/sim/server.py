@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import Receive, Scope, Send, header
-from gateway.sim import engine
+from gateway.sim import anthropic, engine
 from gateway.sim.metrics import SimMetrics
 from gateway.sim.options import SimConfig, config_from_args
 
@@ -107,6 +107,21 @@ class Simulator:
                 return
             if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
                 await self.generate(scope, receive, send, path)
+                return
+            if path == "/v1/messages":  # Anthropic's API, for external-fallback tests
+                body = orjson.loads(await read_all(receive) or b"{}")
+                self.received += 1
+                key = header(scope, b"x-api-key")
+                self.recent.append(
+                    {
+                        "path": path,
+                        "x_api_key": key.decode() if key else None,
+                        "body": body,
+                        "authorization": None,
+                    }
+                )
+                await anthropic.messages(send, body, self.config.itl)
+                self.completed += 1
                 return
         await respond(send, 404, b'{"detail":"Not Found"}')
 
