@@ -116,6 +116,10 @@ class TeamSettings(_Section):
     tiers: dict[str, LimitValues] = Field(
         default_factory=dict, description="Per-principal tier limits overridden for this team."
     )
+    log_content: bool = Field(
+        False,
+        description="Log prompt and completion text for this team (redacted of secrets). Off by default.",
+    )
     data_residency: Literal["strict", "any"] = Field(
         "any", description="`strict`: never sent off-premises (used by the fallback routes)."
     )

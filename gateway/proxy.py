@@ -71,6 +71,7 @@ class ProxyEndpoint:
         self.itl = gateway.metrics.itl.labels(endpoint.name)
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
+        self.log_content_teams = {n for n, t in gateway.settings.teams.items() if t.log_content}
         self.log = structlog.get_logger("gateway.proxy")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,6 +146,8 @@ class ProxyEndpoint:
             req.body["model"] = req.model = plan.model
             dirty = True
         ex.model, ex.stream = req.model, req.stream
+        if principal.team in self.log_content_teams:
+            ex.capture, ex.prompt_text = [], prompt_text(req.body)
         # 3. limit (settled in __call__, whatever happens next)
         if self.limiter.enabled:
             ex.body_bytes = len(raw)
@@ -273,6 +276,23 @@ class ProxyEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The request's text for content logging (messages joined, or the prompt)."""
+    if "messages" in body:
+        parts = []
+        for m in body["messages"]:
+            c = m.get("content")
+            text = (
+                c
+                if isinstance(c, str)
+                else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+            )
+            parts.append(f"{m.get('role')}: {text}")
+        return "\n".join(parts)
+    p = body.get("prompt", body.get("input", ""))
+    return p if isinstance(p, str) else orjson.dumps(p).decode()
 
 
 def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -95,3 +96,44 @@ def test_two_workers_serve(sim: Sim) -> None:
             assert r.choices[0].message.content == " w"
     finally:
         gw.stop()
+
+
+def test_content_logging_is_per_team_and_redacted(sim: Sim, tmp_path: Path) -> None:
+    import hashlib
+
+    key = lambda k: hashlib.sha256(k.encode()).hexdigest()  # noqa: E731
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        f"""
+auth:
+  api_keys:
+    - {{sha256: {key("sk-audit-team-key")}, subject: auditor, team: audited}}
+    - {{sha256: {key("sk-quiet-team-key")}, subject: quiet, team: quiet}}
+teams:
+  audited: {{log_content: true}}
+  quiet: {{}}
+"""
+    )
+    gw = Gateway([sim.url], config=cfg)
+    secret = "sk-live-abcdefghijklmnop1234"
+    try:
+        for api_key, word in (("sk-audit-team-key", "pelican"), ("sk-quiet-team-key", "albatross")):
+            c = openai.OpenAI(base_url=gw.v1, api_key=api_key, max_retries=0)
+            msgs = [{"role": "user", "content": f"{word} my key is {secret}"}]
+            c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)  # type: ignore[arg-type]
+            list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True))  # type: ignore[arg-type]
+        time.sleep(0.3)
+    finally:
+        gw.stop()
+    audit = [orjson.loads(x) for x in gw.log_lines() if '"event":"request"' in x]
+    audited = [a for a in audit if a["team"] == "audited"]
+    quiet = [a for a in audit if a["team"] == "quiet"]
+    assert len(audited) == 2
+    assert len(quiet) == 2
+    for a in audited:
+        assert "pelican my key is [REDACTED]" in a["prompt"]
+        assert a["completion"] == " pelican my"  # plain and streamed alike
+    assert all("prompt" not in a and "completion" not in a for a in quiet)
+    text = "\n".join(gw.log_lines())
+    assert secret not in text
+    assert "albatross" not in text

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.exchange import Exchange
+from gateway.redact import redact
 
 
 class Accountant:
@@ -52,6 +53,12 @@ class Accountant:
         if reason is not None:
             m.child(m.errors, ex.endpoint, reason).inc()
         if self._access_log:
+            content = {}
+            if ex.capture is not None:  # the team turned content logging on: redacted text
+                content = {
+                    "prompt": redact(ex.prompt_text or ""),
+                    "completion": redact("".join(ex.capture)),
+                }
             self._log.info(
                 "request",
                 endpoint=ex.endpoint,
@@ -71,4 +78,5 @@ class Accountant:
                 queue_wait_ms=round(ex.queue_wait * 1000, 2),
                 client_disconnected=ex.disconnected,
                 error_reason=reason,
+                **content,
             )

@@ -30,6 +30,8 @@ class Exchange:
     upstream_sent: float | None = None  # perf_counter when the last attempt was sent upstream
     upstream_first: float | None = None  # ... when its first event (plain: its headers) arrived
     upstream_done: float | None = None  # ... when relaying it ended
+    capture: list[str] | None = None  # completion text, only for teams with log_content
+    prompt_text: str | None = None
     limited: tuple[str, str] | None = None  # (kind, scope) of the limit that refused it
     priority: int = 0  # seconds from arrival to upstream response headers
     finished: float = 0.0

@@ -64,7 +64,10 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
     status = resp.status
     if status == 200:
         try:
-            _read_usage(ex, orjson.loads(body).get("usage"))
+            parsed = orjson.loads(body)
+            _read_usage(ex, parsed.get("usage"))
+            if ex.capture is not None:
+                _capture_choices(parsed.get("choices"), ex.capture)
         except (orjson.JSONDecodeError, AttributeError):
             raise UpstreamError("The backend sent a response that is not JSON.") from None
         content_type = b"application/json"
@@ -196,6 +199,8 @@ async def relay_sse(
                     saw_done = True
                 if out:
                     ex.events += out.count(b"data: ")
+                    if ex.capture is not None:
+                        _capture_events(out, ex.capture)
                     now = time.perf_counter()
                     if ex.ttft is None:
                         ex.ttft = now - ex.started
@@ -271,6 +276,25 @@ class _Watchdog:
             self.resp.close()
             return
         self.handle = self.loop.call_at(min(due, self.total), self._check)
+
+
+def _capture_choices(choices: Any, into: list[str]) -> None:
+    """Completion text of the first choice (message, delta or text), for content logging."""
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return
+    c = choices[0]
+    part = (c.get("message") or c.get("delta") or {}).get("content") if "text" not in c else c["text"]
+    if isinstance(part, str):
+        into.append(part)
+
+
+def _capture_events(out: bytes, into: list[str]) -> None:
+    for event in out.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            try:
+                _capture_choices(orjson.loads(event[6:]).get("choices"), into)
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
 
 
 def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
