@@ -26,10 +26,38 @@ from locust import HttpUser, between, task
 MODEL = os.environ.get("LOAD_MODEL", "default")
 STREAM_SHARE = float(os.environ.get("LOAD_STREAM_SHARE", "0.7"))
 TOKEN = os.environ.get("GATEWAY_JWT") or os.environ.get("GATEWAY_API_KEY", "")
-WORDS = (
-    "the gateway routes requests across replicas and streams tokens back while the queue absorbs "
-    "bursts so that a spike becomes latency rather than errors for every team sharing the GPU"
-).split()
+WORDS = [
+    "the",
+    "gateway",
+    "routes",
+    "requests",
+    "across",
+    "replicas",
+    "and",
+    "streams",
+    "tokens",
+    "back",
+    "while",
+    "the",
+    "queue",
+    "absorbs",
+    "bursts",
+    "so",
+    "that",
+    "a",
+    "spike",
+    "becomes",
+    "latency",
+    "rather",
+    "than",
+    "errors",
+    "for",
+    "every",
+    "team",
+    "sharing",
+    "the",
+    "GPU",
+]
 
 
 def _prompt() -> str:
