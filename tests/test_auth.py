@@ -1015,3 +1015,22 @@ def test_example_api_key(example_gw: Gateway) -> None:
     recs = [r for r in audit_records(example_gw) if r.get("subject") == "ingest-service"]
     assert recs and all(r["team"] == "research" for r in recs)
     assert EXAMPLE_API_KEY not in example_gw.proc.output()
+
+
+def test_models_list_shows_only_what_the_caller_may_use(tmp_path: Path) -> None:
+    sim = Sim(None, "--model", "tiny", "--model", "big")
+    cfg = tmp_path / "gw.yaml"
+    digest = hashlib.sha256(b"sk-only-tiny").hexdigest()
+    cfg.write_text(
+        f"auth:\n  api_keys:\n    - {{sha256: {digest}, subject: s, team: t}}\n"
+        "teams:\n  t: {models: [tiny]}\n"
+    )
+    gw = Gateway([sim.url], config=cfg)
+    try:
+        c = openai.OpenAI(base_url=gw.v1, api_key="sk-only-tiny", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("big")
+    finally:
+        gw.stop()
+        sim.stop()

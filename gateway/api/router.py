@@ -52,15 +52,18 @@ def build_router(gw: Gateway) -> APIRouter:
         ]
         return served + extra
 
+    async def visible(request: Request) -> list[dict[str, Any]]:
+        """What this caller may use: healthy models and aliases within its allowance."""
+        principal = await gw.auth.authenticate(request.scope)
+        return [c for c in cards() if gw.auth.may_use(principal, c["id"], aliases.get(c["id"], c["id"]))]
+
     @router.get("/v1/models", summary="Models the ready backends serve, and aliases")
     async def list_models(request: Request) -> Response:
-        await gw.auth.authenticate(request.scope)
-        return JSONBytes({"object": "list", "data": cards()})
+        return JSONBytes({"object": "list", "data": await visible(request)})
 
     @router.get("/v1/models/{model_id:path}", summary="One model")
     async def get_model(model_id: str, request: Request) -> Response:
-        await gw.auth.authenticate(request.scope)
-        for card in cards():
+        for card in await visible(request):
             if card.get("id") == model_id:
                 return JSONBytes(card)
         raise GatewayError(

@@ -72,8 +72,11 @@ class Authenticator:
         except ApiKeyError as exc:
             raise Unauthenticated(str(exc), code=exc.code) from None
 
-    def authorize(self, principal: Principal, requested: str, resolved: str) -> None:
+    def may_use(self, principal: Principal, requested: str, resolved: str) -> bool:
         """The name asked for (an alias, say) or the model it resolves to must be allowed."""
         team_models = self._team_models.get(principal.team) if principal.team is not None else None
-        if not (principal.may_use(requested, team_models) or principal.may_use(resolved, team_models)):
+        return principal.may_use(requested, team_models) or principal.may_use(resolved, team_models)
+
+    def authorize(self, principal: Principal, requested: str, resolved: str) -> None:
+        if not self.may_use(principal, requested, resolved):
             raise Forbidden(f"You may not use the model `{requested}`.", param="model")
