@@ -137,3 +137,47 @@ teams:
     text = "\n".join(gw.log_lines())
     assert secret not in text
     assert "albatross" not in text
+
+
+def test_overhead_histogram_agrees_with_an_outside_measurement() -> None:
+    """gateway_overhead_seconds (inside view) vs gateway-minus-direct latency (outside view).
+
+    Not a speed target: a consistency check that the histogram measures the gateway's own time,
+    i.e. it is positive and not larger than what a client sees the hop add (plus slack for noise).
+    """
+    sim = Sim(None, "--ttft", "0.01", "--itl", "0")
+    gw = Gateway([sim.url])
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    try:
+        with httpx.Client() as h:
+            for url in (sim.url, gw.url):  # warm both paths
+                for _ in range(20):
+                    h.post(url + "/v1/chat/completions", json=body)
+            base = httpx.get(gw.url + "/metrics").text
+            timings: dict[str, list[float]] = {sim.url: [], gw.url: []}
+            for _ in range(150):
+                for url in (sim.url, gw.url):
+                    t = time.perf_counter()
+                    h.post(url + "/v1/chat/completions", json=body)
+                    timings[url].append(time.perf_counter() - t)
+            after = httpx.get(gw.url + "/metrics").text
+    finally:
+        gw.stop()
+        sim.stop()
+
+    def overhead(text: str) -> tuple[float, float]:
+        fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_overhead_seconds"]
+        total = sum(s.value for s in fam.samples if s.name.endswith("_sum") and s.labels["stream"] == "false")
+        count = sum(
+            s.value for s in fam.samples if s.name.endswith("_count") and s.labels["stream"] == "false"
+        )
+        return total, count
+
+    (s0, c0), (s1, c1) = overhead(base), overhead(after)
+    assert c1 - c0 == 150
+    inside = (s1 - s0) / (c1 - c0)
+    outside = sum(timings[gw.url]) / 150 - sum(timings[sim.url]) / 150
+    print(
+        f"\noverhead histogram mean {inside * 1000:.3f} ms; client-seen added latency {outside * 1000:.3f} ms"
+    )
+    assert 0 < inside < max(outside, 0) + 0.005
