@@ -66,6 +66,7 @@ def _extract_prometheus() -> tuple[Path | None, str]:
         debs = sorted(Path(tmp).glob("prometheus_*.deb"))
         if got.returncode != 0 or not debs:
             return None, f"`apt-get download prometheus` failed: {(got.stderr or got.stdout).strip()[-300:]}"
+        dest.mkdir(parents=True, exist_ok=True)  # dpkg-deb -x does not create missing parents
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(dest)], check=True, timeout=300)
     binary = dest / "usr" / "bin" / "prometheus"
     return (binary, "") if binary.is_file() else (None, f"{debs[0].name} holds no usr/bin/prometheus")
@@ -387,6 +388,11 @@ def test_prometheus_stores_the_gateway_series(prometheus_bin: Path, tmp_path: Pa
             assert UID not in value and "sk-" not in value, s
 
     # Every query of the dashboard runs, and returns data unless nothing could produce it here.
+    # rate() needs two samples of a series inside its window: wait for a second scrape.
+    prom.wait(
+        "min(count_over_time(gateway_requests_total[1m]))",
+        lambda r: bool(r) and float(r[0]["value"][1]) >= 2,
+    )
     no_data_expected = ("gateway_fallbacks_total",)
     for title, expr in dashboard_queries():
         promql = expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
