@@ -78,5 +78,9 @@ class ExternalSettings(_Section):
     )
     name: str = Field("external", description="Label in headers, logs and metrics.")
     allow_teamless: bool = Field(
-        False, description="Principals without a team may fall back too (default: never off-premises)."
+        False,
+        description=(
+            "Principals without a team, or with a team not in `teams`, may fall back too "
+            "(default: never off-premises)."
+        ),
     )

@@ -103,3 +103,30 @@ def test_strict_team_never_reaches_the_provider(stack: tuple[Gateway, Sim, Sim])
         assert info.value.status_code == 503
         assert info.value.response.headers["retry-after"]
     assert claude.stats()["received"] == before
+
+
+def test_unconfigured_team_stays_on_premises(tmp_path: Path) -> None:
+    """A team the config does not know (a typo in a JWT claim, say) has no known data policy."""
+    local, claude = Sim(None), Sim(None)
+    cfg = tmp_path / "gw.yaml"
+    digest = hashlib.sha256(b"sk-typo").hexdigest()
+    cfg.write_text(
+        f"""
+backends: [{{url: "{local.url}"}}]
+auth: {{api_keys: [{{sha256: {digest}, subject: s, team: legl}}]}}
+teams: {{legal: {{data_residency: strict}}}}
+routing: {{default_route: {{fallback: true}}}}
+external: {{kind: anthropic, base_url: "{claude.url}/v1", models: {{tiny: claude-test}}}}
+"""
+    )
+    gw = Gateway([], config=cfg)
+    try:
+        local.proc.kill()
+        c = openai.OpenAI(base_url=gw.v1, api_key="sk-typo", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)  # type: ignore[arg-type]
+        assert info.value.status_code == 503
+        assert claude.stats()["received"] == 0
+    finally:
+        gw.stop()
+        claude.stop()

@@ -59,7 +59,9 @@ class ExternalFallback:
         if self.kind == "anthropic" and (req.endpoint.name != "chat" or not anthropic.supports(req.body)):
             return False
         team = principal.team
-        if team is None:
+        if team is None or team not in self._known_teams:
+            # No team, or one the config does not know (a typo in a claim, say): its data policy is
+            # unknown, so it stays on-premises unless the operator said otherwise.
             return self._external.allow_teamless
         return team not in self._strict
 
