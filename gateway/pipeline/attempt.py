@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,54 +48,66 @@ async def attempt(
     itl: Any = None,
 ) -> None:
     t = settings.timeouts
-    backend.outstanding += 1
+    with on_backend(backend, ex):
+        try:
+            async with asyncio.timeout_at(deadlines.first_byte):
+                resp = await upstream.post(backend, req.endpoint.path, raw, upstream_id)
+        except TimeoutError:
+            err = UpstreamTimeout(
+                f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
+                code="first_byte_timeout",
+            )
+            err.retryable = True
+            raise err from None
+        ex.upstream_first = now = time.perf_counter()
+        ex.upstream_ttfb = now - ex.started
+        try:
+            if resp.status >= 500:
+                await _server_error(resp.status, await resp.read(), backend)
+            rid = ex.request_id.encode()
+            if req.stream and resp.status == 200:
+                await relay_sse(
+                    resp,
+                    send,
+                    ex,
+                    rid,
+                    strip_usage=not req.client_wants_usage,
+                    first_byte_deadline=deadlines.first_byte,
+                    idle=t.idle,
+                    total_deadline=deadlines.total,
+                    heartbeat=settings.streaming.heartbeat_interval,
+                    itl=itl,
+                )
+            else:
+                try:
+                    async with asyncio.timeout_at(deadlines.total):
+                        await relay_json(resp, send, ex, rid)
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"The request took longer than {t.total:g}s.", code="total_timeout"
+                    ) from None
+        finally:
+            ex.upstream_done = time.perf_counter()
+            if ex.disconnected or ex.reason or resp.status >= 500:
+                resp.close()
+            else:
+                resp.release()
+
+
+@contextmanager
+def on_backend(backend: Backend, ex: Exchange) -> Iterator[None]:
+    """One exchange with one backend: its in-flight count and its circuit breaker.
+
+    Failures raised inside count against the breaker (unless excluded, see breaker.py); so do
+    failures the relay turned into an SSE error event after the first byte (ex.reason), which
+    raise nothing.
+    """
     assert backend.breaker is not None
+    backend.outstanding += 1
     try:
         with backend.breaker.guard():
             ex.upstream_sent = time.perf_counter()
-            try:
-                async with asyncio.timeout_at(deadlines.first_byte):
-                    resp = await upstream.post(backend, req.endpoint.path, raw, upstream_id)
-            except TimeoutError:
-                err = UpstreamTimeout(
-                    f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
-                    code="first_byte_timeout",
-                )
-                err.retryable = True
-                raise err from None
-            ex.upstream_first = now = time.perf_counter()
-            ex.upstream_ttfb = now - ex.started
-            try:
-                if resp.status >= 500:
-                    await _server_error(resp.status, await resp.read(), backend)
-                rid = ex.request_id.encode()
-                if req.stream and resp.status == 200:
-                    await relay_sse(
-                        resp,
-                        send,
-                        ex,
-                        rid,
-                        strip_usage=not req.client_wants_usage,
-                        first_byte_deadline=deadlines.first_byte,
-                        idle=t.idle,
-                        total_deadline=deadlines.total,
-                        heartbeat=settings.streaming.heartbeat_interval,
-                        itl=itl,
-                    )
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadlines.total):
-                            await relay_json(resp, send, ex, rid)
-                    except TimeoutError:
-                        raise UpstreamTimeout(
-                            f"The request took longer than {t.total:g}s.", code="total_timeout"
-                        ) from None
-            finally:
-                ex.upstream_done = time.perf_counter()
-                if ex.disconnected or ex.reason or resp.status >= 500:
-                    resp.close()
-                else:
-                    resp.release()
+            yield
             if ex.reason in ("upstream_error", "timeout"):
                 raise _CountedFailure
     except _CountedFailure:

@@ -25,7 +25,7 @@ from gateway.config_routing import ExternalSettings
 from gateway.errors import GatewayError, NoBackendAvailable, UpstreamTimeout
 from gateway.pipeline import anthropic
 from gateway.pipeline.admit import QueueFull, QueueTimeout
-from gateway.pipeline.attempt import Deadlines, attempt
+from gateway.pipeline.attempt import Deadlines, attempt, on_backend
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
 from gateway.pipeline.relay import gateway_headers
@@ -89,38 +89,24 @@ class ExternalFallback:
             return
         body = anthropic.to_messages(req.body, model, self._external.default_max_tokens)
         b = self.backend
-        assert b.breaker is not None
-        b.outstanding += 1
-        try:
-            with b.breaker.guard():
-                ex.upstream_sent = time.perf_counter()
-                try:
-                    async with asyncio.timeout_at(deadlines.first_byte):
-                        resp = await upstream.post(b, b"/v1/messages", body, upstream_id, self._headers)
-                except TimeoutError:
-                    raise UpstreamTimeout("The external provider did not answer in time.") from None
-                ex.upstream_first = time.perf_counter()
-                try:
-                    await anthropic.relay_anthropic(
-                        resp,
-                        send,
-                        ex,
-                        ex.request_id.encode(),
-                        gateway_headers(ex),
-                        stream=req.stream,
-                        include_usage=req.client_wants_usage,
-                        total_deadline=deadlines.total,
-                    )
-                finally:
-                    ex.upstream_done = time.perf_counter()
-                    resp.close()
-                if ex.reason in ("upstream_error", "timeout"):
-                    raise _Counted
-        except _Counted:
-            pass
-        finally:
-            b.outstanding -= 1
-
-
-class _Counted(Exception):
-    """A relayed failure that must count against the provider's breaker."""
+        with on_backend(b, ex):
+            try:
+                async with asyncio.timeout_at(deadlines.first_byte):
+                    resp = await upstream.post(b, b"/v1/messages", body, upstream_id, self._headers)
+            except TimeoutError:
+                raise UpstreamTimeout("The external provider did not answer in time.") from None
+            ex.upstream_first = time.perf_counter()
+            try:
+                await anthropic.relay_anthropic(
+                    resp,
+                    send,
+                    ex,
+                    ex.request_id.encode(),
+                    gateway_headers(ex),
+                    stream=req.stream,
+                    include_usage=req.client_wants_usage,
+                    total_deadline=deadlines.total,
+                )
+            finally:
+                ex.upstream_done = time.perf_counter()
+                resp.close()
