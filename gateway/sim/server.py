@@ -240,28 +240,15 @@ class Simulator:
             )
         # 2. The model: a missing or empty name means the served model.
         model = body.get("model")
+        served = cfg.embedding_models if path == "/v1/embeddings" else cfg.models
+        if not model and served:
+            model = served[0]
+        if model not in served:
+            aliases = ", ".join(served)
+            message = f"The model `{model}` does not exist. Valid aliases: {aliases}."
+            return 404, engine.error(message, "NotFoundError", "model", 404)
         if path == "/v1/embeddings":
-            if not model:
-                return 200, cfg.embedding_models[0].encode()
-            if model not in cfg.embedding_models:
-                aliases = ", ".join(cfg.embedding_models)
-                return 404, engine.error(
-                    f"The model `{model}` does not exist. Valid aliases: {aliases}.",
-                    "NotFoundError",
-                    "model",
-                    404,
-                )
             return 200, str(model).encode()
-        if not model:
-            model = cfg.models[0]
-        if model not in cfg.models:
-            aliases = ", ".join(cfg.models)
-            return 404, engine.error(
-                f"The model `{model}` does not exist. Valid aliases: {aliases}.",
-                "NotFoundError",
-                "model",
-                404,
-            )
         # 3. Token budget (vLLM's TokenizeParams and its prompt length check).
         name = "max_tokens"
         if chat and body.get("max_completion_tokens") is not None:
