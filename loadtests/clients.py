@@ -29,19 +29,10 @@ import httpx
 import orjson
 import uvloop
 
+from loadtests.bench import chat_body
+
 ClientName = Literal["aiohttp", "httpx"]
 StreamOnce = Callable[[bytes], Awaitable[int]]  # body -> chunks read
-
-
-def chat_body(max_tokens: int, stream: bool) -> bytes:
-    return orjson.dumps(
-        {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "Tell me about load tests."}],
-            "max_tokens": max_tokens,
-            "stream": stream,
-        }
-    )
 
 
 async def _batch(stream_once: StreamOnce, body: bytes, streams: int, concurrency: int) -> tuple[float, int]:
