@@ -34,6 +34,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ import aiohttp
 import httpx
 import orjson
 import uvloop
+from jose import jwt as jose_jwt
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtests" / "results"
@@ -61,6 +63,33 @@ QUANTILES = (50, 90, 99)
 # A phase whose requests started this late (p99) had the client starved of CPU by other work on the
 # machine: its latencies measure the machine, not the gateway.
 NOISY_LAG_MS = 5.0
+
+
+# ---------------------------------------------------------- auth and limits
+BENCH_SECRET_ENV = "BENCH_JWT_SECRET"
+UNLIMITED = 10**12
+
+
+def auth_config(directory: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """The issue's measuring configuration: JWT auth and per-principal and per-team limits
+    (RPM, TPM, concurrency) on in-memory storage, set so high that they never refuse.
+
+    Returns (config file, environment for the gateway, headers for the client).
+    """
+    secret = os.urandom(32).hex()
+    limits = {"requests_per_minute": UNLIMITED, "tokens_per_minute": UNLIMITED}
+    config = {
+        "auth": {"jwt": {"algorithms": ["HS256"], "secret_env": BENCH_SECRET_ENV}},
+        "tiers": {"bench": {**limits, "max_concurrent": 10**6}},
+        "teams": {"bench": {"limits": limits}},
+        "rate_limits": {"storage": "memory://"},
+    }
+    path = directory / "bench-auth.json"  # JSON is YAML
+    path.write_bytes(orjson.dumps(config))
+    now = int(time.time())
+    claims = {"sub": "bench", "team": "bench", "tier": "bench", "iat": now, "exp": now + 24 * 3600}
+    token = jose_jwt.encode(claims, secret, algorithm="HS256")
+    return path, {BENCH_SECRET_ENV: secret}, {"Authorization": f"Bearer {token}"}
 
 
 # ----------------------------------------------------------------- processes
@@ -341,8 +370,9 @@ def stats_ms(values: Sequence[float]) -> dict[str, float]:
     return out
 
 
-def new_session() -> aiohttp.ClientSession:
+def new_session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
+        headers=headers,
         connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=60),
         auto_decompress=False,
@@ -421,20 +451,27 @@ async def warm_up(
 
 
 async def run_phase(
-    spec: PhaseSpec, url: str, rate: float, warmup: float, watch: dict[str, int]
+    spec: PhaseSpec, url: str, rate: float, warmup: float, watch: dict[str, int], headers: dict[str, str]
 ) -> list[PhaseResult]:
-    async with new_session() as session:
+    async with new_session(headers) as session:
         await warm_up(session, url, spec, rate, warmup)
         return [phase_result(spec, rate, [await measure(session, url, spec, rate, spec.duration, watch)])]
 
 
 async def run_pair(
-    a: PhaseSpec, b: PhaseSpec, url: str, rate: float, warmup: float, watch: dict[str, int], rounds: int = 2
+    a: PhaseSpec,
+    b: PhaseSpec,
+    url: str,
+    rate: float,
+    warmup: float,
+    watch: dict[str, int],
+    headers: dict[str, str],
+    rounds: int = 2,
 ) -> list[PhaseResult]:
     """Two phases in alternating slices, A B B A per round, so drift in the machine's load
     (other work starting or stopping) weighs on both alike; their difference is what counts."""
     got: dict[str, list[Slice]] = {a.name: [], b.name: []}
-    async with new_session() as session:
+    async with new_session(headers) as session:
         await warm_up(session, url, a, rate, warmup)
         for _ in range(rounds):
             for spec in (a, b, b, a):
@@ -682,17 +719,21 @@ async def run_phases(
     rate: float,
     warmup: float,
     watch: dict[str, int],
+    headers: dict[str, str],
 ) -> list[PhaseResult]:
-    """Each step is one phase, or two run in alternating slices."""
+    """Each step is one phase, or two run in alternating slices.
+
+    ``headers`` go with every request to every target (the simulator and the floor ignore an
+    Authorization header), so all targets read the same bytes."""
     results: list[PhaseResult] = []
     for step in steps:
         what = " + ".join(f"{spec.name} {spec.duration:g}s" for spec in step)
         print(f"  {what} at {rate:g}/s ...", file=sys.stderr, flush=True)
         url = urls[step[0].target]
         if len(step) == 2:
-            got = await run_pair(step[0], step[1], url, rate, warmup, watch)
+            got = await run_pair(step[0], step[1], url, rate, warmup, watch, headers)
         else:
-            got = await run_phase(step[0], url, rate, warmup, watch)
+            got = await run_phase(step[0], url, rate, warmup, watch, headers)
         for r in got:
             if r.ok < r.requests:
                 print(f"    {r.name}: {r.requests - r.ok} failed: {r.errors}", file=sys.stderr, flush=True)
@@ -720,6 +761,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--client-streams", type=int, default=150, help="streams of each length, client comparison"
     )
     p.add_argument("--client-runs", type=int, default=2, help="runs of each client (0 skips)")
+    p.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default="on",
+        help="on: JWT auth and in-memory rate limits (never refusing), the issue's measuring setup; "
+        "off: an open gateway",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON result")
     p.add_argument(
         "--gateway-src",
@@ -769,14 +817,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     ]
     children: list[Child] = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         # `python -m gateway` imports the package from its working directory first.
         src, src_env = args.gateway_src, {"PYTHONPATH": str(args.gateway_src)}
+        headers: dict[str, str] = {}
+        gw_env = dict(src_env)
+        gw_config: list[str] = []
+        if args.auth == "on":
+            config, secret_env, headers = auth_config(scratch)
+            gw_env.update(secret_env)
+            gw_config = ["--config", str(config)]
         sim = Child("sim", [py, "-m", "gateway", "sim", "--port", str(sim_port), *sim_flags], src_env, src)
         children.append(sim)
         wait_http(urls["direct"] + "/version", sim)
-        gw_args = [py, "-m", "gateway", "serve", "--backend", urls["direct"], "--port", str(gw_port)]
-        gw = Child("gateway", gw_args, src_env, src)
+        gw_args = [py, "-m", "gateway", "serve", *gw_config, "--backend", urls["direct"]]
+        gw = Child("gateway", [*gw_args, "--port", str(gw_port)], gw_env, src)
         children.append(gw)
         floor_args = ["--port", str(floor_port), "--upstream", f"127.0.0.1:{sim_port}"]
         floor = Child("floor", [py, "-m", "loadtests.relay_floor", *floor_args])
@@ -785,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_http(urls["floor"] + "/version", floor)
         watch = {"gateway": gw.pid, "floor": floor.pid, "sim": sim.pid}
         print(f"benchmark: sim pid {sim.pid}, gateway pid {gw.pid}, floor pid {floor.pid}", file=sys.stderr)
-        phases = uvloop.run(run_phases(steps, urls, args.rate, args.warmup, watch))
+        phases = uvloop.run(run_phases(steps, urls, args.rate, args.warmup, watch, headers))
         clients: list[dict[str, Any]] = []
         if args.client_runs > 0:
             print("  client comparison: aiohttp vs httpx ...", file=sys.stderr, flush=True)
@@ -796,6 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for child in reversed(children):
             child.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
     report: dict[str, Any] = {
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": commit,
@@ -814,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sim_flags": sim_flags,
             "client_streams": args.client_streams,
             "client_runs": args.client_runs,
+            "auth_and_limits": args.auth,
             "access_log": os.environ.get("GATEWAY_LOGGING__ACCESS_LOG", "default (on)"),
         },
         "phases": [asdict(p) for p in phases],

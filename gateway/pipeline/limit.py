@@ -1,10 +1,11 @@
 """Stage 3, limit: requests and tokens per minute and requests in flight, per principal and team.
 
-Counters live in a ``limits`` async storage: ``memory://`` for one process,
-``redis://`` so every worker and replica shares them. Each counter is a
-fixed window that starts at its first hit (the ``limits`` package's fixed
-window); the increment is one atomic INCRBY on Redis, so two replicas racing
-for the last slot get different counts and only one passes.
+Counters (gateway/pipeline/counters.py) live in memory (``memory://``, one
+process) or in Redis (``redis://``, shared by every worker and replica). Each
+counter is a fixed window that starts at its first hit; a request's counters
+are taken in one atomic step (one Lua script on Redis), so two replicas racing
+for the last slot get different counts and only one passes, and a refused
+request leaves no trace in any counter.
 
 Token budgets are reserved before the call and reconciled after it:
 
@@ -30,13 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from limits.aio.storage import Storage
-from limits.storage import storage_from_string
 
 from gateway.auth.principal import Principal
 from gateway.config import Settings
 from gateway.config_auth import LimitValues
 from gateway.errors import GatewayError
+from gateway.pipeline.counters import AddItem, Counters, counters_from_url
 
 WINDOW = 60  # seconds: limits are per minute
 
@@ -82,6 +82,14 @@ class Reservation:
 NO_LIMITS = Reservation()
 
 
+def _limit_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit-" + kind.encode(), str(limit).encode()),
+        (b"x-ratelimit-remaining-" + kind.encode(), str(remaining).encode()),
+        (b"x-ratelimit-reset-" + kind.encode(), _reset_text(reset).encode()),
+    ]
+
+
 def _reset_text(seconds: float) -> str:
     """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
     if seconds < 1:
@@ -94,21 +102,15 @@ class RateLimiter:
     def __init__(self, settings: Settings, on_storage_error: Any = None) -> None:
         rl = settings.rate_limits
         self._settings = rl
-        uri = rl.storage
-        if uri.startswith("memory://"):
-            self.storage: Storage = storage_from_string("async+memory://")  # type: ignore[assignment]
-        else:
-            self.storage = storage_from_string(
-                "async+" + uri, implementation="redispy", socket_timeout=rl.storage_timeout
-            )  # type: ignore[assignment]
+        self.storage: Counters = counters_from_url(rl.storage, rl.storage_timeout)
         self._tiers = settings.tiers
         self._teams = settings.teams
         self._resolved: dict[tuple[str | None, str | None], LimitValues] = {}
         self._log = structlog.get_logger("gateway.limits")
         self._last_error_log = 0.0
         self._count_error = on_storage_error or (lambda: None)
-        # Redis reports TTLs in whole seconds: be a second conservative with waits and deadlines.
-        self._ttl_slack = 0.0 if uri.startswith("memory://") else 1.0
+        # Redis counts windows in whole seconds: be a second conservative with waits and deadlines.
+        self._ttl_slack = self.storage.slack
         # Corrections (token refunds, in-flight releases) that failed while storage was down,
         # replayed on the next successful admission: (key, amount, monotonic valid-until).
         self._pending: list[tuple[str, int, float]] = []
@@ -164,31 +166,33 @@ class RateLimiter:
             return self._storage_failed(exc)
 
     async def _admit(self, counters: list[_Counter], estimate: int, total_timeout: float) -> Reservation:
-        storage = self.storage
-        taken: list[_Counter] = []
         now = time.monotonic()
         if self._pending:
             await self._replay(now)
-        for c in counters:
-            # A counter of requests in flight expires only as a safety net for a crashed replica.
-            expiry = WINDOW if c.kind != "concurrent" else int(total_timeout) + WINDOW
-            c.count = await storage.incr(c.key, expiry, amount=c.cost)
-            taken.append(c)
-            if c.count > c.limit:
-                for t in taken:
-                    await storage.incr(t.key, expiry, amount=-t.cost)
-                raise await self._rejection(c)
+        # A counter of requests in flight expires only as a safety net for a crashed replica.
+        longer = int(total_timeout) + WINDOW
+        got = await self.storage.take(
+            [(c.key, c.cost, c.limit, longer if c.kind == "concurrent" else WINDOW) for c in counters]
+        )
+        if got.failed >= 0:
+            c = counters[got.failed]
+            c.count = got.counts[-1]
+            raise self._rejection(c, got.ttls[-1])
         res = Reservation(reserved_tokens=estimate)
-        for c in counters:
+        headers = res.headers
+        for c, count, ttl in zip(counters, got.counts, got.ttls, strict=True):
+            c.count = count
             if c.kind == "tokens":
-                c.deadline = now + await storage.get_expiry(c.key) - time.time() - self._ttl_slack
+                c.deadline = now + ttl - self._ttl_slack
                 res.tokens.append(c)
             elif c.kind == "concurrent":
                 res.concurrent = c
-        res.headers = await self._headers(counters, now)
+                continue
+            if c.scope == "principal":
+                headers += _limit_headers(c.kind, c.limit, max(0, c.limit - count), ttl)
         return res
 
-    async def _rejection(self, c: _Counter) -> RateLimited:
+    def _rejection(self, c: _Counter, ttl: float) -> RateLimited:
         if c.kind == "concurrent":
             busy = RateLimited(
                 f"Too many requests in flight for this {c.scope}: at most {c.limit} at once.",
@@ -197,9 +201,7 @@ class RateLimiter:
             )
             busy.limit = (c.kind, c.scope)
             return busy
-        wait = min(
-            float(WINDOW), max(0.0, await self.storage.get_expiry(c.key) - time.time() + self._ttl_slack)
-        )
+        wait = min(float(WINDOW), max(0.0, ttl + self._ttl_slack))
         per = "requests" if c.kind == "requests" else "tokens"
         if c.kind == "tokens" and c.cost > c.limit:
             message = (
@@ -214,58 +216,39 @@ class RateLimiter:
         err = RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
         err.limit = (c.kind, c.scope)
         if c.scope == "principal":
-            err.limit_headers = [
-                (f"x-ratelimit-limit-{c.kind}".encode(), str(c.limit).encode()),
-                (f"x-ratelimit-remaining-{c.kind}".encode(), b"0"),
-                (f"x-ratelimit-reset-{c.kind}".encode(), _reset_text(wait).encode()),
-            ]
+            err.limit_headers = _limit_headers(c.kind, c.limit, 0, wait)
         return err
-
-    async def _headers(self, counters: list[_Counter], now: float) -> list[tuple[bytes, bytes]]:
-        headers: list[tuple[bytes, bytes]] = []
-        for c in counters:
-            if c.scope != "principal" or c.kind == "concurrent":
-                continue
-            reset = (c.deadline - now) if c.deadline else (await self.storage.get_expiry(c.key) - time.time())
-            headers += [
-                (f"x-ratelimit-limit-{c.kind}".encode(), str(c.limit).encode()),
-                (f"x-ratelimit-remaining-{c.kind}".encode(), str(max(0, c.limit - c.count)).encode()),
-                (f"x-ratelimit-reset-{c.kind}".encode(), _reset_text(reset).encode()),
-            ]
-        return headers
 
     async def settle(self, res: Reservation, used_tokens: int | None) -> None:
         """Reconcile reserved tokens with real usage; release the in-flight slot."""
         if res is NO_LIMITS:
             return
         now = time.monotonic()
-        todo: list[tuple[str, int, float]] = []
+        todo: list[tuple[str, int, float]] = []  # (key, amount, valid until)
         if used_tokens is not None and res.tokens:
             delta = used_tokens - res.reserved_tokens
             todo += [(c.key, delta, c.deadline) for c in res.tokens if delta and now < c.deadline]
         if res.concurrent is not None:
             todo.append((res.concurrent.key, -1, now + WINDOW * 10))
-        done = 0
+        if not todo:
+            return
         try:
             async with asyncio.timeout(self._settings.storage_timeout):
-                for key, amount, _ in todo:
-                    await self.storage.incr(key, WINDOW, amount=amount)
-                    done += 1
+                await self.storage.add([(key, amount, WINDOW) for key, amount, _ in todo])
         except Exception as exc:
             self._note_error(exc)
             if len(self._pending) < 10_000:
-                self._pending += todo[done:]  # replayed once storage answers again
+                self._pending += todo  # replayed once storage answers again
 
     async def _replay(self, now: float) -> None:
+        """Corrections that failed while storage was down, in one call; what is over is dropped."""
         pending, self._pending = self._pending, []
-        for i, (key, amount, valid_until) in enumerate(pending):
-            if now >= valid_until:
-                continue  # that window is over: nothing is owed any more
-            try:
-                await self.storage.incr(key, WINDOW, amount=amount)
-            except Exception:
-                self._pending = pending[i:] + self._pending
-                raise
+        owed: list[AddItem] = [(k, amount, WINDOW) for k, amount, until in pending if now < until]
+        try:
+            await self.storage.add(owed)
+        except Exception:
+            self._pending = pending + self._pending
+            raise
 
     def _storage_failed(self, exc: BaseException) -> Reservation:
         self._note_error(exc)
@@ -287,9 +270,7 @@ class RateLimiter:
             )
 
     async def close(self) -> None:
-        close = getattr(self.storage, "close", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:
-                pass
+        try:
+            await self.storage.close()
+        except Exception:
+            pass
