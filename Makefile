@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINT_PATHS := gateway tests scripts $(wildcard loadtests/*.py)
 
-.PHONY: install run test lint typecheck unit e2e-vllm lint-deploy bench docs clean
+.PHONY: install run test lint typecheck unit e2e-vllm lint-deploy bench profile docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ lint-deploy: install
 ## First benchmark: the simulator directly vs through the gateway (bounded, loopback only).
 bench: install
 	$(BIN)/python -m loadtests.bench
+
+## Where the gateway's CPU goes under the benchmark's load (py-spy, installed on first use).
+profile: install
+	$(BIN)/python -c "import shutil, sys; sys.exit(shutil.which('py-spy', path='$(BIN)') is None)" \
+		|| $(BIN)/pip install -q --disable-pip-version-check py-spy
+	$(BIN)/python -m loadtests.profile $(ARGS)
 
 ## Regenerate docs/configuration.md from the settings schema.
 docs: install

@@ -23,7 +23,7 @@ from gateway.config import ConfigError, Settings, settings_from_json
 from gateway.drain import Drain
 from gateway.errors import MethodNotAllowed
 from gateway.health import HealthPoller
-from gateway.logs import configure_logging
+from gateway.logs import audit_writer, configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.admit import Admission
@@ -163,6 +163,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         teams=set(settings.teams),
         backends={b.label for b in pool.backends}
         | ({gateway.fallback.backend.label} if gateway.fallback else set()),
+        write_line=audit_writer(settings.logging),
     )
     metrics.build_info.labels(_version(), _config_hash(settings)).set(1)
     routes = {

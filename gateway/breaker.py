@@ -68,14 +68,34 @@ class ReplicaBreaker:
     @contextmanager
     def guard(self) -> Iterator[None]:
         """Wrap one upstream exchange; raises BreakerOpen if the breaker refuses it."""
-        trial = self._cb.current_state != pybreaker.STATE_CLOSED
+        cb = self._cb
+        if cb.current_state == pybreaker.STATE_CLOSED and cb.fail_counter == 0:
+            # The common case, a healthy replica: a success would change nothing in pybreaker, so
+            # it is not told (its calling() takes a lock and several calls); a failure is handed
+            # to it as if raised inside calling(), which counts it and may open the breaker.
+            try:
+                yield
+            except BaseException as exc:
+                if not _not_a_backend_failure(exc):
+                    self._count(exc)
+                raise
+            return
+        trial = cb.current_state != pybreaker.STATE_CLOSED
         if trial:
             self._trials += 1
         try:
-            with self._cb.calling():
+            with cb.calling():
                 yield
         except pybreaker.CircuitBreakerError:
             raise BreakerOpen("The backend's circuit breaker is open.", retry_after=1) from None
         finally:
             if trial:
                 self._trials -= 1
+
+    def _count(self, exc: BaseException) -> None:
+        try:
+            with self._cb.calling():
+                raise exc
+        except BaseException as again:
+            if again is not exc and not isinstance(again, pybreaker.CircuitBreakerError):
+                raise

@@ -41,6 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
         "log_config": None,
         "access_log": False,
         "server_header": False,
+        # Nothing reads the client address or scheme: skip uvicorn's X-Forwarded-* middleware, a
+        # layer of every request.
+        "proxy_headers": False,
         # The gateway drains before uvicorn is told to stop (gateway/drain.py); this only bounds
         # the close of connections that are still open after that.
         "timeout_graceful_shutdown": 5,

@@ -8,6 +8,7 @@ read the result; they never fan out to the backends themselves.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,11 +101,11 @@ class HealthPoller:
         if status != 200:
             b.vllm_waiting = b.vllm_running = b.kv_usage = 0.0  # unknown, not the last value
             return
-        text = body.decode("utf-8", "replace")
-        b.vllm_waiting = _sum_metric(text, "vllm:num_requests_waiting")
-        b.vllm_running = _sum_metric(text, "vllm:num_requests_running")
+        found = _load_samples(body)
+        b.vllm_waiting = sum(found[b"vllm:num_requests_waiting"])
+        b.vllm_running = sum(found[b"vllm:num_requests_running"])
         # With several engines (data parallel) usage is per engine: the fullest one matters.
-        b.kv_usage = _sum_metric(text, "vllm:kv_cache_usage_perc", max)
+        b.kv_usage = max(found[b"vllm:kv_cache_usage_perc"], default=0.0)
 
     def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
         before = b.state
@@ -140,14 +141,22 @@ class HealthPoller:
             )
 
 
-def _sum_metric(text: str, name: str, combine: Callable[[list[float]], float] = sum) -> float:
-    """A metric's samples in Prometheus text (one per engine), combined; 0 when absent."""
-    values: list[float] = []
-    starts = (name + "{", name + " ")
-    for line in text.splitlines():
-        if line.startswith(starts):
-            try:
-                values.append(float(line.rsplit(" ", 1)[1]))
-            except (IndexError, ValueError):
-                continue
-    return combine(values) if values else 0.0
+_LOAD_SAMPLE = re.compile(
+    rb"^(vllm:num_requests_waiting|vllm:num_requests_running|vllm:kv_cache_usage_perc)(?:\{[^}\n]*\})? (\S+)",
+    re.MULTILINE,
+)
+
+
+def _load_samples(body: bytes) -> dict[bytes, list[float]]:
+    """vLLM's load gauges in Prometheus text, one sample per engine, in one regex pass."""
+    found: dict[bytes, list[float]] = {
+        b"vllm:num_requests_waiting": [],
+        b"vllm:num_requests_running": [],
+        b"vllm:kv_cache_usage_perc": [],
+    }
+    for m in _LOAD_SAMPLE.finditer(body):
+        try:
+            found[m[1]].append(float(m[2]))
+        except ValueError:
+            continue
+    return found

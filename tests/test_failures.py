@@ -249,8 +249,8 @@ def test_backend_that_closes_without_answering_is_clean_error() -> None:
         ready = httpx.get(gw.url + "/ready")
         assert ready.status_code == 503
         reason = str(ready.json()["reason"])
-        # aiohttp names the cut its own way, depending on when it lands.
-        assert any(n in reason for n in ("ServerDisconnected", "ClientOSError", "ConnectionReset")), reason
+        # A close before the answer, or a reset, depending on when the cut lands.
+        assert any(n in reason for n in ("closed the connection", "ConnectionReset")), reason
     finally:
         gw.stop()
         stop.set()

@@ -6,6 +6,7 @@ text, and no credentials.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.metrics import GatewayMetrics
@@ -15,10 +16,17 @@ from gateway.redact import redact
 
 class Accountant:
     def __init__(
-        self, metrics: GatewayMetrics, log: Any, access_log: bool, teams: set[str], backends: set[str]
+        self,
+        metrics: GatewayMetrics,
+        log: Any,
+        access_log: bool,
+        teams: set[str],
+        backends: set[str],
+        write_line: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._m = metrics
         self._log = log
+        self._write_line = write_line  # the audit line without structlog's chain (logs.audit_writer)
         self._access_log = access_log
         self._teams = teams  # label values are bounded to configured names
         self._backends = backends
@@ -59,8 +67,7 @@ class Accountant:
                     "prompt": redact(ex.prompt_text or ""),
                     "completion": redact("".join(ex.capture)),
                 }
-            self._log.info(
-                "request",
+            fields = dict(
                 endpoint=ex.endpoint,
                 subject=ex.principal.subject,
                 team=ex.principal.team,
@@ -80,3 +87,8 @@ class Accountant:
                 error_reason=reason,
                 **content,
             )
+            if self._write_line is not None:
+                fields["event"] = "request"
+                self._write_line(fields)
+            else:
+                self._log.info("request", **fields)

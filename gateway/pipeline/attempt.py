@@ -22,7 +22,7 @@ from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
 from gateway.pipeline.relay import relay_json, relay_sse, upstream_message
-from gateway.pipeline.upstream import UpstreamClient
+from gateway.pipeline.upstream import UpstreamClient, UpstreamResponse
 
 
 class _CountedFailure(Exception):
@@ -49,49 +49,52 @@ async def attempt(
 ) -> None:
     t = settings.timeouts
     with on_backend(backend, ex):
+        resp: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout_at(deadlines.first_byte):
+            # One timer for the exchange: the first-byte deadline until vLLM's headers arrive, then
+            # the total one (streams keep their own idle/total watchdog in relay_sse).
+            async with asyncio.timeout_at(deadlines.first_byte) as timer:
                 resp = await upstream.post(backend, req.endpoint.path, raw, upstream_id)
+                ex.upstream_first = now = time.perf_counter()
+                ex.upstream_ttfb = now - ex.started
+                stream = req.stream and resp.status == 200
+                timer.reschedule(None if stream else deadlines.total)
+                if resp.status >= 500:
+                    await _server_error(resp.status, await resp.read(), backend)
+                rid = ex.request_id.encode()
+                if stream:
+                    await relay_sse(
+                        resp,
+                        send,
+                        ex,
+                        rid,
+                        strip_usage=not req.client_wants_usage,
+                        first_byte_deadline=deadlines.first_byte,
+                        idle=t.idle,
+                        total_deadline=deadlines.total,
+                        heartbeat=settings.streaming.heartbeat_interval,
+                        itl=itl,
+                    )
+                else:
+                    await relay_json(resp, send, ex, rid)
         except TimeoutError:
-            err = UpstreamTimeout(
-                f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
-                code="first_byte_timeout",
-            )
-            err.retryable = True
-            raise err from None
-        ex.upstream_first = now = time.perf_counter()
-        ex.upstream_ttfb = now - ex.started
-        try:
-            if resp.status >= 500:
-                await _server_error(resp.status, await resp.read(), backend)
-            rid = ex.request_id.encode()
-            if req.stream and resp.status == 200:
-                await relay_sse(
-                    resp,
-                    send,
-                    ex,
-                    rid,
-                    strip_usage=not req.client_wants_usage,
-                    first_byte_deadline=deadlines.first_byte,
-                    idle=t.idle,
-                    total_deadline=deadlines.total,
-                    heartbeat=settings.streaming.heartbeat_interval,
-                    itl=itl,
+            if resp is None:
+                err = UpstreamTimeout(
+                    f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
+                    code="first_byte_timeout",
                 )
-            else:
-                try:
-                    async with asyncio.timeout_at(deadlines.total):
-                        await relay_json(resp, send, ex, rid)
-                except TimeoutError:
-                    raise UpstreamTimeout(
-                        f"The request took longer than {t.total:g}s.", code="total_timeout"
-                    ) from None
+                err.retryable = True
+                raise err from None
+            raise UpstreamTimeout(
+                f"The request took longer than {t.total:g}s.", code="total_timeout"
+            ) from None
         finally:
-            ex.upstream_done = time.perf_counter()
-            if ex.disconnected or ex.reason or resp.status >= 500:
-                resp.close()
-            else:
-                resp.release()
+            if resp is not None:
+                ex.upstream_done = time.perf_counter()
+                if ex.disconnected or ex.reason or resp.status >= 500:
+                    resp.close()
+                else:
+                    resp.release()
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from gateway.auth.principal import Principal
 from gateway.config import Settings
 from gateway.config_auth import LimitValues
 from gateway.errors import GatewayError
-from gateway.pipeline.counters import AddItem, Counters, counters_from_url
+from gateway.pipeline.counters import AddItem, Counters, MemoryCounters, counters_from_url
 
 WINDOW = 60  # seconds: limits are per minute
 
@@ -103,6 +103,7 @@ class RateLimiter:
         rl = settings.rate_limits
         self._settings = rl
         self.storage: Counters = counters_from_url(rl.storage, rl.storage_timeout)
+        self._local = isinstance(self.storage, MemoryCounters)
         self._tiers = settings.tiers
         self._teams = settings.teams
         self._resolved: dict[tuple[str | None, str | None], LimitValues] = {}
@@ -158,6 +159,8 @@ class RateLimiter:
         if not counters:
             return NO_LIMITS
         try:
+            if self._local:  # a dict cannot hang: no timer
+                return await self._admit(counters, estimate, total_timeout)
             async with asyncio.timeout(self._settings.storage_timeout):
                 return await self._admit(counters, estimate, total_timeout)
         except RateLimited:
@@ -233,8 +236,12 @@ class RateLimiter:
         if not todo:
             return
         try:
-            async with asyncio.timeout(self._settings.storage_timeout):
-                await self.storage.add([(key, amount, WINDOW) for key, amount, _ in todo])
+            items: list[AddItem] = [(key, amount, WINDOW) for key, amount, _ in todo]
+            if self._local:
+                await self.storage.add(items)
+            else:
+                async with asyncio.timeout(self._settings.storage_timeout):
+                    await self.storage.add(items)
         except Exception as exc:
             self._note_error(exc)
             if len(self._pending) < 10_000:

@@ -358,8 +358,10 @@ class UpstreamClient:
             raise ProbeFailed(f"timed out after {timeout:g}s") from None
         except OSError as exc:
             raise ProbeFailed(_describe(exc)) from None
-        except (_Closed, UpstreamError) as exc:
-            raise ProbeFailed(_describe(exc)) from None
+        except _Closed as exc:
+            raise ProbeFailed(f"closed the connection without answering ({exc})") from None
+        except UpstreamError as exc:
+            raise ProbeFailed(exc.message) from None
         resp.release()
         return resp.status, body
 
