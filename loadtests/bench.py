@@ -70,7 +70,9 @@ BENCH_SECRET_ENV = "BENCH_JWT_SECRET"
 UNLIMITED = 10**12
 
 
-def auth_config(directory: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
+def auth_config(
+    directory: Path, extra: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, str], dict[str, str]]:
     """The issue's measuring configuration: JWT auth and per-principal and per-team limits
     (RPM, TPM, concurrency) on in-memory storage, set so high that they never refuse.
 
@@ -83,6 +85,7 @@ def auth_config(directory: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
         "tiers": {"bench": {**limits, "max_concurrent": 10**6}},
         "teams": {"bench": {"limits": limits}},
         "rate_limits": {"storage": "memory://"},
+        **(extra or {}),
     }
     path = directory / "bench-auth.json"  # JSON is YAML
     path.write_bytes(orjson.dumps(config))

@@ -24,6 +24,7 @@ import asyncio
 import datetime as dt
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from loadtests.bench import (
     ROOT,
     Child,
     Sample,
+    auth_config,
     chat_body,
     free_port,
     git,
@@ -111,6 +113,8 @@ class Stack:
         py, env = sys.executable, {"PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
         self.children: list[Child] = []
         self.config: Path | None = None
+        self.scratch: Path | None = None
+        self.headers: dict[str, str] = {}  # what the client sends (the gateway's bearer token)
         sim_port = free_port()
         self.sim_url = f"http://127.0.0.1:{sim_port}"
         try:
@@ -121,13 +125,16 @@ class Stack:
             self.gw: Child | None = None
             self.url = self.sim_url
             if workers is not None:
-                fd, name = tempfile.mkstemp(prefix="capacity-", suffix=".yaml")
-                self.config = Path(name)
-                with os.fdopen(fd, "w") as f:
-                    f.write(
-                        f"backends:\n  - {{url: '{self.sim_url}', max_in_flight: {BIG}}}\n"
-                        f"admission: {{max_queue: {BIG}}}\n"
-                    )
+                # The measuring setup: JWT auth and in-memory limits on (never refusing).
+                self.scratch = Path(tempfile.mkdtemp(prefix="capacity-"))
+                self.config, auth_env, self.headers = auth_config(
+                    self.scratch,
+                    {
+                        "backends": [{"url": self.sim_url, "max_in_flight": BIG}],
+                        "admission": {"max_queue": BIG},
+                    },
+                )
+                env = {**env, **auth_env}
                 gw_port = free_port()
                 gw_args = [py, "-m", "gateway", "serve", "--config", str(self.config)]
                 gw_args += ["--port", str(gw_port), "--workers", str(workers)]
@@ -145,12 +152,13 @@ class Stack:
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
-        if self.config is not None:
-            self.config.unlink(missing_ok=True)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def session(timeout: float | None = 60) -> aiohttp.ClientSession:
+def session(headers: dict[str, str], timeout: float | None = 60) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
+        headers=headers,
         connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=timeout),
         auto_decompress=False,
@@ -178,9 +186,11 @@ def sustainable(step: dict[str, Any]) -> bool:
 
 
 # -------------------------------------------------------------------- curve
-async def run_step(url: str, rate: float, seconds: float, watch: dict[str, int]) -> dict[str, Any]:
+async def run_step(
+    url: str, headers: dict[str, str], rate: float, seconds: float, watch: dict[str, int]
+) -> dict[str, Any]:
     body = chat_body(32, False)
-    async with session() as s:
+    async with session(headers) as s:
         await open_loop(s, url + "/v1/chat/completions", body, False, min(rate, 100), 0.5)  # warm-up
         cpu0 = {name: tree_cpu(pid).exact for name, pid in watch.items()}
         c0, w0 = time.process_time(), time.perf_counter()
@@ -205,7 +215,7 @@ def curve(src: Path, sim_flags: Sequence[str], target: str, rates: Sequence[floa
         if stack.gw is not None:
             watch = {"gateway": stack.gw.pid, **watch}
         for rate in rates:
-            step = uvloop.run(run_step(stack.url, rate, secs, watch))
+            step = uvloop.run(run_step(stack.url, stack.headers, rate, secs, watch))
             steps.append(step)
             cpu = " ".join(f"{k} {v:.0f}%" for k, v in step["cpu_pct"].items())
             log(
@@ -243,11 +253,11 @@ async def hold_streams(stack: Stack, n: int, ramp_rate: float) -> dict[str, Any]
     url = stack.url + "/v1/chat/completions"
     # a little traffic first so that lazily built state is not counted per stream
     await sim_ttft(stack.sim_url, 0.05)
-    await run_step(stack.url, 50, 1, {})
+    await run_step(stack.url, stack.headers, 50, 1, {})
     await sim_ttft(stack.sim_url, 60)
     await asyncio.sleep(2)
     before = tree_rss(gw)
-    async with session(timeout=None) as s:
+    async with session(stack.headers, timeout=None) as s:
         tasks = []
         t0 = time.perf_counter()
         for i in range(n):
@@ -273,7 +283,7 @@ async def hold_streams(stack: Stack, n: int, ramp_rate: float) -> dict[str, Any]
     after = tree_rss(gw)
     waiting_after = await sim_waiting(stack.sim_url)
     await sim_ttft(stack.sim_url, 0.05)
-    async with session(timeout=20) as s:
+    async with session(stack.headers, timeout=20) as s:
         plain = chat_body(32, False)
         checks = await asyncio.gather(*(one_request(s, url, plain, False, 0) for _ in range(20)))
         async with s.get(stack.url + "/ready") as r:
@@ -334,7 +344,7 @@ async def soak_loop(stack: Stack, rate: float, seconds: float) -> dict[str, Any]
     rss: list[dict[str, Any]] = [{"t": 0.0, "kb": tree_rss(stack.gw.pid)["total"]}]
     slices: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    async with session() as s:
+    async with session(stack.headers) as s:
         while time.perf_counter() - t0 < seconds:
             w0 = time.perf_counter()
             samples = await open_loop(s, url, body, False, rate, 10)

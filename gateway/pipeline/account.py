@@ -89,6 +89,7 @@ class Accountant:
             )
             if self._write_line is not None:
                 fields["event"] = "request"
+                fields["request_id"] = ex.request_id
                 self._write_line(fields)
             else:
                 self._log.info("request", **fields)
