@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import METRICS_DIR_ENV, SETTINGS_ENV, create_app
+    from gateway.server import QuietServer
 
     overrides: dict[str, Any] = {}
     server: dict[str, Any] = {}
@@ -67,7 +68,13 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"configuration error:\n{exc}", file=sys.stderr)
             return 2
-        uvicorn.run(app, **common)
+        quiet = QuietServer(uvicorn.Config(app, **common))
+        try:
+            quiet.run()
+        except KeyboardInterrupt:
+            pass
+        if not quiet.started:
+            return 3  # uvicorn's start-up failure code (e.g. the port is taken)
     return 0
 
 

@@ -125,25 +125,26 @@ def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes
 
 
 async def _first_chunk(resp: UpstreamResponse, send: Send, deadline: float, heartbeat: float) -> bytes:
-    """Wait for vLLM's first bytes, sending SSE comment heartbeats meanwhile."""
+    """Wait for vLLM's first bytes, sending SSE comment heartbeats meanwhile.
+
+    The read is awaited directly under a timer, not in a task of its own: cancelling a
+    pending ``read_chunk()`` loses nothing (bytes that arrive stay buffered for the next one).
+    """
     loop = asyncio.get_running_loop()
     if heartbeat <= 0:
         async with asyncio.timeout_at(deadline):
             return await resp.read_chunk()
-    task = loop.create_task(resp.read_chunk())
-    try:
-        while True:
-            now = loop.time()
-            if now >= deadline:
-                raise TimeoutError
-            done, _ = await asyncio.wait((task,), timeout=min(heartbeat, deadline - now))
-            if done:
-                return task.result()
-            if loop.time() < deadline:
-                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
-    finally:
-        if not task.done():
-            task.cancel()
+    while True:
+        now = loop.time()
+        if now >= deadline:
+            raise TimeoutError
+        try:
+            async with asyncio.timeout_at(min(now + heartbeat, deadline)):
+                return await resp.read_chunk()
+        except TimeoutError:
+            if loop.time() >= deadline:
+                raise
+        await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
 
 
 async def relay_sse(
