@@ -14,8 +14,8 @@ and StreamingResponse cost more CPU than the whole relay (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
+from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -46,7 +46,7 @@ def request_id_from(scope: Scope) -> tuple[str, str]:
     A client's X-Request-Id is kept if it is short and plain; upstream always
     gets a unique id (a client may reuse its id, and vLLM keys requests by it).
     """
-    unique = os.urandom(8).hex()
+    unique = f"{getrandbits(64):016x}"  # unique, not secret: no getrandom() syscall per request
     given = header(scope, b"x-request-id")
     if given and len(given) <= 128 and _ID_CHARS.issuperset(given):
         rid = given.decode()

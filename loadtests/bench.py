@@ -11,6 +11,7 @@ Phases, each after a short unmeasured warm-up on fresh connections:
     stream-long/gateway + stream-short/gateway (alternating slices)      --extra-duration each
     plain/floor                                                          --extra-duration
     stream-long/floor + stream-short/floor (alternating slices)          --extra-duration each
+    plain/asgi, stream-long/asgi + stream-short/asgi                     the same
 
 Reports, gateway minus direct on the same settings: added latency (plain) and
 added time to first content byte and to the end of the stream (streams), at
@@ -19,7 +20,9 @@ schedstat's nanoseconds, with stat's utime+stime alongside) per plain
 request, per stream and per relayed chunk, the last one from the two stream
 phases that differ only in ``max_tokens`` (run in alternating slices so that
 the machine's drifting load weighs on both alike); the same CPU figures for
-the byte relay floor and the gateway's as multiples of them; and the
+the byte relay floor (loadtests/relay_floor.py) and the ASGI floor (uvicorn and the
+gateway's upstream client with nothing in between, loadtests/asgi_floor.py), and the
+gateway's as multiples of them; and the
 client-side CPU per chunk of aiohttp vs httpx (loadtests/clients.py).
 
 Results: a JSON file in loadtests/results/ and a Markdown summary on stdout.
@@ -567,6 +570,7 @@ def summarize(
     ph = _by_name(phases)
     gw = _cpu_costs(ph, "gateway", "gateway", long, short)
     floor = _cpu_costs(ph, "floor", "floor", long, short)
+    asgi = _cpu_costs(ph, "asgi", "asgi", long, short)
     summary: dict[str, Any] = {
         "noisy_phases": [p.name for p in phases if p.client_lag_ms["p99"] > NOISY_LAG_MS],
         "added_ms": {
@@ -580,12 +584,23 @@ def summarize(
                 "stream_ttft": _added(ph["stream-long/floor"], ph["stream/direct"], "ttft"),
                 "stream_total": _added(ph["stream-long/floor"], ph["stream/direct"], "latency"),
             },
+            "asgi": {
+                "plain_latency": _added(ph["plain/asgi"], ph["plain/direct"], "latency"),
+                "stream_ttft": _added(ph["stream-long/asgi"], ph["stream/direct"], "ttft"),
+                "stream_total": _added(ph["stream-long/asgi"], ph["stream/direct"], "latency"),
+            },
         },
         "cpu": {
             "gateway": gw,
             "floor": floor,
+            "asgi": asgi,
             "gateway_over_floor": {
                 k: gw[k] / floor[k] if floor[k] > 0 else math.nan
+                for k in gw
+                if k.startswith("us_per_") and isinstance(gw[k], float)
+            },
+            "gateway_over_asgi": {
+                k: gw[k] / asgi[k] if asgi[k] > 0 else math.nan
                 for k in gw
                 if k.startswith("us_per_") and isinstance(gw[k], float)
             },
@@ -623,7 +638,7 @@ def render(report: dict[str, Any]) -> str:
         f"{s['tokens']} tokens (short streams {s['short_tokens']})",
         "",
         "| phase | max_tokens | requests | ok | latency p50/p90/p99 ms | first byte p50/p90/p99 ms "
-        "| CPU ms (gw / floor / sim) | client CPU | client lag p99 ms "
+        "| CPU ms (gw / floor / asgi / sim) | client CPU | client lag p99 ms "
         "| run-queue wait ms (client / gw / floor / sim) | load 1m |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -631,7 +646,7 @@ def render(report: dict[str, Any]) -> str:
     for p in report["phases"]:
         lat = "/".join(_f(p["latency_ms"][f"p{q}"]) for q in QUANTILES)
         ttft = "/".join(_f(p["ttft_ms"][f"p{q}"]) for q in QUANTILES) if p["ttft_ms"] else "-"
-        cpu = " / ".join(f"{p['cpu_s'][k] * 1000:.0f}" for k in ("gateway", "floor", "sim"))
+        cpu = " / ".join(f"{p['cpu_s'][k] * 1000:.0f}" for k in ("gateway", "floor", "asgi", "sim"))
         wait = " / ".join(_f(p["runq_wait_ms"][k], 0) for k in ("client", "gateway", "floor", "sim"))
         name = p["name"] + (" (noisy)" if p["name"] in noisy else "")
         lines.append(
@@ -653,7 +668,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"| {hop} | {metric} | {row} |")
     cpu = summary["cpu"]
     lines += ["", "CPU per unit of work, µs:", ""]
-    lines += ["| | gateway | byte relay floor | gateway / floor |", "|---|---|---|---|"]
+    lines += [
+        "| | gateway | byte relay floor | gateway / floor | ASGI floor | gateway / ASGI floor |",
+        "|---|---|---|---|---|---|",
+    ]
     labels = {
         "us_per_plain_request": "per plain request",
         "us_per_plain_request_net": "per plain request, net of idle",
@@ -664,13 +682,15 @@ def render(report: dict[str, Any]) -> str:
     }
     for key, label in labels.items():
         g, f, x = cpu["gateway"][key], cpu["floor"][key], cpu["gateway_over_floor"][key]
-        lines.append(f"| {label} | {_f(g, 0)} | {_f(f, 0)} | {_f(x)}x |")
-    g, f = cpu["gateway"], cpu["floor"]
-    rounds = [" / ".join(f"{v:.0f}" for v in c["us_per_chunk_by_round"]) for c in (g, f)]
-    lines.append(f"| per chunk, each A B B A round alone | {rounds[0]} | {rounds[1]} | |")
-    lines.append(f"| idle burn, ms CPU per s | {_f(g['idle_ms_per_s'], 2)} | {_f(f['idle_ms_per_s'], 2)} | |")
+        a, xa = cpu["asgi"][key], cpu["gateway_over_asgi"][key]
+        lines.append(f"| {label} | {_f(g, 0)} | {_f(f, 0)} | {_f(x)}x | {_f(a, 0)} | {_f(xa)}x |")
+    g, f, a = cpu["gateway"], cpu["floor"], cpu["asgi"]
+    rounds = [" / ".join(f"{v:.0f}" for v in c["us_per_chunk_by_round"]) for c in (g, f, a)]
+    lines.append(f"| per chunk, each A B B A round alone | {rounds[0]} | {rounds[1]} | | {rounds[2]} | |")
+    idle = [_f(c["idle_ms_per_s"], 2) for c in (g, f, a)]
+    lines.append(f"| idle burn, ms CPU per s | {idle[0]} | {idle[1]} | | {idle[2]} | |")
     for key, label in (("kernel_share_plain", "plain"), ("kernel_share_stream", "streams")):
-        lines.append(f"| kernel share of CPU, {label} | {g[key]:.0%} | {f[key]:.0%} | |")
+        lines.append(f"| kernel share of CPU, {label} | {g[key]:.0%} | {f[key]:.0%} | | {a[key]:.0%} | |")
     clients = summary.get("clients")
     if clients:
         lines += ["", "Upstream client alone, client-side CPU, µs (min / median of runs):", ""]
@@ -795,11 +815,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commit = git("rev-parse", "--short", "HEAD")
     dirty = bool(git("status", "--porcelain", "--", "gateway")) if args.gateway_src == ROOT else None
     py = sys.executable
-    sim_port, gw_port, floor_port = free_port(), free_port(), free_port()
+    sim_port, gw_port, floor_port, asgi_port = free_port(), free_port(), free_port(), free_port()
     urls = {
         "direct": f"http://127.0.0.1:{sim_port}",
         "gateway": f"http://127.0.0.1:{gw_port}",
         "floor": f"http://127.0.0.1:{floor_port}",
+        "asgi": f"http://127.0.0.1:{asgi_port}",
     }
     # One simulator for every phase; it generates up to 2x --tokens and max_tokens picks the length.
     sim_flags = ["--ttft", str(args.ttft), "--itl", str(args.itl), "--output-tokens", str(args.tokens * 2)]
@@ -817,6 +838,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (
             PhaseSpec("stream", "floor", long, d2, label="stream-long"),
             PhaseSpec("stream", "floor", short, d2, label="stream-short"),
+        ),
+        (PhaseSpec("plain", "asgi", long, d2),),
+        (
+            PhaseSpec("stream", "asgi", long, d2, label="stream-long"),
+            PhaseSpec("stream", "asgi", short, d2, label="stream-short"),
         ),
     ]
     children: list[Child] = []
@@ -840,10 +866,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor_args = ["--port", str(floor_port), "--upstream", f"127.0.0.1:{sim_port}"]
         floor = Child("floor", [py, "-m", "loadtests.relay_floor", *floor_args])
         children.append(floor)
+        asgi_args = ["--port", str(asgi_port), "--upstream", urls["direct"]]
+        asgi = Child("asgi", [py, "-m", "loadtests.asgi_floor", *asgi_args], src_env)
+        children.append(asgi)
         wait_http(urls["gateway"] + "/ready", gw)
         wait_http(urls["floor"] + "/version", floor)
-        watch = {"gateway": gw.pid, "floor": floor.pid, "sim": sim.pid}
-        print(f"benchmark: sim pid {sim.pid}, gateway pid {gw.pid}, floor pid {floor.pid}", file=sys.stderr)
+        wait_http(urls["asgi"] + "/version", asgi)
+        watch = {"gateway": gw.pid, "floor": floor.pid, "asgi": asgi.pid, "sim": sim.pid}
+        print(
+            f"benchmark: sim pid {sim.pid}, gateway pid {gw.pid}, floor pid {floor.pid}, asgi pid {asgi.pid}",
+            file=sys.stderr,
+        )
         phases = uvloop.run(run_phases(steps, urls, args.rate, args.warmup, watch, headers))
         clients: list[dict[str, Any]] = []
         if args.client_runs > 0:
