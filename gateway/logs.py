@@ -148,7 +148,7 @@ def configure_logging(settings: LoggingSettings) -> None:
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
 
 
-def audit_writer(settings: LoggingSettings) -> Callable[[dict[str, Any]], None] | None:
+def audit_writer(settings: LoggingSettings, sink: Any = None) -> Callable[[dict[str, Any]], None] | None:
     """A writer for the per-request audit line that skips structlog's processor chain.
 
     It writes the line the JSON pipeline above would render (the fields, ``event``,
@@ -157,7 +157,7 @@ def audit_writer(settings: LoggingSettings) -> Callable[[dict[str, Any]], None] 
     """
     if settings.format != "json" or getattr(logging, settings.level.upper()) > logging.INFO:
         return None
-    sink = _sink()
+    sink = sink or _sink()
     now, utc = datetime.datetime.now, datetime.UTC
 
     def write(fields: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import structlog
 from gateway.app import create_app
 from gateway.auth.jwt import issue_token
 from gateway.config import load_settings
+from gateway.logs import audit_writer
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.exchange import Exchange
 
@@ -97,7 +98,22 @@ async def main() -> None:
     async def account_all() -> None:
         loud.record(ex, True)
 
-    results["account: metrics + audit line (rendered, to memory)"] = await _per_call(account_all, 20000)
+    results["account: metrics + audit line via structlog (to memory)"] = await _per_call(account_all, 20000)
+    direct = Accountant(
+        gw.metrics,
+        None,
+        True,
+        set(),
+        set(),
+        write_line=audit_writer(settings.logging, io.StringIO()),  # type: ignore[attr-defined]
+    )
+
+    async def account_direct() -> None:
+        direct.record(ex, True)
+
+    results["account: metrics + audit line, direct writer as served (to memory)"] = await _per_call(
+        account_direct, 20000
+    )
     width = max(len(k) for k in results)
     for name, us in results.items():
         print(f"{name:<{width}}  {us:8.1f} µs")
