@@ -8,9 +8,10 @@ a slow reader, a stream whose closing chunk comes late, and TLS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,21 @@ def backend(url: str) -> Backend:
     return Backend.from_settings(BackendSettings(url=url), ResilienceSettings())
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Handler, ssl_ctx: ssl.SSLContext | None = None, base: str = "http://127.0.0.1"
+) -> AsyncIterator[tuple[Server, UpstreamClient, Backend]]:
+    """The server, a fresh client and the server as a backend; both closed at the end."""
+    srv = Server(handler)
+    port = await srv.start(ssl_ctx)
+    client = UpstreamClient(TimeoutSettings())
+    try:
+        yield srv, client, backend(f"{base}:{port}")
+    finally:
+        await client.close()
+        await srv.stop()
+
+
 def answer(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
         len(body),
@@ -90,11 +106,7 @@ async def test_bodies_by_length_chunked_and_close_reuse_keep_alive() -> None:
                 w.write(answer(b'{"echo": "' + body + b'"}'))
             await w.drain()
 
-    srv = Server(handler)
-    port = await srv.start()
-    client = UpstreamClient(TimeoutSettings())
-    b = backend(f"http://127.0.0.1:{port}")
-    try:
+    async with serving(handler) as (srv, client, b):
         got = []
         for body in (b"one", b"chunked", b"two", b"close", b"three"):
             resp = await client.post(b, b"/v1/x", body, "rid")
@@ -109,9 +121,6 @@ async def test_bodies_by_length_chunked_and_close_reuse_keep_alive() -> None:
         ]
         # One connection for the first four (the fourth ended it), a new one for the fifth.
         assert srv.connections == 2
-    finally:
-        await client.close()
-        await srv.stop()
 
 
 async def test_stale_keep_alive_connection_is_retried_once_on_a_new_one() -> None:
@@ -127,36 +136,23 @@ async def test_stale_keep_alive_connection_is_retried_once_on_a_new_one() -> Non
             w.write(answer(b"fresh"))
             await w.drain()
 
-    srv = Server(handler)
-    port = await srv.start()
-    client = UpstreamClient(TimeoutSettings())
-    b = backend(f"http://127.0.0.1:{port}")
-    try:
+    async with serving(handler) as (srv, client, b):
         resp = await client.post(b, b"/v1/x", b"a", "rid")
         assert await resp.read() == b"first"
         resp.release()
         resp = await client.post(b, b"/v1/x", b"b", "rid")  # on the pooled, doomed connection
         assert await resp.read() == b"first"  # answered on a new connection
         assert srv.connections == 2
-    finally:
-        await client.close()
-        await srv.stop()
 
 
 async def test_fresh_connection_closed_without_answer_is_unavailable() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         await read_request(r)
 
-    srv = Server(handler)
-    port = await srv.start()
-    client = UpstreamClient(TimeoutSettings())
-    try:
+    async with serving(handler) as (srv, client, b):
         with pytest.raises(UpstreamUnavailable, match="closed the connection before answering"):
-            await client.post(backend(f"http://127.0.0.1:{port}"), b"/v1/x", b"a", "rid")
+            await client.post(b, b"/v1/x", b"a", "rid")
         assert srv.connections == 1  # not retried: nothing suggests a stale connection
-    finally:
-        await client.close()
-        await srv.stop()
 
 
 async def test_slow_reader_gets_every_byte_of_a_large_body() -> None:
@@ -169,19 +165,13 @@ async def test_slow_reader_gets_every_byte_of_a_large_body() -> None:
             w.write(blob[i : i + 65536])
             await w.drain()
 
-    srv = Server(handler)
-    port = await srv.start()
-    client = UpstreamClient(TimeoutSettings())
-    try:
-        resp = await client.post(backend(f"http://127.0.0.1:{port}"), b"/v1/x", b"", "rid")
+    async with serving(handler) as (_srv, client, b):
+        resp = await client.post(b, b"/v1/x", b"", "rid")
         parts = []
         while chunk := await resp.read_chunk():
             parts.append(chunk)
             await asyncio.sleep(0.002)
         assert b"".join(parts) == blob
-    finally:
-        await client.close()
-        await srv.stop()
 
 
 async def test_stream_released_at_done_is_pooled_when_its_closing_chunk_arrives() -> None:
@@ -199,11 +189,7 @@ async def test_stream_released_at_done_is_pooled_when_its_closing_chunk_arrives(
             w.write(b"0\r\n\r\n")
             await w.drain()
 
-    srv = Server(handler)
-    port = await srv.start()
-    client = UpstreamClient(TimeoutSettings())
-    b = backend(f"http://127.0.0.1:{port}")
-    try:
+    async with serving(handler) as (srv, client, b):
         for _ in range(3):
             resp = await client.post(b, b"/v1/x", b"{}", "rid")
             assert resp.content_type == "text/event-stream"
@@ -211,9 +197,6 @@ async def test_stream_released_at_done_is_pooled_when_its_closing_chunk_arrives(
             resp.release()
             await asyncio.sleep(0.1)
         assert srv.connections == 1
-    finally:
-        await client.close()
-        await srv.stop()
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -254,20 +237,14 @@ async def test_https_target_verified_against_trusted_roots(
         w.write(answer(b"tls " + body))
         await w.drain()
 
-    srv = Server(handler)
-    port = await srv.start(server_ctx)
-    try:
+    async with serving(handler, server_ctx, "https://localhost") as (_srv, client, b):
         # Not trusted: the certificate is refused, and that is a clean upstream error.
-        client = UpstreamClient(TimeoutSettings())
         with pytest.raises(UpstreamUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
-            await client.post(backend(f"https://localhost:{port}"), b"/v1/x", b"a", "rid")
-        await client.close()
+            await client.post(b, b"/v1/x", b"a", "rid")
         # Trusted through the standard variable (as a private CA would be): served over TLS.
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-        client = UpstreamClient(TimeoutSettings())
-        resp = await client.post(backend(f"https://localhost:{port}"), b"/v1/x", b"b", "rid")
+        trusting = UpstreamClient(TimeoutSettings())
+        resp = await trusting.post(b, b"/v1/x", b"b", "rid")
         assert (resp.status, await resp.read()) == (200, b"tls b")
         resp.release()
-        await client.close()
-    finally:
-        await srv.stop()
+        await trusting.close()
