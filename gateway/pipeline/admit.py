@@ -135,6 +135,8 @@ class Admission:
         """Hand free capacity to waiters; called on release and when replicas become ready."""
         queues = [self.queues[model]] if model is not None and model in self.queues else self.queues.values()
         for q in queues:
+            if not q.waiting:
+                continue  # the common case on release: nobody to hand a slot to
             cap = self.capacity(q.model)
             while q.waiting and q.in_flight < cap:
                 w = self._next(q)
