@@ -128,7 +128,10 @@ class TeamSettings(_Section):
 class RateLimitSettings(_Section):
     storage: str = Field(
         "memory://",
-        description="`memory://` (one process) or `redis://host:port/db` (shared by all replicas).",
+        description=(
+            "`memory://` (one process) or `redis://host:port/db` (shared by all replicas; one Redis "
+            "server or primary, not Redis Cluster)."
+        ),
     )
     on_storage_error: Literal["open", "closed"] = Field(
         "open", description="Redis unreachable: `open` serves (and counts it), `closed` answers 503."
