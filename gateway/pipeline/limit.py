@@ -82,11 +82,18 @@ class Reservation:
 NO_LIMITS = Reservation()
 
 
+_HEADER_NAMES = {
+    kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
+    for kind in ("requests", "tokens")
+}
+
+
 def _limit_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
     return [
-        (b"x-ratelimit-limit-" + kind.encode(), str(limit).encode()),
-        (b"x-ratelimit-remaining-" + kind.encode(), str(remaining).encode()),
-        (b"x-ratelimit-reset-" + kind.encode(), _reset_text(reset).encode()),
+        (limit_name, str(limit).encode()),
+        (remaining_name, str(remaining).encode()),
+        (reset_name, _reset_text(reset).encode()),
     ]
 
 

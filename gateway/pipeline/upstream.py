@@ -72,12 +72,13 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
         self.used = False  # has carried a request before: a failure before any byte may be a stale close
+        self.chunks: deque[bytes] = deque()
         self._reset()
 
     def _reset(self) -> None:
         self.status = 0
         self.content_type = b""
-        self.chunks: deque[bytes] = deque()
+        self.chunks.clear()  # empty already when pooled (put() checks): kept, not re-allocated
         self.buffered = 0
         self.complete = False
         self.keep_alive = False
@@ -232,7 +233,7 @@ def _describe(exc: BaseException) -> str:
 class _Target:
     """One backend URL: where to connect, the request line's prefix, idle connections."""
 
-    __slots__ = ("base", "headers", "host", "idle", "port", "server_hostname", "ssl")
+    __slots__ = ("_posts", "base", "headers", "host", "idle", "port", "server_hostname", "ssl")
 
     def __init__(self, url: str, auth_header: str | None, ssl_context: ssl.SSLContext | None) -> None:
         u = urlsplit(url)
@@ -251,6 +252,21 @@ class _Target:
             head += f"Authorization: {auth_header}\r\n"
         self.headers = head.encode("latin-1")
         self.idle: deque[_Conn] = deque()
+        self._posts: dict[bytes, bytes] = {}
+
+    def post_head(self, path: bytes) -> bytes:
+        """The fixed start of a POST to ``path``, up to the request id's value (built once per path)."""
+        head = self._posts.get(path)
+        if head is None:
+            head = self._posts[path] = (
+                b"POST "
+                + self.base
+                + path
+                + b" HTTP/1.1\r\n"
+                + self.headers
+                + b"Content-Type: application/json\r\nX-Request-Id: "
+            )
+        return head
 
     def take(self, now: float) -> _Conn | None:
         idle = self.idle
@@ -375,11 +391,13 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send the request; return once the response headers have arrived."""
         target = self._target(backend)
-        head = b"POST " + target.base + path + b" HTTP/1.1\r\n" + target.headers
-        head += b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1")
-        if extra_headers:
-            head += b"".join(f"\r\n{k}: {v}".encode("latin-1") for k, v in extra_headers.items())
-        head += b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        extra = "".join(f"\r\n{k}: {v}" for k, v in extra_headers.items()) if extra_headers else ""
+        head = b"".join(
+            (
+                target.post_head(path),
+                f"{request_id}{extra}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1"),
+            )
+        )
         try:
             conn = await self._exchange(target, [head, body])
         except TimeoutError:
