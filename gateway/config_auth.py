@@ -67,7 +67,13 @@ class ApiKeySettings(_Section):
     team: str | None = Field(None, description="Team of the principal.")
     tier: str | None = Field(None, description="Tier of the principal.")
     scopes: list[str] = Field(default_factory=list, description="Scopes granted.")
-    models: list[str] | None = Field(None, description="Models allowed (none: all the team may use).")
+    models: list[str] | None = Field(
+        None,
+        description=(
+            "Models allowed (none: all the team may use). Checked on the model that serves the request "
+            "after task routes and aliases; naming an alias allows the model it resolves to."
+        ),
+    )
     revoked: bool = Field(False, description="A revoked key is answered 401 `revoked_api_key`.")
 
     @model_validator(mode="after")
@@ -111,7 +117,14 @@ class LimitValues(_Section):
 
 
 class TeamSettings(_Section):
-    models: list[str] | None = Field(None, description="Models the team may use (none: all).")
+    models: list[str] | None = Field(
+        None,
+        description=(
+            "Models the team may use (none: all). Checked on the model that serves the request after "
+            "task routes and aliases, whatever the client typed; naming an alias allows the model it "
+            "resolves to. The external fallback is judged on the local model name."
+        ),
+    )
     limits: LimitValues = Field(default_factory=LimitValues, description="Limits on the whole team together.")
     tiers: dict[str, LimitValues] = Field(
         default_factory=dict, description="Per-principal tier limits overridden for this team."

@@ -55,7 +55,8 @@ def build_router(gw: Gateway) -> APIRouter:
     async def visible(request: Request) -> list[dict[str, Any]]:
         """What this caller may use: healthy models and aliases within its allowance."""
         principal = await gw.auth.authenticate(request.scope)
-        return [c for c in cards() if gw.auth.may_use(principal, c["id"], aliases.get(c["id"], c["id"]))]
+        # Listed iff a request naming it would be allowed: judged on the model that would serve it.
+        return [c for c in cards() if gw.auth.may_use(principal, aliases.get(c["id"], c["id"]))]
 
     @router.get("/v1/models", summary="Models the ready backends serve, and aliases")
     async def list_models(request: Request) -> Response:

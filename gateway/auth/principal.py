@@ -14,10 +14,5 @@ class Principal:
     models: frozenset[str] | None  # None: any model the team may use
     via: str  # "jwt" | "api_key" | "anonymous"
 
-    def may_use(self, model: str, team_models: frozenset[str] | None) -> bool:
-        if self.models is not None and model not in self.models:
-            return False
-        return team_models is None or model in team_models
-
 
 ANONYMOUS = Principal("anonymous", None, None, frozenset(), None, "anonymous")

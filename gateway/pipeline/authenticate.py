@@ -27,6 +27,11 @@ class Authenticator:
             name: frozenset(t.models) if t.models is not None else None for name, t in settings.teams.items()
         }
         self._tiers = frozenset(settings.tiers)
+        # served model → the names that allow it: itself and every alias resolving to it
+        names: dict[str, set[str]] = {}
+        for alias, target in settings.routing.aliases.items():
+            names.setdefault(target, {target}).add(alias)
+        self._allowing = {model: frozenset(n) for model, n in names.items()}
 
     async def start(self) -> None:
         if self.jwt is not None and self.jwt.jwks is not None:
@@ -72,11 +77,29 @@ class Authenticator:
         except ApiKeyError as exc:
             raise Unauthenticated(str(exc), code=exc.code) from None
 
-    def may_use(self, principal: Principal, requested: str, resolved: str) -> bool:
-        """The name asked for (an alias, say) or the model it resolves to must be allowed."""
-        team_models = self._team_models.get(principal.team) if principal.team is not None else None
-        return principal.may_use(requested, team_models) or principal.may_use(resolved, team_models)
+    def may_use(self, principal: Principal, served: str) -> bool:
+        """Whether ``principal`` may have ``served`` (the model that will answer) do the work.
 
-    def authorize(self, principal: Principal, requested: str, resolved: str) -> None:
-        if not self.may_use(principal, requested, resolved):
-            raise Forbidden(f"You may not use the model `{requested}`.", param="model")
+        Both the principal's own allowance (API key ``models``, JWT models claim) and its
+        team's ``models`` must allow it. An allowance names served models or aliases; an alias
+        allows the model it resolves to. What the client typed, and the task route or alias
+        that led from it to ``served``, never widens this.
+        """
+        own = principal.models
+        team = self._team_models.get(principal.team) if principal.team is not None else None
+        if own is None and team is None:
+            return True
+        names = self._allowing.get(served)
+        if names is None:
+            return (own is None or served in own) and (team is None or served in team)
+        return (own is None or not own.isdisjoint(names)) and (team is None or not team.isdisjoint(names))
+
+    def authorize(self, principal: Principal, requested: str, served: str) -> None:
+        """Raise Forbidden (403 ``model_not_allowed``) unless ``served`` is allowed (see may_use)."""
+        if self.may_use(principal, served):
+            return
+        if served == requested:
+            raise Forbidden(f"You may not use the model `{served}`.", param="model")
+        raise Forbidden(
+            f"The model `{requested}` is served by `{served}` here, which you may not use.", param="model"
+        )
