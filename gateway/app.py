@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import structlog
 from fastapi import FastAPI
+from jose.exceptions import JOSEError
 
 from gateway.api.router import build_router, install_error_handlers
 from gateway.asgi import Receive, Scope, Send
 from gateway.backends import BackendPool
-from gateway.config import ConfigError, Settings, settings_from_json
+from gateway.config import ConfigError, Settings, settings_from_json, settings_to_json
 from gateway.drain import Drain
 from gateway.errors import MethodNotAllowed
 from gateway.health import HealthPoller
@@ -92,8 +93,12 @@ async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
-    configure_logging(settings.logging)
+def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Gateway:
+    """Everything the app owns, built from the settings but not started (no I/O, no tasks).
+
+    Raises ConfigError (a key, secret or file the settings name is unusable) or the error of
+    the part that could not be built; ``check-config`` calls this so it fails when ``serve`` would.
+    """
     pool = BackendPool(settings.backends, settings.resilience)
     admission = Admission(
         pool,
@@ -102,7 +107,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     )
     metrics = GatewayMetrics(pool, admission, multiprocess_dir)
     upstream = UpstreamClient(settings.timeouts)
-    gateway = Gateway(
+    return Gateway(
         settings=settings,
         pool=pool,
         upstream=upstream,
@@ -118,6 +123,25 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         router=Router(settings.routing),
         fallback=ExternalFallback(settings.external, settings) if settings.external else None,
     )
+
+
+def check_startup(settings: Settings) -> None:
+    """What ``serve`` does with the settings before it listens, minus logging and the socket.
+
+    The worker hand-over (settings as JSON and back), the config hash, and every part of the
+    gateway built. Raises ConfigError or the error ``serve`` would stop with.
+    """
+    try:
+        settings_from_json(settings_to_json(settings))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"the settings cannot be handed to a worker process: {exc}") from exc
+    build_gateway(settings)
+
+
+def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
+    configure_logging(settings.logging)
+    gateway = build_gateway(settings, multiprocess_dir)
+    pool, metrics = gateway.pool, gateway.metrics
     log = structlog.get_logger("gateway")
     if not settings.auth.enabled:
         log.warning(
@@ -176,8 +200,9 @@ def build_authenticator(settings: Settings) -> Authenticator:
     """Load keys and secrets now, so a bad one stops start-up with the key named."""
     try:
         return Authenticator(settings)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"auth: {exc}") from exc
+    except (ValueError, OSError, JOSEError) as exc:
+        # JOSEError: key material that is not a key (a PEM file holding something else, say)
+        raise ConfigError(f"auth: {exc or type(exc).__name__}") from exc
 
 
 def create_app_from_env() -> GatewayApp:
@@ -187,8 +212,6 @@ def create_app_from_env() -> GatewayApp:
 
 def _config_hash(settings: Settings) -> str:
     import hashlib
-
-    from gateway.config import settings_to_json
 
     return hashlib.sha256(settings_to_json(settings).encode()).hexdigest()[:12]
 

@@ -54,6 +54,13 @@ def _serve(args: argparse.Namespace) -> int:
         import shutil
         import tempfile
 
+        from gateway.app import check_startup
+
+        try:
+            check_startup(settings)  # workers build the app out of sight: find a bad config here
+        except ConfigError as exc:
+            print(f"configuration error:\n{exc}", file=sys.stderr)
+            return 2
         os.environ[SETTINGS_ENV] = settings_to_json(settings)
         # Workers are spawned fresh, so they import prometheus-client with this set.
         metrics_dir = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
@@ -79,11 +86,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from gateway.app import build_authenticator
+    from gateway.app import check_startup
 
     try:
         settings = load_settings(args.file)
-        build_authenticator(settings)
+        check_startup(settings)
     except ConfigError as exc:
         print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
         return 2

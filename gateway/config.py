@@ -9,7 +9,7 @@ Nothing else in the code base reads environment variables for configuration.
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -332,12 +332,18 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
 
 def settings_to_json(settings: Settings) -> str:
-    """Serialise with secrets revealed: only for handing settings to worker processes."""
+    """Serialise with secrets revealed: for handing settings to worker processes and the config hash.
+
+    Covers every value type the Settings tree holds (``SecretStr``, ``Path``); the result
+    round-trips through :func:`settings_from_json`. Raises TypeError on a type it does not know.
+    """
     import orjson
 
     def reveal(obj: Any) -> Any:
         if isinstance(obj, SecretStr):
             return obj.get_secret_value()
+        if isinstance(obj, PurePath):
+            return str(obj)
         raise TypeError(type(obj).__name__)
 
     return orjson.dumps(settings.model_dump(), default=reveal).decode()

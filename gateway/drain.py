@@ -7,6 +7,8 @@ lifespan takes SIGTERM/SIGINT over: `/ready` turns 503 at once, new
 proxied requests get 503 + Retry-After, requests and streams in flight run
 to completion (up to ``server.drain_seconds``), and only then is uvicorn's
 original handler called to stop the server. A second signal stops at once.
+Either way the process exits with status 0 once uvicorn has shut down, and the
+last log lines are written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
+import uvicorn
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -30,6 +33,7 @@ class Drain:
         self.since: float | None = None  # monotonic time the drain began
         self._previous: dict[int, Handler] = {}
         self._task: asyncio.Task[None] | None = None
+        self._forced = False  # a second signal: close connections without waiting
         self._log = structlog.get_logger("gateway.drain")
 
     @property
@@ -48,6 +52,7 @@ class Drain:
 
     def _on_signal(self, sig: int) -> None:
         if self.since is not None:  # second signal: stop now
+            self._forced = True
             self._hand_over(sig)
             return
         self.since = time.monotonic()
@@ -72,7 +77,19 @@ class Drain:
             loop.remove_signal_handler(s)
             signal.signal(s, handler)
         previous = self._previous.get(sig)
-        if callable(previous):
+        server = getattr(previous, "__self__", None)
+        if isinstance(server, uvicorn.Server):
+            # Stop uvicorn without handing it the signal: it re-raises the signals it caught once
+            # it has shut down, and a process killed by SIGTERM exits 143 without running its
+            # atexit handlers (the log writer's flush, coverage), losing its last log lines.
+            # Kubernetes and ECS stop containers with SIGTERM: a drained stop is a clean exit 0.
+            forced = self._forced
+            server.should_exit = True
+            server.force_exit = server.force_exit or forced
+            wake = getattr(server, "wake", None)
+            if callable(wake):
+                wake()
+        elif callable(previous):
             previous(sig, None)
         else:
             signal.raise_signal(sig)

@@ -34,5 +34,9 @@ class QuietServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
+        self.wake()
+
+    def wake(self) -> None:
+        """Look at ``should_exit`` now rather than at the next tick (any thread)."""
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)

@@ -1,16 +1,54 @@
 #!/usr/bin/env bash
 # `make run`: the gateway on 127.0.0.1:8080 in front of the bundled vLLM simulator on :8000.
 # With BACKEND=url (or GATEWAY_BACKENDS set) the simulator is skipped and the gateway fronts that vLLM.
+# PORT and SIM_PORT change the two ports.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
+PORT=${PORT:-8080}
+SIM_PORT=${SIM_PORT:-8000}
 if [ -n "${BACKEND:-}" ]; then
-  exec "$BIN/llm-gateway" serve --backend "$BACKEND"
+  exec "$BIN/llm-gateway" serve --port "$PORT" --backend "$BACKEND"
 fi
 if [ -n "${GATEWAY_BACKENDS:-}" ]; then
-  exec "$BIN/llm-gateway" serve
+  exec "$BIN/llm-gateway" serve --port "$PORT"
 fi
-"$BIN/llm-gateway" sim --port 8000 &
+
+# Start the simulator and wait for its own "listening" line: if the port is taken, the gateway must
+# not start in front of whatever already listens there.
+simlog=$(mktemp "${TMPDIR:-/tmp}/llm-gateway-sim.XXXXXX")
+sim=""
+gw=""
+cleanup() {
+  [ -n "$gw" ] && kill "$gw" 2>/dev/null || true
+  [ -n "$sim" ] && kill "$sim" 2>/dev/null || true
+  [ -n "$gw" ] && wait "$gw" 2>/dev/null || true
+  [ -n "$sim" ] && wait "$sim" 2>/dev/null || true
+  rm -f "$simlog"
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+"$BIN/llm-gateway" sim --port "$SIM_PORT" > >(tee "$simlog") 2>&1 &
 sim=$!
-trap 'kill "$sim" 2>/dev/null || true' EXIT INT TERM
-echo "vLLM simulator on http://127.0.0.1:8000 (pid $sim); gateway on http://127.0.0.1:8080"
-"$BIN/llm-gateway" serve --backend http://127.0.0.1:8000
+for _ in $(seq 1 300); do
+  if grep -q '"simulator listening"' "$simlog"; then
+    break
+  fi
+  if ! kill -0 "$sim" 2>/dev/null; then
+    echo "error: the vLLM simulator could not listen on 127.0.0.1:$SIM_PORT (is the port taken?);" \
+      "set SIM_PORT, or BACKEND=url to use a running vLLM" >&2
+    sim=""
+    exit 1
+  fi
+  sleep 0.1
+done
+if ! grep -q '"simulator listening"' "$simlog"; then
+  echo "error: the vLLM simulator did not start listening on 127.0.0.1:$SIM_PORT within 30 s" >&2
+  exit 1
+fi
+echo "vLLM simulator on http://127.0.0.1:$SIM_PORT (pid $sim); gateway on http://127.0.0.1:$PORT"
+"$BIN/llm-gateway" serve --port "$PORT" --backend "http://127.0.0.1:$SIM_PORT" &
+gw=$!
+status=0
+wait "$gw" || status=$?
+gw=""
+exit "$status"

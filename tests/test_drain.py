@@ -48,9 +48,7 @@ def test_sigterm_drains_streams_then_exits() -> None:
             assert body.endswith(b"data: [DONE]\n\n")
             assert b'"error"' not in body
         gw.proc.proc.wait(15)  # exits by itself once the streams are done
-        # uvicorn re-raises the captured SIGTERM once it has shut down cleanly (its documented
-        # behaviour), so a clean drain ends with the signal's status.
-        assert gw.proc.proc.returncode in (0, -signal.SIGTERM)
+        assert gw.proc.proc.returncode == 0
         assert "drain finished" in gw.proc.output()
         assert sim.stats()["aborted"] == []  # no stream was cut upstream either
     finally:

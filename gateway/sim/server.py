@@ -499,10 +499,26 @@ async def respond(
 
 
 def run_simulator(args: argparse.Namespace) -> int:
+    """Serve until stopped; 0 on a clean stop, 3 (uvicorn's start-up failure) if it cannot listen.
+
+    Prints ``{"event": "simulator listening", "host", "port"}`` on stdout once the socket is
+    bound, so a script (scripts/run-dev.sh) can tell its own simulator from whatever else may
+    already listen on the port.
+    """
+    import sys
+
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                line = {"event": "simulator listening", "host": args.host, "port": args.port}
+                sys.stdout.write(orjson.dumps(line).decode() + "\n")
+                sys.stdout.flush()
+
     sim = Simulator(config_from_args(args))
-    uvicorn.run(
+    config = uvicorn.Config(
         sim,
         host=args.host,
         port=args.port,
@@ -513,4 +529,9 @@ def run_simulator(args: argparse.Namespace) -> int:
         server_header=True,
         timeout_keep_alive=75,
     )
-    return 0
+    server = Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 3
