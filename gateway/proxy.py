@@ -27,6 +27,7 @@ from gateway.errors import GatewayError, ShuttingDown, sse_error_event
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.attempt import Deadlines, attempt
+from gateway.pipeline.content_log import prompt_text
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.limit import NO_LIMITS, RateLimiter
 from gateway.pipeline.receive import ClientGone, Endpoint, ParsedRequest
@@ -276,23 +277,6 @@ class ProxyEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def prompt_text(body: dict[str, Any]) -> str:
-    """The request's text for content logging (messages joined, or the prompt)."""
-    if "messages" in body:
-        parts = []
-        for m in body["messages"]:
-            c = m.get("content")
-            text = (
-                c
-                if isinstance(c, str)
-                else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
-            )
-            parts.append(f"{m.get('role')}: {text}")
-        return "\n".join(parts)
-    p = body.get("prompt", body.get("input", ""))
-    return p if isinstance(p, str) else orjson.dumps(p).decode()
 
 
 def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int | None:
