@@ -1,6 +1,10 @@
 """JWT verification with python-jose (cryptography backend).
 
-Algorithms come from config, never from the token. `exp` is required;
+Algorithms come from config, never from the token, and so do keys (a token's
+`jku`, `x5u`, `jwk` or `x5c` is never followed). Headers and payloads are parsed
+strictly before python-jose sees them: duplicate member names, `crit` (no
+extension is implemented, so any critical one is unknown) and `b64` are refused,
+and `exp`/`nbf`/`iat` must be JSON numbers (RFC 7515, 7519, 8725). `exp` is required;
 `nbf`/`iat` are honoured with a leeway; `iss` and `aud` are required when
 configured (python-jose would pass a token without `aud` even when an
 audience is given, so ``require_aud`` is set explicitly).
@@ -12,6 +16,8 @@ a signature check costs far more than a dict lookup.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 import time
@@ -92,13 +98,12 @@ class JwtVerifier:
             raise TokenError("The bearer token is too long.")
         if token.count(".") != 2:
             raise TokenError("The bearer token is not a JWT.")
-        try:
-            header = jose_jwt.get_unverified_header(token)
-        except JWTError:
-            raise TokenError("The token header cannot be decoded.") from None
-        alg = header.get("alg") if isinstance(header, dict) else None
+        header, payload = _decode_segments(token)
+        alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._allowed:
             raise TokenError(f"Token algorithm {str(alg)[:10]!r} is not accepted.")
+        _check_header(header)
+        _check_dates(payload)
         key = await self._key(header.get("kid"), alg)
         try:
             claims: dict[str, Any] = jose_jwt.decode(
@@ -131,9 +136,9 @@ class JwtVerifier:
         return principal
 
     async def _key(self, kid: Any, alg: str) -> Key:
+        if kid is not None and not isinstance(kid, str):
+            raise TokenError("The token's `kid` is not a string.")
         if self.jwks is not None:
-            if kid is not None and not isinstance(kid, str):
-                raise TokenError("The token's `kid` is not a string.")
             try:
                 key = await self.jwks.key_for(kid, alg)
             except JwksUnavailable:
@@ -171,6 +176,77 @@ class JwtVerifier:
             models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
             via="jwt",
         )
+
+
+def _decode_segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and payload of a compact JWS, parsed strictly.
+
+    Duplicate member names are refused (RFC 7515 section 5.2 allows refusing them, and a
+    token whose readers could disagree on its `alg` or `sub` must not pass), and so are
+    NaN/Infinity, which are not JSON. Raises TokenError.
+    """
+    head, payload, _ = token.split(".")
+    return _json_object(head, "header"), _json_object(payload, "payload")
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError):
+        raise TokenError(f"The token {what} cannot be decoded.") from None
+    if not isinstance(value, dict):
+        raise TokenError(f"The token {what} is not a JSON object.")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate member name")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Header parameters that change how a token must be processed, none of which this verifier
+# implements: `crit` lists extensions a recipient must understand or reject the token (RFC 7515
+# section 4.1.11); `b64: false` (RFC 7797) signs the payload unencoded and requires `crit`.
+_UNSUPPORTED_HEADERS = ("crit", "b64")
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """Refuse what RFC 7515/8725 say a recipient that does not understand it must refuse.
+
+    `jku`, `x5u`, `jwk` and `x5c` need no check: keys come only from the configuration or its
+    JWKS URL, never from the token (RFC 8725 section 3.10), so a token naming its own key is
+    verified against ours and fails.
+    """
+    for name in _UNSUPPORTED_HEADERS:
+        if name in header:
+            raise TokenError(f"The token's header uses `{name}`, which this gateway does not support.")
+
+
+_DATE_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _check_dates(payload: dict[str, Any]) -> None:
+    """`exp`, `nbf`, `iat` must be NumericDate: a JSON number (RFC 7519 section 2), finite.
+
+    python-jose would take a string ("9999999999") through int(); a boolean is a number to
+    Python but not to JSON.
+    """
+    for name in _DATE_CLAIMS:
+        if name in payload:
+            value = payload[name]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not math.isfinite(value))
+            ):
+                raise TokenError(f"The token's `{name}` claim is not a number.")
 
 
 def issue_token(
