@@ -17,10 +17,11 @@ import structlog
 from fastapi import FastAPI
 from jose.exceptions import JOSEError
 
+from gateway import local_only
 from gateway.api.router import build_router, install_error_handlers
 from gateway.asgi import Receive, Scope, Send
 from gateway.backends import BackendPool
-from gateway.config import ConfigError, Settings, settings_from_json, settings_to_json
+from gateway.config import ConfigError, Settings, is_loopback, settings_from_json, settings_to_json
 from gateway.drain import Drain
 from gateway.errors import MethodNotAllowed
 from gateway.health import HealthPoller
@@ -79,6 +80,22 @@ class GatewayApp:
                     await _send_plain_error(send, MethodNotAllowed(f"Use POST for {scope['path']}."))
                     return
         await self.api(scope, receive, send)
+
+
+class LocalOnlyGatewayApp(GatewayApp):
+    """The app in no-auth loopback mode: refuses browsers' cross-site and rebinding requests.
+
+    A subclass rather than a check in GatewayApp, so the hot path with authentication
+    configured carries none of it (gateway/local_only.py says what is refused and why).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in local_only.PROBES:
+            refused = local_only.refusal(scope)
+            if refused is not None:
+                await local_only.send_refusal(send, refused)
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
@@ -193,6 +210,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     routes = {
         ep.path.decode(): ProxyEndpoint(ep, gateway, accountant) for ep in (CHAT, COMPLETIONS, EMBEDDINGS)
     }
+    if not settings.auth.enabled and is_loopback(settings.server.host):
+        return LocalOnlyGatewayApp(gateway, api, routes)
     return GatewayApp(gateway, api, routes)
 
 

@@ -222,7 +222,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secure_by_default(self) -> Settings:
-        loopback = _is_loopback(self.server.host)
+        loopback = is_loopback(self.server.host)
         if not self.auth.enabled and not loopback and not self.server.allow_unauthenticated:
             raise ValueError(
                 f"server.host is {self.server.host} but no authentication is configured: configure "
@@ -266,7 +266,8 @@ class Settings(BaseSettings):
         return v
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is loopback only (``localhost`` or a loopback IP)."""
     if host == "localhost":
         return True
     try:

@@ -55,7 +55,9 @@ def test_metrics_count_requests_tokens_and_latency(gateway: Gateway) -> None:
             model="tiny", messages=[{"role": "user", "content": "a b"}], max_tokens=2, stream=True
         )
     )  # type: ignore[arg-type]
-    httpx.post(gateway.v1 + "/chat/completions", content=b"{bad json")
+    httpx.post(
+        gateway.v1 + "/chat/completions", content=b"{bad json", headers={"content-type": "application/json"}
+    )
     body = httpx.get(gateway.url + "/metrics").text
     fams = {f.name: f for f in text_string_to_metric_families(body)}
     reqs = {

@@ -1,0 +1,119 @@
+"""No-auth loopback mode: only this machine's own clients, not a browser tricked into calling.
+
+A gateway without authentication binds loopback only (gateway/config.py), but a web page the
+user visits can still reach a loopback port through the user's browser: by DNS rebinding (the
+attacker's name re-resolves to 127.0.0.1, so the request carries ``Host: attacker.example``)
+or by a cross-site request a browser sends without a CORS preflight (a form POST, or
+``fetch`` with ``Content-Type: text/plain``). Like Redis's protected mode, this mode then
+accepts only:
+
+* a ``Host`` naming loopback (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port): else 421;
+* no ``Origin``, or a loopback one: else 403;
+* for requests with a body, ``Content-Type: application/json``, which a cross-site page
+  cannot send without a preflight this gateway never answers: else 403.
+
+Probes (``/live``, ``/ready``, ``/health``, ``/metrics``) stay open to any Host: Kubernetes
+probes and Prometheus address a pod by its IP, and they only read.
+With authentication configured none of this runs: a credential is what a browser lacks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from gateway.asgi import Scope, Send
+from gateway.errors import GatewayError
+
+PROBES = frozenset({"/live", "/ready", "/health", "/metrics"})
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class MisdirectedRequest(GatewayError):
+    status = 421
+    type = "invalid_request_error"
+    code = "host_not_allowed"
+    reason = "auth"
+
+
+class CrossSiteRefused(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "cross_site_request"
+    reason = "auth"
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, a 127.0.0.0/8 address or ``[::1]``, each with an optional numeric port."""
+    host = host.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0 or (host[end + 1 :] and not _port(host[end + 1 :])):
+            return False
+        name = host[1:end]
+        try:
+            return ipaddress.IPv6Address(name).is_loopback
+        except ValueError:
+            return False
+    name, colon, port = host.partition(":")
+    if colon and not _port(":" + port):
+        return False
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _port(text: str) -> bool:
+    return len(text) > 1 and text[0] == ":" and text[1:].isdigit() and len(text) <= 6
+
+
+def refusal(scope: Scope) -> GatewayError | None:
+    """Why this request must be refused in no-auth loopback mode, or None."""
+    host = origin = content_type = None
+    for key, value in scope["headers"]:
+        if key == b"host":
+            host = value
+        elif key == b"origin":
+            origin = value
+        elif key == b"content-type":
+            content_type = value
+    if host is None or not is_loopback_host(host.decode("latin-1")):
+        return MisdirectedRequest(
+            "This gateway runs without authentication and answers only requests addressed to "
+            "localhost, 127.0.0.1 or [::1]."
+        )
+    if origin is not None:
+        scheme, sep, rest = origin.decode("latin-1").partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not is_loopback_host(rest):
+            return CrossSiteRefused(
+                "This gateway runs without authentication and refuses requests from web pages "
+                "that are not served from this machine (Origin)."
+            )
+    if scope["method"] not in _BODILESS:
+        media = (content_type or b"").split(b";", 1)[0].strip().lower()
+        if media != b"application/json":
+            return CrossSiteRefused(
+                "This gateway runs without authentication: send the body with "
+                "`Content-Type: application/json` (a browser cannot send that cross-site "
+                "without a preflight).",
+                code="unsupported_content_type",
+            )
+    return None
+
+
+async def send_refusal(send: Send, exc: GatewayError) -> None:
+    """The OpenAI-shaped error response for a refused request."""
+    body = exc.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
