@@ -14,7 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import METRICS_DIR_ENV, SETTINGS_ENV, create_app
-    from gateway.server import QuietServer
+    from gateway.server import ListenerLimits, QuietServer, http_protocol
 
     overrides: dict[str, Any] = {}
     server: dict[str, Any] = {}
@@ -38,7 +38,10 @@ def _serve(args: argparse.Namespace) -> int:
         "host": s.host,
         "port": s.port,
         "loop": "uvloop",
-        "http": "httptools",
+        # httptools, with limits on what a connection may hold before the app sees a request.
+        "http": http_protocol(
+            ListenerLimits(s.max_header_bytes, s.header_timeout, s.body_timeout, s.max_connections)
+        ),
         "log_config": None,
         "access_log": False,
         "server_header": False,

@@ -60,6 +60,39 @@ class ServerSettings(_Section):
         ge=0,
         description="On SIGTERM, how long in-flight requests may run before the process exits.",
     )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description=(
+            "Largest request head (request line and headers) accepted; a larger one is answered 431 "
+            "and the connection closed. Bounds the memory a connection holds before authentication."
+        ),
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds a client has to send a whole request head, from its first byte (or from "
+            "connecting); then 408 and the connection is closed (slowloris)."
+        ),
+    )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds a client has to send a whole request body once its head has arrived; then the "
+            "connection is closed."
+        ),
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "Open client connections per worker process; one more is answered 503 (Retry-After: 1) "
+            "and closed at once. Counts idle keep-alive connections too."
+        ),
+    )
 
 
 class BackendSettings(_Section):
@@ -195,7 +228,22 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    server: ServerSettings = Field(default_factory=ServerSettings)
+    server: ServerSettings = Field(
+        default_factory=ServerSettings,
+        description=(
+            "The listener. Its own limits bound what one connection can cost before authentication: "
+            "the request head's size (`max_header_bytes`) and time (`header_timeout`), the body's "
+            "time (`body_timeout`) and the number of open connections (`max_connections`). They are "
+            "per process and blind to who the client is, so exposed beyond a trusted network the "
+            "gateway still needs an ingress or load balancer in front for what it cannot do: TLS, "
+            "per-client connection and request-rate limits (otherwise one client can take every "
+            "connection slot), a cap on the rate of new connections, and buffering of slow uploads. "
+            "Without authentication it binds loopback only and refuses browser cross-site and DNS "
+            "rebinding requests (a `Host` or `Origin` that is not loopback, or a body that is not "
+            "`application/json`); the probes `/live`, `/ready`, `/health` and `/metrics` answer any "
+            "`Host`."
+        ),
+    )
     backends: Annotated[list[BackendSettings], NoDecode] = Field(
         default_factory=lambda: [BackendSettings(url=DEFAULT_BACKEND)],
         description=(

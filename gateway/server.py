@@ -1,11 +1,19 @@
-"""The uvicorn server the gateway runs in (one worker; with several, uvicorn's own)."""
+"""The uvicorn server the gateway runs in (one worker; with several, uvicorn's own), and the
+HTTP protocol with the listener's own limits (every worker)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import error_body
 
 
 class QuietServer(uvicorn.Server):
@@ -40,3 +48,170 @@ class QuietServer(uvicorn.Server):
         """Look at ``should_exit`` now rather than at the next tick (any thread)."""
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """What one client connection may cost (``server.*`` settings); bytes and seconds."""
+
+    max_header_bytes: int
+    header_timeout: float
+    body_timeout: float
+    max_connections: int
+
+
+def _response(status: bytes, message: str, code: str, extra: bytes = b"") -> bytes:
+    body = error_body(message, "invalid_request_error", None, code)
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n"
+        + extra
+        + b"connection: close\r\n\r\n"
+        + body
+    )
+
+
+_TOO_LARGE = b"431 Request Header Fields Too Large"
+_TIMEOUT = b"408 Request Timeout"
+_BUSY = b"503 Service Unavailable"
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits of its own on what a client may hold.
+
+    httptools (llhttp) has no limit on the size of a request head: it accumulates a header
+    value across reads for as long as the client sends, and uvicorn has no timeout for a head
+    or body that never completes (its keep-alive timer is cancelled by the first byte). So 40
+    connections each sending an endless header held 600 MB before any authentication. Here:
+
+    * the bytes read while a head is incomplete are counted; past ``max_header_bytes`` the
+      client gets 431 and the connection is closed (memory per connection: the limit plus one
+      read, at most 256 KiB with uvloop);
+    * a head must be complete within ``header_timeout`` of its first byte (or of the connection
+      opening), else 408 and close; a body within ``body_timeout`` of its head, else close (the
+      application then sees ``http.disconnect``);
+    * beyond ``max_connections`` open connections, a new one is answered 503 and closed.
+
+    Per request this costs two timer arms and cancels on the event loop and an integer add
+    per read; nothing runs per header.
+    """
+
+    def __init__(self, *args: Any, limits: ListenerLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+        self._head_bytes = 0
+        self._in_head = True
+        self._guard: asyncio.TimerHandle | None = None
+        self._refused = False  # answered and closing: ignore the rest of what was read
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self._limits.max_connections:
+            transport.write(
+                _response(
+                    _BUSY,
+                    "Too many open connections to this gateway; retry shortly.",
+                    "too_many_connections",
+                    b"retry-after: 1\r\n",
+                )
+            )
+            transport.close()
+            return
+        self._guard = self.loop.call_later(self._limits.header_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_head:
+            super().data_received(data)
+            return
+        self._head_bytes += len(data)
+        super().data_received(data)
+        if (
+            self._in_head
+            and self._head_bytes > self._limits.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._refuse(
+                _TOO_LARGE,
+                f"The request head exceeds {self._limits.max_header_bytes} bytes.",
+                "request_header_fields_too_large",
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._guard is None:  # the first byte of a request on a kept-alive connection
+            self._guard = self.loop.call_later(self._limits.header_timeout, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head = False
+        self._disarm()
+        # A head that ended inside the read that crossed the limit: measure the head itself (a
+        # body may share that read). Only then: nothing per header on the usual path.
+        if (
+            self._head_bytes > self._limits.max_header_bytes
+            and self._head_size() > self._limits.max_header_bytes
+        ):
+            self._refuse(
+                _TOO_LARGE,
+                f"The request head exceeds {self._limits.max_header_bytes} bytes.",
+                "request_header_fields_too_large",
+            )
+            return
+        super().on_headers_complete()
+        if not self.pipeline:  # a queued request's body is not read until its turn comes
+            self._guard = self.loop.call_later(self._limits.body_timeout, self._body_timed_out)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        self._disarm()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
+
+    def _head_size(self) -> int:
+        # request line and `name: value\r\n` per header, as received (names lower-cased, same length)
+        return len(self.url) + 16 + sum(len(n) + len(v) + 4 for n, v in self.headers)
+
+    def _refuse(self, status: bytes, message: str, code: str) -> None:
+        self._disarm()
+        self._refused = True
+        self._in_head = False
+        self.transport.write(_response(status, message, code))
+        self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        self._guard = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:
+            self._refuse(_TIMEOUT, "The request head was not received in time.", "request_timeout")
+        else:
+            self.transport.close()  # never said anything: nothing to answer
+
+    def _body_timed_out(self) -> None:
+        self._guard = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def http_protocol(limits: ListenerLimits) -> Callable[..., GuardedHttpToolsProtocol]:
+    """uvicorn's ``http=`` value: the guarded protocol with these limits (picklable for workers)."""
+    return functools.partial(GuardedHttpToolsProtocol, limits=limits)
