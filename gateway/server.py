@@ -4,8 +4,9 @@ HTTP protocol with the listener's own limits (every worker)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -43,6 +44,19 @@ class QuietServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self.wake()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, without re-raising the caught SIGTERM/SIGINT once shut down.
+
+        Re-raised, the signal kills the process (status 143) before its atexit handlers run:
+        the log writer's last lines and coverage data are lost. A stop asked for by a signal
+        (before the drain takes signals over at start-up, or after it hands them back) is a
+        clean exit here.
+        """
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
     def wake(self) -> None:
         """Look at ``should_exit`` now rather than at the next tick (any thread)."""
