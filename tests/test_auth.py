@@ -440,7 +440,7 @@ HS_ATTACKS = [
         None,
         id="alg-object",
     ),
-    pytest.param(lambda: "A" * 65536, None, id="oversized-garbage-64k"),
+    pytest.param(lambda: "A" * 60_000, None, id="oversized-garbage-60k"),  # within server.max_header_bytes
     pytest.param(lambda: hs(claims(pad="x" * 9000)), None, id="oversized-but-validly-signed"),
 ]
 
