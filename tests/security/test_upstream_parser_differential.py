@@ -22,9 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import TimeoutSettings
 from gateway.errors import UpstreamError, UpstreamUnavailable
-from gateway.pipeline.upstream import UpstreamClient, UpstreamResponse, _Conn, _Target
+from gateway.pipeline.upstream import UpstreamResponse, _Conn, _Target
 from tests.test_upstream_client import answer, read_request, serving
 
 
@@ -340,5 +339,3 @@ def test_reference_agrees_on_the_plain_cases() -> None:
         wire = Wire((data,), eof=False)
         assert reference(wire) == want
         assert asyncio.run(ours_in_process(wire)) == want
-
-
