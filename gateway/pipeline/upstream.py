@@ -221,7 +221,7 @@ class _Conn(asyncio.Protocol):
                 self._stop_end_wait()
                 self._wake()
                 return
-            self._fail(_Closed(_closed_message(exc)))
+            self._fail(_Closed(BROKE_OFF))  # closed or reset: the same to the client
         self._stop_end_wait()
 
     def eof_received(self) -> bool | None:
@@ -423,12 +423,6 @@ class UpstreamResponse:
         ``body_consumed()``, when its last framing bytes arrive; otherwise it is closed.
         """
         self._conn.release(self._pool, self._at_end)
-
-
-def _closed_message(exc: BaseException | None) -> str:
-    if exc is None:
-        return BROKE_OFF
-    return f"The connection to the backend failed ({_plain(exc)}) before its response was complete."
 
 
 def _plain(exc: BaseException) -> str:
