@@ -279,3 +279,26 @@ def test_gateway_sends_a_post_once_when_the_backend_broke_off_after_a_byte() -> 
     finally:
         gw.stop()
         backend_.stop()
+
+
+async def test_a_response_ends_once_so_its_connection_is_pooled_once() -> None:
+    """A second release() (or a late close()) must not pool the connection twice or close it
+    under the next exchange: each later request gets a connection of its own."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            body = await read_request(r)
+            w.write(answer(body))
+            await w.drain()
+
+    async with serving(handler) as (srv, client, b), asyncio.timeout(10):
+        resp = await client.post(b, b"/v1/x", b"a", "rid")
+        assert await resp.read() == b"a"
+        resp.release()
+        resp.release()
+        one, two = await asyncio.gather(
+            client.post(b, b"/v1/x", b"b", "rid"), client.post(b, b"/v1/x", b"c", "rid")
+        )
+        resp.close()  # late: must not touch the connection someone else now uses
+        assert (await one.read(), await two.read()) == (b"b", b"c")
+        assert srv.connections == 2
