@@ -19,6 +19,7 @@ from typing import Any
 
 import h11
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -283,10 +284,12 @@ async def ours_over_sockets(wire: Wire) -> Verdict:
     return Verdict(status, body, complete, reused.is_set())
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(wires())
-def test_client_over_sockets_matches_h11(wire: Wire) -> None:
-    assert asyncio.run(ours_over_sockets(wire)) == reference(wire)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # the gateway runs on uvloop
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wire=wires())
+def test_client_over_sockets_matches_h11(loop: str, wire: Wire) -> None:
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(ours_over_sockets(wire)) == reference(wire)
 
 
 # ---------------------------------------------------------------------------------- RFC 9110 rules
