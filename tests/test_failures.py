@@ -92,7 +92,7 @@ def test_mid_stream_drop_ends_with_error_event_and_done(fgw: Gateway, fault: obj
     events = sse_events(fgw, BODY)
     assert len(events) >= 4  # role chunk and three tokens made it through
     err = assert_ends_with_error(events, "upstream_error")
-    assert "broke off" in str(err["message"])
+    assert err["message"] == "The backend closed the connection before finishing its response."
 
 
 def test_mid_stream_drop_raises_in_the_sdk(fgw: Gateway, fault: object) -> None:
@@ -250,7 +250,7 @@ def test_backend_that_closes_without_answering_is_clean_error() -> None:
         assert ready.status_code == 503
         reason = str(ready.json()["reason"])
         # A close before the answer, or a reset, depending on when the cut lands.
-        assert any(n in reason for n in ("closed the connection", "ConnectionReset")), reason
+        assert any(n in reason for n in ("closed the connection", "connection reset")), reason
     finally:
         gw.stop()
         stop.set()

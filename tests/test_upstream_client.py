@@ -194,6 +194,7 @@ async def test_stream_released_at_done_is_pooled_when_its_closing_chunk_arrives(
             resp = await client.post(b, b"/v1/x", b"{}", "rid")
             assert resp.content_type == "text/event-stream"
             assert await resp.read_chunk() == event
+            resp.body_consumed()
             resp.release()
             await asyncio.sleep(0.1)
         assert srv.connections == 1

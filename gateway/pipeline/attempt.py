@@ -50,6 +50,7 @@ async def attempt(
     t = settings.timeouts
     with on_backend(backend, ex):
         resp: UpstreamResponse | None = None
+        finished = False  # the exchange ran to its end: only then may the connection be pooled
         try:
             # One timer for the exchange: the first-byte deadline until vLLM's headers arrive, then
             # the total one (streams keep their own idle/total watchdog in relay_sse).
@@ -77,6 +78,7 @@ async def attempt(
                     )
                 else:
                     await relay_json(resp, send, ex, rid)
+                finished = True
         except TimeoutError:
             if resp is None:
                 err = UpstreamTimeout(
@@ -91,7 +93,7 @@ async def attempt(
         finally:
             if resp is not None:
                 ex.upstream_done = time.perf_counter()
-                if ex.disconnected or ex.reason or resp.status >= 500:
+                if not finished or ex.disconnected or ex.reason or resp.status >= 500:
                     resp.close()
                 else:
                     resp.release()

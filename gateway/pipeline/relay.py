@@ -212,6 +212,7 @@ async def relay_sse(
                     last_event = now
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if saw_done:
+                    resp.body_consumed()  # the connection may be pooled once its last chunk arrives
                     break
             dog.last = loop.time()
             data = await resp.read_chunk()

@@ -9,8 +9,18 @@ plain request (docs/benchmarks.md). Here a request is one pre-built header
 block and one write; the response is the parser's callbacks filling a buffer.
 
 It speaks only what a gateway needs from vLLM and OpenAI-compatible providers:
-POST and GET, bodies by Content-Length or chunked, TLS for https:// URLs. No
-redirects, cookies, proxies or decompression (Accept-Encoding is not sent).
+POST and GET (never HEAD), bodies by Content-Length, chunked or until the
+connection closes, TLS for https:// URLs. Interim 1xx responses are skipped
+(RFC 9110 §15.2); a 101 is an error. No redirects, cookies, proxies or
+decompression (Accept-Encoding is not sent).
+
+Connection reuse follows RFC 9112 §9.3 the way h11 does, and is proven against h11
+(tests/security/test_upstream_parser_differential.py): a connection goes back to
+the pool only when its response ended exactly at the last byte received, on
+HTTP/1.1 without ``Connection: close``. Each exchange gets a fresh parser, and a
+connection that receives anything (a byte or EOF) while no exchange is running on
+it is closed: a backend that writes a stray response can never have it read as
+the next request's answer.
 
 The rest of the gateway sees ``UpstreamClient`` and ``UpstreamResponse``:
 swapping the client means rewriting this module only.
@@ -19,6 +29,8 @@ swapping the client means rewriting this module only.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -30,11 +42,25 @@ from gateway.backends import Backend
 from gateway.config import TimeoutSettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
+try:  # bytes waiting in the kernel for a pooled connection: a plain-TCP check, POSIX only
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # pragma: no cover - Windows
+    _FIONREAD = None
+
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s: reuse ours for less than that,
 # so a request never races the server's close of the connection it picked.
 IDLE_REUSE_SECONDS = 4.0
 HIGH_WATER = 256 * 1024  # stop reading from vLLM while this much is buffered and unread
 MAX_IDLE_PER_TARGET = 256
+# A stream relayed to its `data: [DONE]` waits this long for the zero-length chunk that ends the
+# HTTP message before its connection is dropped instead of pooled.
+END_WAIT_SECONDS = 2.0
+
+BROKE_OFF = "The backend closed the connection before finishing its response."
+_NO_BYTES = b"\0\0\0\0"
 
 
 class ProbeFailed(Exception):
@@ -42,25 +68,44 @@ class ProbeFailed(Exception):
 
 
 class _Closed(Exception):
-    """The connection ended before the response did."""
+    """The connection ended before the response did; the message is plain English."""
+
+
+class _Stop(Exception):
+    """Raised by a parser callback to stop parsing; the callback has recorded the outcome."""
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection and the response currently arriving on it."""
+    """One keep-alive connection and the exchange currently running on it.
+
+    Life of an exchange: ``begin()`` (fresh parser, ``reading``), the final response's
+    headers resolve ``headers``, body bytes fill ``chunks``, ``on_message_complete`` sets
+    ``complete`` and ``_settle`` decides ``reusable`` (the message ended exactly at the last
+    byte received, on a keep-alive connection). Bytes or EOF while not ``reading`` close it.
+    """
 
     __slots__ = (
         "_paused",
         "_waiter",
+        "answered",
         "buffered",
+        "chunked",
         "chunks",
         "complete",
+        "connection_header",
         "content_type",
+        "end_timer",
         "exc",
+        "fd",
+        "final",
         "headers",
         "idle_since",
+        "interim",
         "keep_alive",
         "parser",
+        "reading",
         "release_to",
+        "reusable",
         "status",
         "transport",
         "until_close",
@@ -69,65 +114,182 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.fd = -1  # the socket, for the pending-bytes check on reuse (plain TCP only)
+        self.parser = httptools.HttpResponseParser(self)  # replaced by a fresh one per exchange
         self.idle_since = 0.0
         self.used = False  # has carried a request before: a failure before any byte may be a stale close
         self.chunks: deque[bytes] = deque()
-        self._reset()
-
-    def _reset(self) -> None:
-        self.status = 0
-        self.content_type = b""
-        self.chunks.clear()  # empty already when pooled (put() checks): kept, not re-allocated
         self.buffered = 0
+        self.reading = False  # an exchange is waiting for its response's bytes
+        self.answered = False  # the current exchange received at least one byte
         self.complete = False
-        self.keep_alive = False
-        self.until_close = True  # no Content-Length and not chunked: the body ends with the connection
+        self.reusable = False
         self.exc: BaseException | None = None
         self.headers: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
-        self.release_to: _Target | None = None  # released before its last bytes came: pool it then
+        self.release_to: _Target | None = None  # released at the body's end: pool it when the message ends
+        self.end_timer: asyncio.TimerHandle | None = None
+        self._message_begin()
+
+    def begin(self) -> asyncio.Future[None]:
+        """Start an exchange: a fresh parser; the future resolves when the final headers are in."""
+        self.parser = httptools.HttpResponseParser(self)
+        self.reading = True
+        self.answered = self.complete = self.reusable = self.final = False
+        self.exc = None
+        self.headers = fut = asyncio.get_running_loop().create_future()
+        return fut
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.reading:
+            # Between exchanges, or after the response ended: nothing may arrive now. A late
+            # second response must never become the next request's answer.
+            self._poison()
+            return
+        self.answered = True
+        c = data[0]
+        if (c == 13 or c == 10) and not data.strip(b"\r\n"):
+            # Only line ends (rare: a split right before a message's end). The parser skips
+            # line ends after a message silently, so feed them one at a time to see where it ends.
+            for i in range(len(data)):
+                self._feed(data[i : i + 1])
+                if not self.reading:
+                    return
+                if self.complete:
+                    self._settle(i + 1 == len(data))
+                    return
+            return
+        self._feed(data)
+        if self.complete and self.reading:
+            # After the message, any byte but a line end starts a second one, which
+            # on_message_begin refuses (settled above as not exact); line ends the parser skips
+            # silently, so count them. This packet holds a byte of the message that is not a
+            # line end, so the line ends the message itself ends with are all in it.
+            self._settle(_line_end_run(data) == self._own_line_ends())
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("The backend switched protocols."))
+            self._fail(UpstreamError("The backend switched protocols, which the gateway does not support."))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"The backend sent an invalid HTTP response: {exc}"))
+            if self.complete:
+                self._settle(False)  # bytes after the end of the response
+            elif self.exc is None:
+                self._fail(UpstreamError(f"The backend sent an invalid HTTP response ({exc})."))
+
+    def _own_line_ends(self) -> int:
+        """How many CR/LF bytes end the message just completed.
+
+        A chunked message ends with the last-chunk or trailer line's CRLF and the final CRLF; a
+        message without a body with the header block's CRLF CRLF. A Content-Length body ends
+        with its last byte: its own run of line ends, plus the header block's if the whole body
+        is line ends (then it all arrived in this packet, so it is all in ``chunks``).
+        """
+        if self.chunked or not self.chunks:
+            return 4
+        n = 0
+        for piece in reversed(self.chunks):
+            k = _line_end_run(piece)
+            n += k
+            if k < len(piece):
+                return n
+        return n + 4
+
+    def _settle(self, exact: bool) -> None:
+        """The response is complete: reusable only if it ended exactly at the last byte received."""
+        self.reading = False
+        self.reusable = exact and self.keep_alive
+        if not exact and self.transport is not None:
+            self.transport.close()  # bytes after the end: the stream is out of step, never reuse it
+        target = self.release_to
+        if target is not None:
+            self._stop_end_wait()
+            if self.reusable and not self.chunks:
+                target.put(self)
+            else:
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.complete:
-            return
-        if self.headers is not None and self.headers.done() and self.until_close and exc is None:
-            self.complete = True  # a close-delimited body ended normally
-            self._wake()
-            return
-        self._fail(_Closed(_describe(exc) if exc else "connection closed"))
+        self.reusable = False
+        if self.reading:
+            if self.final and self.until_close and exc is None and self.exc is None:
+                self.reading = False
+                self.complete = True  # a close-delimited body ended normally
+                self._stop_end_wait()
+                self._wake()
+                return
+            self._fail(_Closed(BROKE_OFF))  # closed or reset: the same to the client
+        self._stop_end_wait()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost decides what it meant
 
+    def _poison(self) -> None:
+        self.reading = self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
     # ------------------------------------------------------------ httptools callbacks
+    def _message_begin(self) -> None:
+        self.status = 0
+        self.content_type = b""
+        self.until_close = True  # no Content-Length and not chunked: the body ends with the connection
+        self.chunked = self.connection_header = False
+        self.keep_alive = False
+        self.interim = False
+        self.final = False
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Stop  # a second message after the response: data_received settles it as poisoned
+        self._message_begin()  # the first message, or the final one after a 1xx
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.final:
+            return  # trailer fields: they never change framing or reuse (as h11)
         n = name.lower()
         if n == b"content-type":
             self.content_type = value
-        elif n in (b"content-length", b"transfer-encoding"):
+        elif n == b"content-length":
             self.until_close = False
+        elif n == b"transfer-encoding":
+            self.until_close = False
+            self.chunked = True
+        elif n == b"connection":
+            self.connection_header = True
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if self.status in (204, 304) or 100 <= self.status < 200:
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self._fail(
+                    UpstreamError("The backend switched protocols, which the gateway does not support.")
+                )
+                raise _Stop
+            self.interim = True  # RFC 9110 §15.2: skip interim responses, the final one follows
+            return
+        self.status = status
+        self.final = True
+        # RFC 9112 §9.3: persistent only on HTTP/1.1 without "Connection: close" (h11's rule).
+        # llhttp also keeps HTTP/1.0 with "Connection: keep-alive"; the version costs 0.3 µs
+        # to read, so only when there was a Connection header.
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and self.connection_header:
+            keep_alive = parser.get_http_version() == "1.1"
+        self.keep_alive = keep_alive
+        if status == 204 or status == 304:
             self.until_close = False
-        if self.headers is not None and not self.headers.done():
-            self.headers.set_result(None)
+        h = self.headers
+        if h is not None and not h.done():
+            h.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -138,11 +300,11 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True  # data_received settles whether the connection may be reused
         self._wake()
-        if self.release_to is not None:
-            self.release_to.put(self)
 
     # ------------------------------------------------------------ the response side
     def _wake(self) -> None:
@@ -153,6 +315,7 @@ class _Conn(asyncio.Protocol):
                 w.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        self.reading = self.reusable = False
         if self.exc is None:
             self.exc = exc
         h = self.headers
@@ -184,50 +347,122 @@ class _Conn(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
 
+    def release(self, target: _Target, at_end: bool) -> None:
+        if self.complete and not self.reading:
+            if self.reusable and not self.chunks:
+                target.put(self)
+            else:
+                self.close()
+        elif at_end and self.reading and self.final and not self.chunks and self.release_to is None:
+            # The body was read to its end (vLLM's [DONE]); the zero-length chunk that ends the
+            # message is still on its way: pooled if exactly that arrives, closed otherwise.
+            self.release_to = target
+            self.end_timer = asyncio.get_running_loop().call_later(END_WAIT_SECONDS, self.close)
+        else:
+            self.close()
+
+    def _stop_end_wait(self) -> None:
+        self.release_to = None
+        if self.end_timer is not None:
+            self.end_timer.cancel()
+            self.end_timer = None
+
     def close(self) -> None:
         """Drop the connection (an unfinished response: vLLM aborts the generation)."""
+        self._stop_end_wait()
         if self.transport is not None:
             self.transport.close()
-        self._fail(_Closed("closed by the gateway"))
+        self._fail(_Closed("The gateway closed the connection to the backend."))
+
+
+def _line_end_run(data: bytes) -> int:
+    """How many CR/LF bytes end ``data`` (no copy when none do)."""
+    return len(data) - len(data.rstrip(b"\r\n"))
 
 
 class UpstreamResponse:
-    """A started upstream response: status and content type known, body not yet read."""
+    """A started upstream response: status and content type known, body not yet read.
 
-    __slots__ = ("_conn", "_pool", "content_type", "status")
+    End it with exactly one of ``release()`` (the exchange succeeded) or ``close()``.
+    """
+
+    __slots__ = ("_at_end", "_conn", "_ended", "_pool", "content_type", "status")
 
     def __init__(self, conn: _Conn, pool: _Target) -> None:
         self._conn = conn
         self._pool = pool
+        self._at_end = False
+        self._ended = False  # released or closed: the connection may carry someone else's exchange now
         self.status = conn.status
         self.content_type = conn.content_type.decode("latin-1") or "application/json"
 
     async def read(self) -> bytes:
+        """The whole body. Raises UpstreamError if the connection ends first."""
         parts: list[bytes] = []
         while chunk := await self.read_chunk():
             parts.append(chunk)
         return b"".join(parts)
 
     async def read_chunk(self) -> bytes:
-        """Whatever bytes have arrived (at least one); b"" at end of stream."""
+        """Whatever bytes have arrived (at least one); b"" at end of body.
+
+        Raises UpstreamError (plain-English message) when the connection ends first.
+        """
         try:
             return await self._conn.next_chunk()
-        except (_Closed, OSError) as exc:
-            raise UpstreamError(f"The backend broke off its response: {_describe(exc)}") from None
+        except _Closed as exc:
+            raise UpstreamError(str(exc)) from None
+        except OSError:
+            raise UpstreamError(BROKE_OFF) from None
+
+    def body_consumed(self) -> None:
+        """Declare the body read to the end its payload defines (an SSE stream's ``data: [DONE]``).
+
+        ``release()`` may then pool a connection whose HTTP message has not ended yet: when the
+        message's remaining framing (the zero-length chunk) arrives, and nothing else with it.
+        """
+        self._at_end = True
 
     def close(self) -> None:
         # Closing (not releasing) an unfinished response drops the connection,
         # which is how vLLM learns to abort the generation.
-        self._conn.close()
+        if not self._ended:
+            self._ended = True
+            self._conn.close()
 
     def release(self) -> None:
-        """Back to the pool if the response was read to its end on a reusable connection."""
-        self._pool.put(self._conn)
+        """End a successful exchange: the connection goes back to the pool only if the response
+        ended cleanly (complete, exactly at its last byte, keep-alive), or, after
+        ``body_consumed()``, when its last framing bytes arrive; otherwise it is closed.
+        """
+        if not self._ended:
+            self._ended = True
+            self._conn.release(self._pool, self._at_end)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _plain(exc: BaseException) -> str:
+    """A connection failure in words, without Python class names."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or 'handshake failed'}"
+    if isinstance(exc, socket.gaierror):
+        return f"name resolution failed: {exc.strerror}"
+    if isinstance(exc, OSError):
+        if isinstance(exc.errno, int) and exc.errno > 0:
+            return os.strerror(exc.errno).lower()
+        return str(exc) or "connection failed"
+    return "connection failed"
+
+
+def _bytes_waiting(fd: int) -> bool:
+    """Bytes the kernel holds for a socket that the event loop has not read yet."""
+    if fd < 0 or _FIONREAD is None:
+        return False
+    try:
+        return fcntl.ioctl(fd, _FIONREAD, _NO_BYTES) != _NO_BYTES
+    except OSError:
+        return True
 
 
 class _Target:
@@ -272,30 +507,22 @@ class _Target:
         idle = self.idle
         while idle:
             conn = idle.pop()  # the most recently used: the one least likely closed by the server
-            if conn.transport is not None and not conn.transport.is_closing():
-                if now - conn.idle_since < IDLE_REUSE_SECONDS:
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                # Bytes already waiting (a stray response the loop has not read yet) disqualify it
+                # too: they would be read as this request's answer.
+                if now - conn.idle_since < IDLE_REUSE_SECONDS and not _bytes_waiting(conn.fd):
                     return conn
-                conn.transport.close()
+                t.close()
         return None
 
     def put(self, conn: _Conn) -> None:
+        """Pool a connection whose response ended cleanly (``_Conn.release`` checked that)."""
         t = conn.transport
-        if not conn.complete and conn.release_to is None and not conn.chunks and conn.exc is None:
-            # A stream relayed up to vLLM's [DONE] whose closing chunk is still on its way: pooled
-            # when it arrives (on_message_complete), instead of dropping the connection.
-            conn.release_to = self
-            return
-        if (
-            t is None
-            or t.is_closing()
-            or not conn.complete
-            or not conn.keep_alive
-            or conn.chunks
-            or len(self.idle) >= MAX_IDLE_PER_TARGET
-        ):
+        if t is None or t.is_closing() or len(self.idle) >= MAX_IDLE_PER_TARGET:
             conn.close()
             return
-        conn._reset()
+        conn.headers = conn.exc = None
         conn.used = True
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
@@ -331,30 +558,38 @@ class UpstreamClient:
     async def _connect(self, target: _Target) -> _Conn:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeouts.connect):
-            _, conn = await loop.create_connection(
+            transport, conn = await loop.create_connection(
                 _Conn, target.host, target.port, ssl=target.ssl, server_hostname=target.server_hostname
             )
+        if target.ssl is None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                conn.fd = sock.fileno()
         return conn
 
     async def _exchange(self, target: _Target, request: list[bytes]) -> _Conn:
-        """Write the request on a pooled or new connection; return once the headers are in.
+        """Write the request on a pooled or new connection; return once the final headers are in.
 
-        A reused connection that dies before any response byte was most likely closed by the
-        server as idle just as it was picked: the request goes once more on a new connection.
+        A reused connection that ends before a single response byte arrived was most likely
+        closed by the server as idle just as it was picked: the request goes once more on a
+        new connection. After any byte it never does: the backend may have acted on it.
+        Raises _Closed (no byte on a fresh connection), UpstreamError (the backend answered
+        part of a response, or an invalid one), OSError, TimeoutError.
         """
-        loop = asyncio.get_running_loop()
         conn = target.take(time.monotonic())
         while True:
             if conn is None:
                 conn = await self._connect(target)
             assert conn.transport is not None
-            conn.headers = loop.create_future()
+            headers = conn.begin()
             try:
                 conn.transport.writelines(request)
-                await conn.headers
+                await headers
                 return conn
             except _Closed:
-                if not conn.used or conn.status:
+                if conn.answered:
+                    raise UpstreamError(BROKE_OFF) from None
+                if not conn.used:
                     raise
                 conn = None  # stale keep-alive connection: once more on a fresh one
             except BaseException:
@@ -362,24 +597,36 @@ class UpstreamClient:
                 raise
 
     async def get(self, backend: Backend, path: str, timeout: float) -> tuple[int, bytes]:
-        """A small GET for the background poller (health, models, metrics). Raises ProbeFailed."""
+        """A small GET for the background poller (health, models, metrics): (status, body).
+
+        Raises ProbeFailed (plain-English reason) when no complete answer came within
+        ``timeout`` seconds; the connection is then closed, never pooled.
+        """
         target = self._target(backend)
         request = [b"GET " + target.base + path.encode() + b" HTTP/1.1\r\n" + target.headers + b"\r\n"]
+        resp: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(timeout):
-                conn = await self._exchange(target, request)
-                resp = UpstreamResponse(conn, target)
+                resp = UpstreamResponse(await self._exchange(target, request), target)
                 body = await resp.read()
         except TimeoutError:
-            raise ProbeFailed(f"timed out after {timeout:g}s") from None
+            failure = f"timed out after {timeout:g}s"
         except OSError as exc:
-            raise ProbeFailed(_describe(exc)) from None
-        except _Closed as exc:
-            raise ProbeFailed(f"closed the connection without answering ({exc})") from None
+            failure = f"could not connect ({_plain(exc)})"
+        except _Closed:
+            failure = "closed the connection without answering"
         except UpstreamError as exc:
-            raise ProbeFailed(exc.message) from None
-        resp.release()
-        return resp.status, body
+            failure = exc.message
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        else:
+            resp.release()
+            return resp.status, body
+        if resp is not None:
+            resp.close()
+        raise ProbeFailed(failure)
 
     async def post(
         self,
@@ -389,7 +636,11 @@ class UpstreamClient:
         request_id: str,
         extra_headers: dict[str, str] | None = None,
     ) -> UpstreamResponse:
-        """Send the request; return once the response headers have arrived."""
+        """Send the request; return once the final response headers have arrived.
+
+        Raises UpstreamTimeout (connect), UpstreamUnavailable (no connection, or closed
+        without a byte of answer: retryable), UpstreamError (a partial or invalid answer).
+        """
         target = self._target(backend)
         extra = "".join(f"\r\n{k}: {v}" for k, v in extra_headers.items()) if extra_headers else ""
         head = b"".join(
@@ -405,13 +656,12 @@ class UpstreamClient:
                 f"Connecting to backend {backend.label} took longer than {self._timeouts.connect:g}s.",
                 code="upstream_connect_timeout",
             ) from None
-        except _Closed as exc:
+        except _Closed:
             raise UpstreamUnavailable(
-                f"Backend {backend.label} closed the connection before answering: {exc}",
-                retry_after=1,
+                f"Backend {backend.label} closed the connection before answering.", retry_after=1
             ) from None
         except OSError as exc:
             raise UpstreamUnavailable(
-                f"Could not connect to backend {backend.label}: {_describe(exc)}", retry_after=1
+                f"Could not connect to backend {backend.label}: {_plain(exc)}.", retry_after=1
             ) from None
         return UpstreamResponse(conn, target)
