@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.pipeline.sse import EventTooLarge, SseSplitter, canonical_event
 
-FIXTURES = Path("/work/shared/fixtures/vllm-0.32.0-cpu")
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "vllm-0.32.0-cpu"
 LIMIT = 1 << 20
 
 
