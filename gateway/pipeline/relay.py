@@ -213,7 +213,7 @@ async def relay_sse(
                 if out.endswith(DONE):
                     saw_done = True
                 if out:
-                    ex.events += out.count(b"\n\n")  # canonical events: one blank line each
+                    ex.events += out.count(b"\n") >> 1  # canonical events: a line and a blank one
                     if ex.capture is not None:
                         _capture_events(out, ex.capture)
                     now = time.perf_counter()
@@ -383,7 +383,7 @@ def _hold_terminal(out: bytes, new_from: int) -> tuple[bytes, bytes]:
 async def _flush(held: bytes, send: Send, ex: Exchange) -> None:
     if _ERROR_MARK in held:
         held = _error_event(held, ex)
-    ex.events += held.count(b"\n\n")
+    ex.events += held.count(b"\n") >> 1
     await send({"type": "http.response.body", "body": held, "more_body": True})
 
 

@@ -106,6 +106,15 @@ class SseSplitter:
         return self._line_size + self._data_size if self._lines else self._size
 
     def feed(self, data: bytes) -> bytes:
+        if not self._parts and not self._lines and data.endswith(b"\n\n") and b"\r" not in data:
+            # vLLM's case: whole canonical events, nothing pending. Returned as they came.
+            n = data.count(b"\n\n")
+            if (
+                data.startswith(b"data: ")
+                and data.count(b"\n") == 2 * n
+                and (n == 1 or data.count(b"\n\ndata: ") == n - 1)
+            ):
+                return data
         if not data:
             return b""
         if self._lines:
