@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 
 from gateway.sim.engine import expected_text
 from tests.procs import Gateway, Sim
-from tests.rawbackend import RawBackend, answer
+from tests.rawbackend import SSE_HEAD, RawBackend, answer, chunk
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VALIDATOR = jsonschema.Draft202012Validator(
@@ -299,3 +300,46 @@ def test_the_fingerprint_sits_where_recorded_vllm_puts_it_without_stream_options
     assert got_last["system_fingerprint"] == rec_last["system_fingerprint"]
     assert [b"system_fingerprint" in e for e in through] == [b"system_fingerprint" in e for e in recorded]
     assert all(b'"usage"' not in e for e in through)
+
+
+def _as_with_include_usage(recorded: bytes) -> list[bytes]:
+    """The recorded no-options stream as vLLM sends it with include_usage (the gateway's request):
+    the fingerprint moves from the terminal chunk to a usage chunk before [DONE]."""
+    out = [e + b"\n\n" for e in recorded.split(b"\n\n") if e]
+    terminal = orjson.loads(out[-2][6:])
+    fingerprint = terminal.pop("system_fingerprint")
+    usage = {
+        **{k: terminal[k] for k in ("id", "object", "created", "model")},
+        "choices": [],
+        "usage": {"prompt_tokens": 13, "total_tokens": 18, "completion_tokens": 5},
+        "system_fingerprint": fingerprint,
+    }
+    out[-2] = b"data: " + orjson.dumps(terminal) + b"\n\n"
+    return [*out[:-1], b"data: " + orjson.dumps(usage) + b"\n\n", out[-1]]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["usage-in-its-own-read", "usage-with-terminal"])
+def test_stripping_the_usage_chunk_gives_back_vllms_exact_bytes(together: bool) -> None:
+    recorded = (FIXTURES / "vllm-0.32.0-cpu" / "chat_stream.sse").read_bytes()
+    events_ = _as_with_include_usage(recorded)
+    if together:
+        events_ = [*events_[:-3], b"".join(events_[-3:-1]), events_[-1]]
+
+    def on_post(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(SSE_HEAD)
+        for e in events_:
+            conn.sendall(chunk(e))
+            time.sleep(0.02)  # the backend's pace: separate reads at the gateway
+        conn.sendall(b"0\r\n\r\n")
+
+    b = RawBackend(on_post)
+    gw = Gateway([b.url])
+    try:
+        with httpx.stream(
+            "POST", gw.v1 + "/chat/completions", json={**CHAT, "stream": True}, timeout=30
+        ) as r:
+            assert r.read() == recorded
+    finally:
+        gw.stop()
+        b.stop()

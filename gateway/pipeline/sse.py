@@ -54,12 +54,13 @@ def canonical_event(payload: bytes, event_type: bytes = b"") -> bytes:
             payload = payload.replace(b"\n", b" ")
         else:
             return b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
-    if event_type == b"error" and not payload.startswith(b'{"error"'):
+    if event_type == b"error":
         try:
             parsed = orjson.loads(payload)
         except orjson.JSONDecodeError:
             parsed = payload.decode(errors="replace")
-        payload = orjson.dumps({"error": parsed})
+        if not (isinstance(parsed, dict) and "error" in parsed):
+            payload = orjson.dumps({"error": parsed})
     return b"data: " + payload + b"\n\n"
 
 

@@ -148,3 +148,8 @@ def test_many_small_reads_of_one_event_cost_linear_work() -> None:
         assert s.feed(piece) == b""
     assert s.pending == 6 + 4096 * 1024
     assert s.feed(b"\n\n") == b"data: " + piece * 1024 + b"\n\n"
+
+
+def test_event_error_that_already_has_an_error_key_is_left_alone() -> None:
+    raw = b'event: error\ndata: { "error": {"message": "x"}}\n\n'
+    assert feed_all([raw]) == b'data: { "error": {"message": "x"}}\n\n'
