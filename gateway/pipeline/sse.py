@@ -109,12 +109,17 @@ class SseSplitter:
         return self._line_size + self._data_size if self._lines else self._size
 
     def feed(self, data: bytes) -> bytes:
-        if not self._parts and not self._lines and data.endswith(b"\n\n") and b"\r" not in data:
+        if (
+            not self._parts
+            and not self._lines
+            and data.startswith(b"data: ")
+            and data.endswith(b"\n\n")
+            and b"\r" not in data
+        ):
             # vLLM's case: whole canonical events, nothing pending. Returned as they came.
-            if data.startswith(b"data: "):
-                lf = data.count(b"\n")
-                if lf == 2 or lf == 2 * data.count(b"\n\ndata: ") + 2:
-                    return data
+            lf = data.count(b"\n")
+            if lf == 2 or lf == 2 * data.count(b"\n\ndata: ") + 2:
+                return data
         if not data:
             return b""
         if self._lines:
