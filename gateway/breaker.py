@@ -22,7 +22,7 @@ from gateway.errors import GatewayError
 
 class BreakerOpen(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "circuit_open"
     reason = "upstream_unavailable"
 

@@ -159,6 +159,18 @@ class StreamingSettings(_Section):
             "while waiting for the first token (0 disables)."
         ),
     )
+    max_event_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description=(
+            "Largest SSE event (bytes) the gateway holds while waiting for its end; a backend that "
+            "sends a longer one gets its stream ended with an `upstream_event_too_large` error "
+            "event. vLLM's largest legitimate events are the first chunk with `return_token_ids` "
+            "(about 7 bytes per prompt token: under 1 MiB at 128k context) and chunks with "
+            "`top_logprobs: 20` (about 1.5 KiB per token, several tokens when vLLM merges outputs "
+            "for a slow reader): 8 MiB leaves room for both; raise it for million-token contexts."
+        ),
+    )
 
 
 class HealthSettings(_Section):

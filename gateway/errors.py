@@ -4,6 +4,11 @@ Every stage raises a ``GatewayError`` (or a subclass); the proxy endpoint and
 the FastAPI exception handlers render it with :func:`error_body`. The body is
 ``{"error": {"message", "type", "param", "code"}}`` so the OpenAI SDK raises
 the matching exception class (``BadRequestError``, ``NotFoundError``, ...).
+
+``type`` is one of OpenAI's error types (``invalid_request_error``, ``authentication_error``,
+``permission_error``, ``rate_limit_error``, ``server_error``, ...): every failure of the gateway
+or its backends (5xx) is a ``server_error``, as OpenAI's own 500/503 answers are; ``code`` is the
+gateway's own string (documented), never a number.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ class GatewayError(Exception):
     """
 
     status: int = 500
-    type: str = "internal_error"
+    type: str = "server_error"
     code: str = "internal_error"
     reason: str = "internal"
     backend_fault: bool = False  # counts against the backend's circuit breaker
@@ -108,7 +113,7 @@ _BEARER_ERRORS = {
 
 class AuthUnavailable(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "auth_unavailable"
     reason = "auth"
 
@@ -122,14 +127,14 @@ class Forbidden(GatewayError):
 
 class NoBackendAvailable(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "no_backend_available"
     reason = "upstream_unavailable"
 
 
 class ShuttingDown(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "shutting_down"
     reason = "shed"
 
@@ -138,7 +143,7 @@ class UpstreamUnavailable(GatewayError):
     """The backend could not be reached (connection refused, reset before a response)."""
 
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "upstream_unavailable"
     reason = "upstream_error"
     backend_fault = True
@@ -149,7 +154,7 @@ class UpstreamError(GatewayError):
     """The backend answered with a server error or broke the protocol."""
 
     status = 502
-    type = "upstream_error"
+    type = "server_error"
     code = "upstream_error"
     reason = "upstream_error"
     backend_fault = True
@@ -157,13 +162,14 @@ class UpstreamError(GatewayError):
 
 class UpstreamTimeout(GatewayError):
     status = 504
-    type = "timeout"
+    type = "server_error"
     code = "upstream_timeout"
     reason = "timeout"
     backend_fault = True
 
 
-def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> bytes:
+def error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:
+    """OpenAI's error response (OpenAPI ``ErrorResponse``): ``code`` is a string or null."""
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 

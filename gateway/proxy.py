@@ -161,9 +161,16 @@ class ProxyEndpoint:
             )
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
         if req.stream and not req.client_wants_usage:
-            # Exact token accounting needs vLLM's usage chunk; relay strips it again.
-            opts: Any = req.body.get("stream_options")
-            req.body["stream_options"] = {**(opts or {}), "include_usage": True}
+            # Exact token accounting needs vLLM's usage chunk; relay strips it again. Without
+            # include_usage vLLM ignores continuous_usage_stats: dropped, or usage would appear
+            # on every chunk the client gets.
+            opts: Any = req.body.get("stream_options") or {}
+            opts = (
+                {k: v for k, v in opts.items() if k != "continuous_usage_stats"}
+                if isinstance(opts, dict)
+                else {}
+            )
+            req.body["stream_options"] = {**opts, "include_usage": True}
             dirty = True
         if dirty:
             raw = orjson.dumps(req.body)  # once, and only when the gateway changed something

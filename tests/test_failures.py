@@ -83,7 +83,7 @@ def test_backend_503_on_stream_request_is_json_not_sse(fgw: Gateway, fault: obje
     assert r.status_code == 503
     assert r.headers["content-type"] == "application/json"
     assert r.headers["retry-after"]
-    assert r.json()["error"]["type"] == "service_unavailable"
+    assert r.json()["error"]["type"] == "server_error"
     assert "Simulated engine failure" in r.json()["error"]["message"]
 
 
@@ -212,7 +212,7 @@ def test_backend_refusing_connections_is_503_with_retry_after() -> None:
         r = httpx.post(gw.v1 + "/chat/completions", json=BODY, timeout=10)
         assert r.status_code == 503
         assert "retry-after" in r.headers
-        assert r.json()["error"]["type"] == "service_unavailable"
+        assert r.json()["error"]["type"] == "server_error"
     finally:
         gw.stop()
         sim.stop()

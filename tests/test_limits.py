@@ -862,7 +862,7 @@ def _assert_storage_failure_behaviour(g: Gateway, responses: list[httpx.Response
         return
     for r in responses:
         err = assert_openai_error(r, 503, "rate_limit_storage_unavailable")
-        assert err["type"] == "service_unavailable"
+        assert err["type"] == "server_error"
         assert int(r.headers["retry-after"]) >= 1
 
 

@@ -32,7 +32,7 @@ class QueueFull(GatewayError):
 
 class QueueTimeout(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "queue_timeout"
     reason = "shed"
 

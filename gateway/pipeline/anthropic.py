@@ -22,6 +22,7 @@ import orjson
 
 from gateway.asgi import Send
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, error_body, sse_error_event
+from gateway.pipeline import backend_errors
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.upstream import UpstreamResponse
 
@@ -117,16 +118,14 @@ def from_message(data: dict[str, Any], ex: Exchange) -> bytes:
 
 
 def anthropic_error(status: int, body: bytes, ex: Exchange) -> tuple[int, bytes]:
-    try:
-        message = str(orjson.loads(body)["error"]["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = f"The external provider answered {status}."
+    err = backend_errors.parse(status, body)  # Anthropic's {"type": "error", "error": {...}}
+    message = err.message or f"The external provider answered {status}."
     ex.reason = "upstream_client_error" if status < 500 else "upstream_error"
     ex.error = f"external provider answered {status}: {message}"
     if status < 500:
-        return status, error_body(message, "invalid_request_error", None, status)
+        return status, error_body(message, err.type, err.param, err.code)
     return 502, error_body(
-        f"The external provider failed ({status}): {message}", "upstream_error", None, status
+        f"The external provider failed ({status}): {message}", "server_error", None, "upstream_error"
     )
 
 

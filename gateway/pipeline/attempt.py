@@ -75,6 +75,7 @@ async def attempt(
                         total_deadline=deadlines.total,
                         heartbeat=settings.streaming.heartbeat_interval,
                         itl=itl,
+                        max_event_bytes=settings.streaming.max_event_bytes,
                     )
                 else:
                     await relay_json(resp, send, ex, rid)

@@ -55,7 +55,7 @@ class RateLimited(GatewayError):
 
 class LimitStorageDown(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "rate_limit_storage_unavailable"
     reason = "limit_storage"
 

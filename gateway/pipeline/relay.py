@@ -1,11 +1,14 @@
 """Stage 7, relay: send vLLM's answer to the client.
 
-Streams are forwarded as the bytes vLLM sent, cut only at SSE event
-boundaries (``\\n\\n``); the gateway parses just two kinds of event: the
-final usage chunk (``"choices":[]``, read for accounting and dropped when the
-client did not ask for it) and an upstream ``{"error": ...}`` event. Every
-stream the client sees ends in ``data: [DONE]``; a failure after the first
-byte becomes one final SSE error event, never a silent truncation.
+Streams are cut into SSE events by ``sse.SseSplitter`` (any WHATWG framing, bounded event
+size, linear time) and forwarded as the bytes vLLM sent whenever they are already canonical
+``data: ...\n\n`` events (vLLM's always are); the gateway parses just two kinds of event: the
+final usage chunk (``"choices":[]`` with ``usage``, read for accounting and dropped when the
+client did not ask for it, its ``system_fingerprint`` moved back to where vLLM would have put
+it) and an upstream ``{"error": ...}`` event (rewritten in OpenAI's shape). Every stream the
+client sees ends in ``data: [DONE]``; a failure after the first byte becomes one final SSE
+error event, never a silent truncation. Backend error answers reach the client in OpenAI's
+shape (``backend_errors.py``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ from gateway.errors import (
     error_body,
     sse_error_event,
 )
+from gateway.pipeline import backend_errors
 from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.sse import EventTooLarge, SseSplitter
 from gateway.pipeline.upstream import UpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 _USAGE_MARK = b'"choices":[]'
 _ERROR_MARK = b'data: {"error"'
+_FINISH_MARK = b'"finish_reason":"'  # a choice's terminal chunk (a null finish_reason has no quote)
+_FINGERPRINT_KEY = b'"system_fingerprint"'
+DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024  # config.StreamingSettings.max_event_bytes
 
 
 def gateway_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -90,37 +98,30 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
 
 
 def upstream_message(body: bytes) -> str | None:
-    """vLLM's error message from an error body, if it has one."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(parsed, dict):
-        return None
-    err = parsed.get("error")
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err["message"]  # type: ignore[no-any-return]
-    detail = parsed.get("detail")
-    return detail if isinstance(detail, str) else None
+    """The backend's error message from an error body of any shape (backend_errors.py), if it has one."""
+    return backend_errors.parse(0, body).message
 
 
 def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes]:
-    """Map a non-200 upstream answer to what the client gets.
+    """Map a non-200 upstream answer to what the client gets, in OpenAI's shape.
 
-    4xx with an OpenAI-shaped body pass through untouched (vLLM's messages are
-    precise: "max_tokens=... cannot be greater than max_model_len=..."). Other
-    4xx are wrapped; 5xx become 502 with vLLM's message kept.
+    4xx keep their status, the backend's message and param (vLLM's messages are precise:
+    "max_tokens=... cannot be greater than max_model_len=..."), with OpenAI's ``type`` for the
+    status and a string or null ``code`` (backend_errors.py). 5xx become 502 ``server_error``
+    ``upstream_error`` with the backend's message kept.
     """
-    message = upstream_message(body)
+    err = backend_errors.parse(status, body)
     ex.reason = "upstream_client_error" if status < 500 else "upstream_error"
-    ex.error = f"backend answered {status}: {message or body[:200]!r}"
+    ex.error = f"backend answered {status}: {err.message or body[:200]!r}"
     if 400 <= status < 500:
-        if message is not None and b'"error"' in body:
-            return status, body
-        type_ = "not_found_error" if status == 404 else "invalid_request_error"
-        return status, error_body(message or f"The backend answered {status}.", type_, None, status)
+        return status, error_body(
+            err.message or f"The backend answered {status}.", err.type, err.param, err.code
+        )
     return 502, error_body(
-        f"The backend failed ({status}): {message or 'no details'}", "upstream_error", None, "upstream_error"
+        f"The backend failed ({status}): {err.message or 'no details'}",
+        "server_error",
+        None,
+        "upstream_error",
     )
 
 
@@ -159,8 +160,13 @@ async def relay_sse(
     total_deadline: float,
     heartbeat: float,
     itl: Any = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 ) -> None:
-    """`itl` is the inter-token-latency histogram child to observe (None: not measured)."""
+    """`itl` is the inter-token-latency histogram child to observe (None: not measured).
+
+    `max_event_bytes`: the longest unfinished SSE event held before the stream is ended with an
+    ``upstream_event_too_large`` error event (a backend fault).
+    """
     loop = asyncio.get_running_loop()
     ex.status = 200
     ex.response_started = True
@@ -182,24 +188,32 @@ async def relay_sse(
     try:
         data = await _first_chunk(resp, send, min(first_byte_deadline, total_deadline), heartbeat)
         dog = _Watchdog(loop, resp, idle, total_deadline)
-        buf = b""
-        while data:
-            buf = buf + data if buf else data
-            end = buf.rfind(b"\n\n")
-            if end >= 0:
-                end += 2
-                if end == len(buf):
-                    out, buf = buf, b""
-                else:
-                    out, buf = buf[:end], buf[end:]
+        split = SseSplitter(max_event_bytes)
+        # Terminal chunks held back until the next read: the usage chunk the gateway asked for
+        # (strip_usage) carries the system_fingerprint vLLM would otherwise have put on them.
+        held = b""
+        while True:
+            try:
+                out = split.feed(data)
+            except EventTooLarge:
+                raise UpstreamError(
+                    f"The backend sent an SSE event longer than {max_event_bytes} bytes.",
+                    code="upstream_event_too_large",
+                ) from None
+            if out:
+                new_from = 0
+                if held:
+                    new_from, out, held = len(held), held + out, b""
                 if _USAGE_MARK in out:
                     out = _take_usage(out, ex, strip_usage)
+                elif strip_usage and out.find(_FINISH_MARK, new_from) >= 0 and not out.endswith(DONE):
+                    out, held = _hold_terminal(out, new_from)
                 if _ERROR_MARK in out:
-                    _note_error_event(out, ex)
+                    out = _error_event(out, ex)
                 if out.endswith(DONE):
                     saw_done = True
                 if out:
-                    ex.events += out.count(b"data: ")
+                    ex.events += out.count(b"\n") >> 1  # canonical events: a line and a blank one
                     if ex.capture is not None:
                         _capture_events(out, ex.capture)
                     now = time.perf_counter()
@@ -215,7 +229,16 @@ async def relay_sse(
                     resp.body_consumed()  # the connection may be pooled once its last chunk arrives
                     break
             dog.last = loop.time()
-            data = await resp.read_chunk()
+            try:
+                data = await resp.read_chunk()
+            except UpstreamError:
+                if held:  # the stream broke right after a terminal chunk: still the client's
+                    await _flush(held, send, ex)
+                raise
+            if not data:
+                if held:
+                    await _flush(held, send, ex)
+                break
     except TimeoutError:  # only _first_chunk raises it
         if loop.time() >= total_deadline:
             failure = _total_timeout()
@@ -299,25 +322,88 @@ def _capture_events(out: bytes, into: list[str]) -> None:
                 continue
 
 
-def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
-    at = out.rfind(_USAGE_MARK)
-    start = out.rfind(b"data: ", 0, at)
+def _event_at(out: bytes, at: int) -> tuple[int, int]:
+    """(start, end) of the canonical event around offset ``at``; ``end`` is past its blank line."""
+    prev = out.rfind(b"\n\n", 0, at)
     end = out.find(b"\n\n", at)
-    if start < 0 or end < 0:
-        return out
+    return (0 if prev < 0 else prev + 2), (len(out) if end < 0 else end + 2)
+
+
+def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
+    """Read vLLM's usage chunk; when the gateway asked for it (``strip``), drop it.
+
+    Dropping it must leave what vLLM sends without ``include_usage``: there the terminal chunk of
+    each choice carries ``system_fingerprint``, which vLLM moves onto the usage chunk when one
+    follows (recorded: chat_stream.sse vs chat_stream_continuous_usage.sse). So the fingerprint is
+    stamped back onto the terminal chunks before it (``_hold_terminal`` keeps them for this).
+    An empty-choices chunk without ``usage`` (Azure's prompt_filter_results) is not ours to drop.
+    """
+    start, end = _event_at(out, out.rfind(_USAGE_MARK))
     try:
-        _read_usage(ex, orjson.loads(out[start + 6 : end]).get("usage"))
+        chunk = orjson.loads(out[start + 6 : end - 2])
+        usage = chunk.get("usage")
     except (orjson.JSONDecodeError, AttributeError):
         return out
-    return out[:start] + out[end + 2 :] if strip else out
+    if not isinstance(usage, dict):
+        return out
+    _read_usage(ex, usage)
+    if not strip:
+        return out
+    head = out[:start]
+    fingerprint = chunk.get("system_fingerprint")
+    if head and isinstance(fingerprint, str):
+        head = _stamp(head, fingerprint)
+    return head + out[end:]
 
 
-def _note_error_event(out: bytes, ex: Exchange) -> None:
-    at = out.find(_ERROR_MARK)
-    end = out.find(b"\n\n", at)
-    ex.reason = "upstream_error"
+def _stamp(events: bytes, fingerprint: str) -> bytes:
+    """Add ``system_fingerprint`` to the terminal chunks among ``events`` that lack it.
+
+    Appended as the last key before the closing brace, where vLLM serialises it: the chunk is
+    not re-serialised.
+    """
+    tail = b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}"
+    parts = events.split(b"\n\n")
+    for i, event in enumerate(parts):
+        if _FINISH_MARK in event and _FINGERPRINT_KEY not in event and event.endswith(b"}"):
+            parts[i] = event[:-1] + tail
+    return b"\n\n".join(parts)
+
+
+def _hold_terminal(out: bytes, new_from: int) -> tuple[bytes, bytes]:
+    """Split ``out`` before its first new terminal chunk: (send now, hold until the next read).
+
+    Held for one read only (vLLM sends the usage chunk right after the last terminal chunk), so
+    with ``n > 1`` a choice that finishes steps before the last one goes out without the
+    fingerprint rather than delaying the other choices' tokens.
+    """
+    start, _ = _event_at(out, out.find(_FINISH_MARK, new_from))
+    return out[:start], out[start:]
+
+
+async def _flush(held: bytes, send: Send, ex: Exchange) -> None:
+    if _ERROR_MARK in held:
+        held = _error_event(held, ex)
+    ex.events += held.count(b"\n") >> 1
+    await send({"type": "http.response.body", "body": held, "more_body": True})
+
+
+def _error_event(out: bytes, ex: Exchange) -> bytes:
+    """Rewrite the backend's mid-stream ``{"error": ...}`` event in OpenAI's shape and note it.
+
+    vLLM's (a GenerationError) is ``{"error": {"message", "type": "InternalServerError", "param",
+    "code": 500}}``: the type becomes OpenAI's for the status its integer code names, and a
+    server-side failure gets the gateway's ``upstream_error`` code, as a 5xx answer does.
+    """
+    start, end = _event_at(out, out.find(_ERROR_MARK))
     try:
-        err = orjson.loads(out[at + 6 : end])["error"]
-        ex.error = f"backend error event: {err.get('message')}"
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        ex.error = "backend error event"
+        parsed: Any = orjson.loads(out[start + 6 : end - 2])
+    except orjson.JSONDecodeError:
+        parsed = None
+    err = backend_errors.from_object(0, parsed)
+    ex.reason = "upstream_error"
+    ex.error = f"backend error event: {err.message}"
+    code = err.code if err.code is not None or err.type != "server_error" else "upstream_error"
+    message = err.message or "The backend failed in the middle of the stream."
+    event = b"data: " + error_body(message, err.type, err.param, code) + b"\n\n"
+    return out[:start] + event + out[end:]

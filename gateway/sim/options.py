@@ -20,6 +20,9 @@ class SimConfig:
     error_rate: float = 0.0  # fraction of generation requests answered 500
     fault: str = ""  # a fault applied to every request (same syntax as the x-sim-fault header)
     api_key: str = ""  # when set, /v1/* require `Authorization: Bearer <key>` (vLLM's --api-key)
+    # SSE framing of streams: "vllm" (data: {json}\n\n), or another OpenAI-compatible server's:
+    # "crlf", "cr" (line endings), "bare" (LF, `data:` without its space, comments, event/id lines)
+    sse_framing: str = "vllm"
     seed: int = 0
 
     def update(self, changes: dict[str, object]) -> list[str]:
@@ -66,6 +69,12 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--api-key", default="", help="require this bearer key on /v1/* (like vLLM)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sse-framing",
+        default="vllm",
+        choices=["vllm", "crlf", "cr", "bare"],
+        help="SSE framing of streams (vllm's, or another OpenAI-compatible server's)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -82,4 +91,5 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         fault=args.fault,
         api_key=args.api_key,
         seed=args.seed,
+        sse_framing=args.sse_framing,
     )

@@ -22,6 +22,7 @@ import os
 import random
 import time
 from collections import deque
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -386,6 +387,8 @@ class Simulator:
             await respond(send, 200, gen.response())
             return gen.finish_reason
         await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        if cfg.sse_framing != "vllm":
+            send = _reframing(send, cfg.sse_framing)
         await _sleep(ttft, gone)
         m.ttft.observe(time.monotonic() - start)
         if gen.chat:  # a completion stream starts with its first token instead
@@ -428,6 +431,24 @@ class Simulator:
         tail = (gen.usage_event() if gen.include_usage else b"") + b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         return gen.finish_reason
+
+
+def _reframing(send: Send, framing: str) -> Send:
+    """Re-frame vLLM's ``data: {json}\n\n`` events as another OpenAI-compatible server might."""
+
+    def event(e: bytes) -> bytes:
+        if framing == "bare":
+            return b": ping\nevent: message\nid: 1\ndata:" + e[6:] + b"\n\n"
+        eol = b"\r\n" if framing == "crlf" else b"\r"
+        return e + eol + eol
+
+    async def reframed(message: MutableMapping[str, Any]) -> None:
+        body = message.get("body", b"")
+        if body:
+            message = {**message, "body": b"".join(event(e) for e in body.split(b"\n\n") if e)}
+        await send(message)
+
+    return reframed
 
 
 async def _sleep(seconds: float, gone: asyncio.Event) -> None:
