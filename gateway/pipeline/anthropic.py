@@ -104,19 +104,19 @@ def _chunk(rid: str, model: str, created: int, choices: list[Any], **extra: Any)
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
-def _invalid(what: str) -> UpstreamError:
-    return UpstreamError(f"The external provider sent a malformed answer: {what}.", code=INVALID)
+def _invalid(what: str, code: str = INVALID) -> UpstreamError:
+    return UpstreamError(f"The external provider sent a malformed answer: {what}.", code=code)
 
 
-def _tokens(usage: Any, key: str) -> int | None:
+def _tokens(usage: Any, key: str, code: str = INVALID) -> int | None:
     """A token count from Anthropic's ``usage`` (absent: None); wrong types are the provider's fault."""
     if usage is None:
         return None
     if not isinstance(usage, dict):
-        raise _invalid("`usage` is not an object")
+        raise _invalid("`usage` is not an object", code)
     n = usage.get(key)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-        raise _invalid(f"`usage.{key}` is not a token count")
+        raise _invalid(f"`usage.{key}` is not a token count", code)
     return n
 
 
@@ -288,12 +288,12 @@ async def _translate(
 ) -> bool:
     """Anthropic SSE events in, OpenAI chunks out; True once message_stop was seen.
 
-    Raises UpstreamError for an event that is not JSON, malformed, or an ``error`` event;
-    TimeoutError when nothing arrived for ``idle`` seconds (or past ``total``, loop time).
+    Raises UpstreamError for an event that is not JSON, malformed, or an ``error`` event (the
+    chunks translated before it are sent first); TimeoutError when nothing arrived for
+    ``idle`` seconds (or past ``total``, loop time).
     """
     loop = asyncio.get_running_loop()
-    rid, model, created = "chatcmpl-" + ex.request_id, "", int(time.time())
-    finish: str | None = None
+    t = _Translator(ex, include_usage)
     buf = b""
     while True:
         async with asyncio.timeout_at(min(loop.time() + idle, total)):
@@ -303,51 +303,81 @@ async def _translate(
         buf += data.replace(b"\r\n", b"\n") if b"\r" in data else data
         *events, buf = buf.split(b"\n\n")
         out: list[bytes] = []
+        failure: UpstreamError | None = None
         for event in events:
             payload = next(
                 (line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")), None
             )
-            if not payload:
-                continue
-            msg = _event(payload)
-            kind = msg.get("type")
-            if kind == "message_start":
-                m = _obj(msg, "message")
-                rid, model = "chatcmpl-" + str(m.get("id", ex.request_id)), str(m.get("model", ""))
-                ex.prompt_tokens = _tokens(m.get("usage"), "input_tokens")
-                delta = {"role": "assistant", "content": ""}
-                out.append(_chunk(rid, model, created, [{"index": 0, "delta": delta, "finish_reason": None}]))
-            elif kind == "content_block_delta":
-                d = _obj(msg, "delta")
-                if d.get("type") == "text_delta":
-                    text = d.get("text")
-                    if not isinstance(text, str):
-                        raise UpstreamError(
-                            "The external provider sent a text delta without text.", code=INVALID_EVENT
-                        )
-                    delta = {"content": text}
-                    choice = {"index": 0, "delta": delta, "finish_reason": None}
-                    out.append(_chunk(rid, model, created, [choice]))
-            elif kind == "message_delta":
-                finish = FINISH.get(str(_obj(msg, "delta").get("stop_reason")), "stop")
-                ex.completion_tokens = _tokens(msg.get("usage"), "output_tokens")
-                out.append(_chunk(rid, model, created, [{"index": 0, "delta": {}, "finish_reason": finish}]))
-            elif kind == "message_stop":
-                if include_usage:
-                    p, c = ex.prompt_tokens or 0, ex.completion_tokens or 0
-                    usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-                    out.append(_chunk(rid, model, created, [], usage=usage))
-                out.append(b"data: [DONE]\n\n")
-                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                return True
-            elif kind == "error":
-                err = msg.get("error")
-                said = err.get("message") if isinstance(err, dict) else None
-                raise UpstreamError(
-                    f"The external provider failed mid-stream: {said if isinstance(said, str) else 'unknown'}"
-                )
+            try:
+                chunk = t.translate(payload) if payload else None
+            except UpstreamError as exc:
+                failure = exc  # what came before the broken event still reaches the client
+                break
+            if chunk is not None:
+                out.append(chunk)
+            if t.stopped:
+                break
         if out:
             if ex.ttft is None:
                 ex.ttft = time.perf_counter() - ex.started
             ex.events += len(out)
             await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        if failure is not None:
+            raise failure
+        if t.stopped:
+            return True
+
+
+class _Translator:
+    """One Anthropic stream's state: its message id and model, for the OpenAI chunks."""
+
+    __slots__ = ("created", "ex", "include_usage", "model", "rid", "stopped")
+
+    def __init__(self, ex: Exchange, include_usage: bool) -> None:
+        self.ex, self.include_usage = ex, include_usage
+        self.rid, self.model, self.created = "chatcmpl-" + ex.request_id, "", int(time.time())
+        self.stopped = False
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _chunk(
+            self.rid, self.model, self.created, [{"index": 0, "delta": delta, "finish_reason": finish}]
+        )
+
+    def translate(self, payload: bytes) -> bytes | None:
+        """One event's ``data`` → the OpenAI chunk(s) to send, or None. Raises UpstreamError."""
+        msg = _event(payload)
+        kind = msg.get("type")
+        ex = self.ex
+        if kind == "message_start":
+            m = _obj(msg, "message")
+            self.rid, self.model = "chatcmpl-" + str(m.get("id", ex.request_id)), str(m.get("model", ""))
+            ex.prompt_tokens = _tokens(m.get("usage"), "input_tokens", INVALID_EVENT)
+            return self._delta({"role": "assistant", "content": ""})
+        if kind == "content_block_delta":
+            d = _obj(msg, "delta")
+            if d.get("type") != "text_delta":
+                return None
+            text = d.get("text")
+            if not isinstance(text, str):
+                raise UpstreamError(
+                    "The external provider sent a text delta without text.", code=INVALID_EVENT
+                )
+            return self._delta({"content": text})
+        if kind == "message_delta":
+            finish = FINISH.get(str(_obj(msg, "delta").get("stop_reason")), "stop")
+            ex.completion_tokens = _tokens(msg.get("usage"), "output_tokens", INVALID_EVENT)
+            return self._delta({}, finish)
+        if kind == "message_stop":
+            self.stopped = True
+            if not self.include_usage:
+                return b"data: [DONE]\n\n"
+            p, c = ex.prompt_tokens or 0, ex.completion_tokens or 0
+            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            return _chunk(self.rid, self.model, self.created, [], usage=usage) + b"data: [DONE]\n\n"
+        if kind == "error":
+            err = msg.get("error")
+            said = err.get("message") if isinstance(err, dict) else None
+            raise UpstreamError(
+                f"The external provider failed mid-stream: {said if isinstance(said, str) else 'unknown'}"
+            )
+        return None  # ping, content_block_start/stop, and event types added later
