@@ -100,7 +100,7 @@ class ExternalSettings(_Section):
         None,
         description=(
             "PEM bundle trusted for the provider's certificate in addition to the system's roots "
-            "(`SSL_CERT_FILE` replaces those), e.g. a private CA."
+            "(`SSL_CERT_FILE` overrides the system's bundle), e.g. a private CA."
         ),
     )
 
