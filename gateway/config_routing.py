@@ -93,7 +93,7 @@ class ExternalSettings(_Section):
             "certificate still verified. Unset: the standard `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/"
             '`NO_PROXY` variables (either case). `""` or `none`: direct, whatever the environment '
             "says. Kept secret in `check-config`'s output. The vLLM backends never use a proxy (private "
-            "network; `NO_PROXY` need not list them)."
+            "network; `NO_PROXY` need not list them); the JWKS fetch follows the variables, not this key."
         ),
     )
     ca_file: str | None = Field(

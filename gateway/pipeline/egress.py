@@ -12,7 +12,7 @@ loopback, docs/configuration.md) is nothing next to a provider's latency.
 
 Which proxy, decided once at start-up for the one provider URL:
 ``external.proxy`` when set (a URL; ``""`` or ``none``: direct), otherwise the
-standard environment variables as curl, urllib and httpx read them
+standard environment variables as urllib and httpx read them
 (``https_proxy``/``HTTPS_PROXY`` for https, ``http_proxy``/``HTTP_PROXY`` for
 http, ``all_proxy`` as the fallback, the lower-case name first;
 ``no_proxy``/``NO_PROXY`` host suffixes, ``*`` for all).
@@ -92,9 +92,10 @@ def choose_proxy(target: str, configured: str | None, environ: Mapping[str, str]
     """The proxy for requests to ``target`` (the provider's base URL). Raises ValueError.
 
     ``configured`` is ``external.proxy`` (None: not set, use the environment). The
-    environment's rules are curl's and urllib's: the lower-case variable wins over the
-    upper-case one; ``no_proxy`` lists host names matched as suffixes (``example.com`` covers
-    ``api.example.com``), optionally with a port, or ``*``.
+    environment's rules are urllib's (which httpx, and so the JWKS fetch, uses): a set
+    lower-case variable wins over the upper-case one, even when empty; ``no_proxy`` lists host
+    names matched as suffixes (``example.com`` covers ``api.example.com``), optionally with a
+    port, or ``*`` (see ``bypasses()``).
     """
     if configured is not None:
         if configured.strip().lower() in DIRECT_WORDS:
@@ -103,15 +104,22 @@ def choose_proxy(target: str, configured: str | None, environ: Mapping[str, str]
     u = urlsplit(target)
     host = u.hostname or ""
     for scheme in (u.scheme, "all"):
-        for name in (f"{scheme}_proxy", f"{scheme}_proxy".upper()):
-            value = environ.get(name)
-            if value:
-                no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
-                port = u.port or (443 if u.scheme == "https" else 80)
-                if no_proxy and bypasses(no_proxy, host, port):
-                    return ProxyRoute(None, "no_proxy")
-                return ProxyRoute(check_proxy_url(value, name), name)
+        name, value = _env(environ, f"{scheme}_proxy")
+        if value:
+            port = u.port or (443 if u.scheme == "https" else 80)
+            if bypasses(_env(environ, "no_proxy")[1], host, port):
+                return ProxyRoute(None, "no_proxy")
+            return ProxyRoute(check_proxy_url(value, name), name)
     return ProxyRoute(None, "direct")
+
+
+def _env(environ: Mapping[str, str], name: str) -> tuple[str, str]:
+    """(the variable used, its value): the lower-case one whenever it is set, even empty (which
+    turns the upper-case one off), as urllib's getproxies() (and so httpx) reads them."""
+    if name in environ:
+        return name, environ[name]
+    upper = name.upper()
+    return upper, environ.get(upper, "")
 
 
 def bypasses(no_proxy: str, host: str, port: int) -> bool:

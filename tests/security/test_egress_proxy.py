@@ -30,10 +30,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.pipeline.egress import bypasses, choose_proxy, redact_proxy
+from tests.idp import IdP, SigningKey
 from tests.procs import Gateway, Proc, Sim, free_port
 
 MSG = [{"role": "user", "content": "red green blue"}]
 SECRET = "s3cret-Proxy-pw"
+
+
+def proxy_env(**given: str) -> dict[str, str]:
+    """``given`` with every other proxy variable set empty, so the runner's own do not decide.
+
+    A set lower-case variable wins over the upper-case one even when empty (urllib's rule), so
+    the lower-case twin of a given upper-case name is left alone rather than emptied.
+    """
+    env = {
+        v: ""
+        for scheme in ("http", "https", "all", "no")
+        for v in (f"{scheme}_proxy", f"{scheme}_PROXY".upper())
+    }
+    for name in given:
+        if name.isupper():
+            env.pop(name.lower(), None)
+    return env | given
+
 
 # ----------------------------------------------------------------------------- certificates
 
@@ -307,13 +326,8 @@ def fallback_gateway(
     }
     path = tmp / f"gw-{free_port()}.yaml"
     path.write_text(orjson.dumps(cfg).decode())
-    # No variable of the test runner's own environment decides the route.
-    clean = {
-        k: "" for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
-    }
-    clean |= {"no_proxy": "", "NO_PROXY": ""}
     try:
-        gw = Gateway([], config=path, env={**clean, **env})
+        gw = Gateway([], config=path, env=proxy_env(**env))
     finally:
         local.proc.kill()
     return gw
@@ -491,7 +505,7 @@ def test_local_replicas_never_use_the_proxy(proxy: ConnectProxy) -> None:
     """vLLM replicas are on the private network: served directly whatever the proxy variables say."""
     local = Sim(None)
     env = {"HTTP_PROXY": proxy.url, "HTTPS_PROXY": proxy.url, "ALL_PROXY": proxy.url, "NO_PROXY": ""}
-    gw = Gateway([local.url], env=env)
+    gw = Gateway([local.url], env=proxy_env(**env))
     try:
         r = chat(gw)
         assert r.status_code == 200, r.text
@@ -504,6 +518,31 @@ def test_local_replicas_never_use_the_proxy(proxy: ConnectProxy) -> None:
         local.stop()
 
 
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
+def test_jwks_fetch_follows_the_proxy_variables(tmp_path: Path, proxy: ConnectProxy, no_proxy: str) -> None:
+    """The other call that may leave the premises, the IdP's key set (httpx), obeys the same variables."""
+    idp = IdP()
+    idp.publish(SigningKey("ES256", "k1"))
+    cfg = {
+        "backends": [{"url": "http://127.0.0.1:9"}],
+        "auth": {"jwt": {"algorithms": ["ES256"], "jwks_url": idp.url}},
+    }
+    path = tmp_path / "jwks.yaml"
+    path.write_text(orjson.dumps(cfg).decode())
+    gw = Gateway(
+        [],
+        config=path,
+        env=proxy_env(HTTP_PROXY=proxy.url, NO_PROXY=no_proxy),
+        wait_ready=False,
+    )
+    try:
+        wait_for(lambda: idp.count > 0, "the gateway fetched the key set")
+        assert proxy.forwarded == ([] if no_proxy else [idp.url])
+    finally:
+        gw.stop()
+        idp.stop()
+
+
 # ----------------------------------------------------------------------------- the choice, in process
 
 
@@ -513,6 +552,8 @@ def test_local_replicas_never_use_the_proxy(proxy: ConnectProxy) -> None:
         ({}, (None, "direct")),
         ({"HTTPS_PROXY": "http://p:3128"}, ("http://p:3128", "HTTPS_PROXY")),
         ({"https_proxy": "http://low:1", "HTTPS_PROXY": "http://up:1"}, ("http://low:1", "https_proxy")),
+        ({"https_proxy": "", "HTTPS_PROXY": "http://up:1"}, (None, "direct")),  # empty lower-case: off
+        ({"HTTPS_PROXY": "http://p:1", "no_proxy": "", "NO_PROXY": "*"}, ("http://p:1", "HTTPS_PROXY")),
         ({"HTTP_PROXY": "http://p:3128"}, (None, "direct")),  # http's proxy is not https's
         ({"ALL_PROXY": "http://all:1"}, ("http://all:1", "ALL_PROXY")),
         ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}, (None, "no_proxy")),
@@ -525,6 +566,25 @@ def test_local_replicas_never_use_the_proxy(proxy: ConnectProxy) -> None:
 def test_proxy_choice_from_the_environment(env: dict[str, str], want: tuple[str | None, str]) -> None:
     route = choose_proxy("https://api.example.com/v1", None, env)
     assert (route.url, route.source) == want
+
+
+@pytest.mark.parametrize("lower", [None, "", "http://low:1"])
+@pytest.mark.parametrize("upper", [None, "", "http://up:1"])
+def test_variable_case_rules_match_urllib(
+    monkeypatch: pytest.MonkeyPatch, lower: str | None, upper: str | None
+) -> None:
+    """Differential: which of https_proxy/HTTPS_PROXY counts agrees with urllib's getproxies()."""
+    import os
+    import urllib.request
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    env = {k: v for k, v in (("https_proxy", lower), ("HTTPS_PROXY", upper)) if v is not None}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    reference = urllib.request.getproxies_environment().get("https")
+    assert choose_proxy("https://api.example.com/v1", None, env).url == reference
 
 
 def test_configured_proxy_choice() -> None:
