@@ -114,6 +114,7 @@ class Case:
     code: str | None  # error.code (of the body, or of the final SSE error event); None: success
     path: str = "/v1/chat/completions"
     message: str | None = None  # a part of the error message the client must see
+    hang: bool = False  # the provider keeps the connection open, silent, after ``answer``
 
 
 CASES = [
@@ -231,6 +232,8 @@ CASES = [
     Case("a-s-broken", "anthropic", True, sse_cut(A_START, A_DELTA), 200, "upstream_error"),
     Case("a-s-500", "anthropic", True, plain(500, b"oops", "text/plain"), 502, "upstream_error"),
     Case("a-s-400", "anthropic", True, plain(400, b"bad", "text/plain"), 400, None),
+    Case("a-s-stalls", "anthropic", True, sse(A_START, A_DELTA), 200, "idle_timeout", hang=True),
+    Case("a-silent", "anthropic", False, b"", 504, "first_byte_timeout", hang=True),
     # --- kind: openai, plain
     Case("o-ok", "openai", False, plain(200, O_MSG), 200, None),
     Case(
@@ -316,6 +319,8 @@ CASES = [
         message="boom",
     ),
     Case("o-s-ended", "openai", True, sse(O_CHUNK), 200, "stream_truncated"),
+    Case("o-s-stalls", "openai", True, sse(O_CHUNK), 200, "idle_timeout", hang=True),
+    Case("o-silent", "openai", False, b"", 504, "first_byte_timeout", hang=True),
     Case("o-s-broken", "openai", True, sse_cut(O_CHUNK), 200, "upstream_error"),
     Case("o-s-500", "openai", True, plain(500, b"oops", "text/plain"), 502, "upstream_error"),
     Case("o-s-400", "openai", True, plain(400, b"bad", "text/plain"), 400, None),
@@ -334,6 +339,7 @@ class RawProvider:
     """
 
     answers: dict[str, bytes]
+    hang: set[str] = field(default_factory=set)
     received: list[str] = field(default_factory=list)
     port: int = 0
 
@@ -371,6 +377,8 @@ class RawProvider:
             self.received.append(case)
             writer.write(self.answers.get(case, plain(418, b"no such case", "text/plain")))
             await writer.drain()
+            if case in self.hang:
+                await reader.read()  # silent until the gateway gives up and closes
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -383,7 +391,7 @@ def start_gateway(tmp: Path, kind: str, provider: RawProvider, fail_max: int) ->
         "backends": [{"url": local.url}],
         "routing": {"default_route": {"fallback": True}},
         "resilience": {"breaker_fail_max": fail_max, "breaker_reset_seconds": 600},
-        "timeouts": {"idle": 5, "first_byte": 10, "total": 20},
+        "timeouts": {"idle": 1, "first_byte": 2, "total": 20},
         "external": {
             "kind": kind,
             "base_url": provider.url + "/v1",
@@ -403,7 +411,7 @@ def start_gateway(tmp: Path, kind: str, provider: RawProvider, fail_max: int) ->
 
 @pytest.fixture(scope="module")
 def provider() -> Iterator[RawProvider]:
-    p = RawProvider({c.name: c.answer for c in CASES})
+    p = RawProvider({c.name: c.answer for c in CASES}, {c.name for c in CASES if c.hang})
     yield p
     p.stop()
 

@@ -7,8 +7,10 @@ must honour an egress proxy: HTTP CONNECT tunnels for https (the proxy sees
 the tunnel only; the provider's certificate is verified against the
 provider's host name, exactly as without a proxy), absolute-form requests for
 plain http, ``Proxy-Authorization`` from the proxy URL's credentials. aiohttp
-does all of that and is well kept; the extra cost per request (~0.1 ms over
-loopback, docs/configuration.md) is nothing next to a provider's latency.
+does all of that and is well kept. It costs ~90 µs more CPU per request than
+the lean client (measured over loopback, uvloop, a small JSON answer: ~115 µs vs
+~29 µs, server included), nothing next to a provider's latency, and the
+external path carries only the overflow.
 
 Which proxy, decided once at start-up for the one provider URL:
 ``external.proxy`` when set (a URL; ``""`` or ``none``: direct), otherwise the

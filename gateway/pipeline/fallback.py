@@ -129,6 +129,7 @@ class ExternalFallback:
                 ) from None
             ex.upstream_first = now = time.perf_counter()
             ex.upstream_ttfb = now - ex.started
+            finished = False
             try:
                 await anthropic.relay_anthropic(
                     resp,
@@ -141,11 +142,16 @@ class ExternalFallback:
                     idle=settings.timeouts.idle,
                     total_deadline=deadlines.total,
                 )
+                finished = ex.reason in (None, "upstream_client_error")
             except TimeoutError:
                 raise UpstreamTimeout("The external provider took too long.", code="total_timeout") from None
             finally:
                 ex.upstream_done = time.perf_counter()
-                resp.close()
+                # A connection is kept (its tunnel and TLS session too) only after a complete answer.
+                if finished and not ex.disconnected:
+                    resp.release()
+                else:
+                    resp.close()
 
 
 class _CheckedProvider:

@@ -35,6 +35,7 @@ from tests.procs import Gateway, Proc, Sim, free_port
 
 MSG = [{"role": "user", "content": "red green blue"}]
 SECRET = "s3cret-Proxy-pw"
+PRIVATE_NAME = "provider.invalid"  # resolvable only by the proxy, like a provider without local DNS
 
 
 def proxy_env(**given: str) -> dict[str, str]:
@@ -91,7 +92,11 @@ def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 
 def _leaf(
-    tmp: Path, stem: str, host: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+    tmp: Path,
+    stem: str,
+    host: str,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    *also: str,
 ) -> tuple[Path, Path]:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
@@ -104,7 +109,7 @@ def _leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in (host, *also)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -129,7 +134,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca.write_bytes(trusted[0].public_bytes(serialization.Encoding.PEM))
     return Pki(
         ca=ca,
-        provider=_leaf(tmp, "provider", "localhost", trusted),
+        provider=_leaf(tmp, "provider", "localhost", trusted, PRIVATE_NAME),
         wrong_name=_leaf(tmp, "wrong", "proxy.invalid", trusted),
         untrusted=_leaf(tmp, "untrusted", "localhost", rogue),
     )
@@ -202,6 +207,7 @@ class ConnectProxy:
     connects: list[str] = field(default_factory=list)
     forwarded: list[str] = field(default_factory=list)
     auth_seen: list[str | None] = field(default_factory=list)
+    hosts: dict[str, str] = field(default_factory=lambda: {PRIVATE_NAME: "127.0.0.1"})
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -257,7 +263,8 @@ class ConnectProxy:
                         pass
                     return
                 host, _, port = target.rpartition(":")
-                up_r, up_w = await asyncio.open_connection(host, int(port))
+                # The proxy resolves the name (the gateway's network may have no public DNS).
+                up_r, up_w = await asyncio.open_connection(self.hosts.get(host, host), int(port))
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 await writer.drain()
                 await self._pipe(reader, writer, up_r, up_w, b"")
@@ -377,6 +384,20 @@ def test_https_provider_is_reached_through_the_proxy_from_the_environment(
         assert_served(gw)
         assert proxy.connects and set(proxy.connects) == {f"localhost:{provider.port}"}
         assert provider.stats()["received"] == before + 2
+    finally:
+        gw.stop()
+
+
+def test_provider_name_is_resolved_by_the_proxy_only(
+    tmp_path: Path, pki: Pki, provider: TlsSim, proxy: ConnectProxy
+) -> None:
+    """The gateway sends the provider's name in the CONNECT and verifies the certificate for it;
+    it never resolves the name itself (a name only the proxy knows is served)."""
+    url = f"https://{PRIVATE_NAME}:{provider.port}"
+    gw = fallback_gateway(tmp_path, url, {"HTTPS_PROXY": proxy.url, "SSL_CERT_FILE": str(pki.ca)})
+    try:
+        assert_served(gw)
+        assert set(proxy.connects) == {f"{PRIVATE_NAME}:{provider.port}"}
     finally:
         gw.stop()
 
