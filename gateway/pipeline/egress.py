@@ -43,6 +43,23 @@ from gateway.pipeline.upstream import UpstreamResponse
 DIRECT_WORDS = ("", "none")  # external.proxy values that mean "no proxy, whatever the environment says"
 
 
+class EgressProxyError(UpstreamError):
+    """The egress proxy refused the tunnel (407: wrong credentials, 403: destination not allowed).
+
+    The network's fault, not the provider's: it does not count against the provider's breaker.
+    """
+
+    code = "egress_proxy_error"
+    backend_fault = False
+
+
+class EgressProxyUnavailable(UpstreamUnavailable):
+    """The egress proxy could not be reached; not the provider's fault either."""
+
+    code = "egress_proxy_unavailable"
+    backend_fault = False
+
+
 class ResponseStream(Protocol):
     """What the relay needs from an upstream response (UpstreamResponse has the same shape)."""
 
@@ -213,10 +230,10 @@ class EgressResponse:
 class EgressClient:
     """aiohttp session for one external provider; created on first use, closed by the lifespan.
 
-    ``post()`` raises UpstreamUnavailable (provider or proxy unreachable), UpstreamTimeout
-    (connecting, tunnel and TLS handshake included, took longer than ``connect`` seconds)
-    or UpstreamError (the provider's certificate failed verification, or the proxy refused
-    the tunnel).
+    ``post()`` raises UpstreamUnavailable (the provider unreachable), EgressProxyUnavailable,
+    EgressProxyError (the proxy refused the tunnel), UpstreamTimeout (connecting, tunnel and
+    TLS handshake included, took longer than ``connect`` seconds) or UpstreamError (the
+    provider's certificate failed verification: code ``upstream_tls_error``).
     """
 
     def __init__(self, route: ProxyRoute, tls: ssl.SSLContext, connect_timeout: float) -> None:
@@ -296,7 +313,17 @@ class EgressClient:
                 f"Could not reach the external provider {backend.label}: {self.describe(exc)}",
                 retry_after=1,
             ) from None
+        if resp.status == 407 and self.route.url is not None:
+            # Plain http goes to the proxy in absolute form, so its refusal arrives as the answer:
+            # the proxy's, never the provider's to pass on to the client.
+            resp.close()
+            raise self._refused(backend, 407)
         return EgressResponse(resp, self)
+
+    def _refused(self, backend: Backend, status: int) -> EgressProxyError:
+        return EgressProxyError(
+            f"The egress proxy {self.route.shown} refused the request to {backend.label} ({status})."
+        )
 
     def _failure(self, exc: aiohttp.ClientError, backend: Backend) -> GatewayError:
         what = self.describe(exc)
@@ -309,15 +336,10 @@ class EgressClient:
             )
         if isinstance(exc, aiohttp.ClientHttpProxyError):
             # The proxy answered the CONNECT with an error (407: wrong credentials, 403: not allowed).
-            return UpstreamError(
-                f"The egress proxy {self.route.shown} refused the tunnel to {backend.label} ({exc.status}).",
-                code="egress_proxy_error",
-            )
+            return self._refused(backend, exc.status)
         if isinstance(exc, aiohttp.ClientProxyConnectionError):
-            return UpstreamUnavailable(
-                f"Could not reach the egress proxy {self.route.shown}: {what}",
-                code="egress_proxy_unavailable",
-                retry_after=1,
+            return EgressProxyUnavailable(
+                f"Could not reach the egress proxy {self.route.shown}: {what}", retry_after=1
             )
         return UpstreamUnavailable(
             f"Could not reach the external provider {backend.label}: {what}", retry_after=1

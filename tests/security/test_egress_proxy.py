@@ -316,14 +316,18 @@ def proxy() -> Iterator[ConnectProxy]:
 
 
 def fallback_gateway(
-    tmp: Path, provider_url: str, env: dict[str, str], external: dict[str, Any] | None = None
+    tmp: Path,
+    provider_url: str,
+    env: dict[str, str],
+    external: dict[str, Any] | None = None,
+    fail_max: int = 1000,
 ) -> Gateway:
     """A gateway whose only replica is stopped: the provider (model ``tiny``) serves everything."""
     local = Sim(None)
     cfg = {
         "backends": [{"url": local.url}],
         "routing": {"default_route": {"fallback": True}},
-        "resilience": {"breaker_fail_max": 1000},
+        "resilience": {"breaker_fail_max": fail_max, "breaker_reset_seconds": 600},
         "external": {
             "base_url": provider_url + "/v1",
             "models": {"tiny": "tiny"},
@@ -454,12 +458,14 @@ def test_configured_proxy_wins_sends_credentials_and_never_logs_them(
 def test_wrong_proxy_credentials_are_a_502_that_names_no_secret(
     tmp_path: Path, pki: Pki, provider: TlsSim
 ) -> None:
+    """The proxy's refusal is the network's fault, not the provider's: its breaker stays closed."""
     authed = ConnectProxy(require=f"egress:{SECRET}")
     configured = f"http://egress:wrong-{SECRET}@127.0.0.1:{authed.port}"
-    gw = fallback_gateway(tmp_path, provider.url, {"SSL_CERT_FILE": str(pki.ca)}, {"proxy": configured})
+    env = {"SSL_CERT_FILE": str(pki.ca)}
+    gw = fallback_gateway(tmp_path, provider.url, env, {"proxy": configured}, fail_max=2)
     try:
         before = provider.stats()["received"]
-        for stream in (False, True):
+        for stream in (False, True, False, True):
             r = chat(gw, stream)
             assert r.status_code == 502, r.text
             assert r.json()["error"]["code"] == "egress_proxy_error"
@@ -469,6 +475,24 @@ def test_wrong_proxy_credentials_are_a_502_that_names_no_secret(
         assert SECRET not in gw.proc.output()
     finally:
         gw.stop()
+        authed.stop()
+
+
+def test_plain_http_proxy_refusal_is_the_proxys_not_the_providers(tmp_path: Path) -> None:
+    """Through a proxy, plain http's 407 is the proxy's answer: a 502, never a 407 for the client."""
+    authed = ConnectProxy(require=f"egress:{SECRET}")
+    ext = Sim(None)
+    configured = f"http://egress:wrong@127.0.0.1:{authed.port}"
+    gw = fallback_gateway(tmp_path, ext.url, {}, {"proxy": configured}, fail_max=2)
+    try:
+        for stream in (False, True, False, True):
+            r = chat(gw, stream)
+            assert r.status_code == 502, r.text
+            assert r.json()["error"]["code"] == "egress_proxy_error"
+        assert ext.stats()["received"] == 0
+    finally:
+        gw.stop()
+        ext.stop()
         authed.stop()
 
 
