@@ -186,6 +186,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             await gateway.limiter.close()
             gateway.metrics.worker_exit()
             await gateway.upstream.close()
+            if gateway.fallback is not None:
+                await gateway.fallback.close()
             log.info("gateway stopped")
 
     api = FastAPI(

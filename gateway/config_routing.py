@@ -6,8 +6,9 @@ Part of the one Settings tree (gateway/config.py); split out only to keep module
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class _Section(BaseModel):
@@ -84,3 +85,31 @@ class ExternalSettings(_Section):
             "(default: never off-premises)."
         ),
     )
+    proxy: SecretStr | None = Field(
+        None,
+        description=(
+            "Egress proxy for the provider, `http://[user:pass@]host:port` (credentials sent as "
+            "Proxy-Authorization, never logged); https is tunnelled with CONNECT and the provider's "
+            "certificate still verified. Unset: the standard `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/"
+            '`NO_PROXY` variables (either case). `""` or `none`: direct, whatever the environment '
+            "says. Kept secret in `check-config`'s output. The vLLM backends never use a proxy (private "
+            "network; `NO_PROXY` need not list them); the JWKS fetch follows the variables, not this key."
+        ),
+    )
+    ca_file: str | None = Field(
+        None,
+        description=(
+            "PEM bundle trusted for the provider's certificate in addition to the system's roots "
+            "(`SSL_CERT_FILE` overrides the system's bundle), e.g. a private CA."
+        ),
+    )
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or v.get_secret_value().strip().lower() in ("", "none"):
+            return v
+        u = urlsplit(v.get_secret_value())
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError('must be an http:// proxy URL (http://[user:pass@]host:port), `""` or `none`')
+        return v
