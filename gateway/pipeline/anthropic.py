@@ -172,7 +172,9 @@ def anthropic_error(status: int, body: bytes, ex: Exchange) -> tuple[int, bytes]
     said = err.message or f"The external provider answered {status}."
     if status >= 500:
         if status in (503, 529):
-            raise UpstreamUnavailable(f"The external provider is unavailable ({status}): {said}", retry_after=1)
+            raise UpstreamUnavailable(
+                f"The external provider is unavailable ({status}): {said}", retry_after=1
+            )
         raise UpstreamError(f"The external provider failed ({status}): {said}")
     ex.reason = "upstream_client_error"  # the request's fault, not the provider's: no breaker count
     ex.error = f"external provider answered {status}: {said}"
