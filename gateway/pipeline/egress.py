@@ -70,6 +70,7 @@ class ResponseStream(Protocol):
     async def read_chunk(self) -> bytes: ...
     def close(self) -> None: ...
     def release(self) -> None: ...
+    def body_consumed(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +226,9 @@ class EgressResponse:
     def release(self) -> None:
         """Back to the pool if the body was read to its end, else the connection is closed."""
         self._resp.release()
+
+    def body_consumed(self) -> None:
+        """The relay saw the stream's ``[DONE]``; aiohttp pools the connection itself on release()."""
 
 
 class EgressClient:

@@ -38,6 +38,7 @@ from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
 from gateway.pipeline.relay import gateway_headers, upstream_message
 from gateway.pipeline.route import RoutePlan
+from gateway.pipeline.sse import EventTooLarge, SseSplitter
 from gateway.pipeline.upstream import UpstreamClient
 
 
@@ -71,7 +72,7 @@ class ExternalFallback:
         except (ValueError, OSError) as exc:
             raise ConfigError(f"external: {exc}") from exc
         self.client = EgressClient(route, tls, settings.timeouts.connect)
-        self._checked = _CheckedProvider(self.client)
+        self._checked = _CheckedProvider(self.client, settings.streaming.max_event_bytes)
         structlog.get_logger("gateway.fallback").info(
             "external provider", provider=self.backend.label, proxy=route.shown, proxy_from=route.source
         )
@@ -157,10 +158,11 @@ class ExternalFallback:
 class _CheckedProvider:
     """EgressClient whose answers are checked as an OpenAI-compatible provider's."""
 
-    __slots__ = ("_client",)
+    __slots__ = ("_client", "_max_event_bytes")
 
-    def __init__(self, client: EgressClient) -> None:
+    def __init__(self, client: EgressClient, max_event_bytes: int) -> None:
         self._client = client
+        self._max_event_bytes = max_event_bytes
 
     async def post(
         self,
@@ -171,7 +173,8 @@ class _CheckedProvider:
         extra_headers: dict[str, str] | None = None,
     ) -> _CheckedAnswer:
         resp = await self._client.post(backend, path, body, request_id, extra_headers)
-        return _CheckedAnswer(resp, b"data" if path.endswith(b"/embeddings") else b"choices")
+        list_key = b"data" if path.endswith(b"/embeddings") else b"choices"
+        return _CheckedAnswer(resp, list_key, self._max_event_bytes)
 
 
 INVALID = anthropic.INVALID
@@ -183,17 +186,18 @@ class _CheckedAnswer:
 
     ``read()`` (plain answers): a 200 must be a JSON object with a list under ``choices``
     (``data`` for embeddings) and, if any, a ``usage`` object of integer counts.
-    ``read_chunk()`` (streams): only whole SSE events are passed on, each ``data:`` line
-    JSON (or ``[DONE]``). Anything else raises UpstreamError: the relay turns it into a 502
-    or, once the stream has started, the final SSE error event.
+    ``read_chunk()`` (streams): only whole SSE events are passed on, cut by the WHATWG
+    splitter (any line ending, canonical form out), each ``data:`` line JSON (or ``[DONE]``).
+    Anything else raises UpstreamError: the relay turns it into a 502 or, once the stream has
+    started, the final SSE error event.
     """
 
-    __slots__ = ("_buf", "_error", "_list_key", "_resp", "content_type", "status")
+    __slots__ = ("_error", "_list_key", "_resp", "_split", "content_type", "status")
 
-    def __init__(self, resp: ResponseStream, list_key: bytes) -> None:
+    def __init__(self, resp: ResponseStream, list_key: bytes, max_event_bytes: int) -> None:
         self._resp = resp
         self._list_key = list_key.decode()
-        self._buf = b""
+        self._split = SseSplitter(max_event_bytes)
         self._error: UpstreamError | None = None
         self.status = resp.status
         self.content_type = resp.content_type
@@ -217,12 +221,15 @@ class _CheckedAnswer:
             data = await self._resp.read_chunk()
             if not data:
                 return b""  # a partial last event is dropped: the relay reports the stream cut short
-            buf = self._buf + data if self._buf else data
-            end = buf.rfind(b"\n\n")
-            if end < 0:
-                self._buf = buf
+            try:
+                out = self._split.feed(data)
+            except EventTooLarge:
+                raise UpstreamError(
+                    "The external provider sent an SSE event longer than the gateway's limit.",
+                    code="upstream_event_too_large",
+                ) from None
+            if not out:
                 continue
-            out, self._buf = buf[: end + 2], buf[end + 2 :]
             good = _good_events(out)
             if good == len(out):
                 return out
@@ -238,6 +245,9 @@ class _CheckedAnswer:
 
     def release(self) -> None:
         self._resp.release()
+
+    def body_consumed(self) -> None:
+        self._resp.body_consumed()
 
 
 def _good_events(out: bytes) -> int:
