@@ -23,14 +23,12 @@ def test_logs_are_json_carry_request_id_and_no_prompt_text(sim: Sim) -> None:
         r = c.chat.completions.with_raw_response.create(model="tiny", messages=msgs, max_tokens=3)  # type: ignore[arg-type]
         rid = r.headers["x-request-id"]
         list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, stream=True))  # type: ignore[arg-type]
-        time.sleep(0.3)  # the log writer thread flushes asynchronously
+        audit = gw.wait_logs(lambda r: r.get("event") == "request", count=2)
     finally:
         gw.stop()
     lines = gw.log_lines()
-    assert lines
     records = [orjson.loads(line) for line in lines]  # every line is JSON, uvicorn's included
     assert any(r.get("logger") == "uvicorn.error" for r in records)
-    audit = [r for r in records if r.get("event") == "request"]
     assert len(audit) == 2
     plain = next(r for r in audit if r["request_id"] == rid)
     assert plain["status"] == 200
@@ -122,10 +120,9 @@ teams:
             msgs = [{"role": "user", "content": f"{word} my key is {secret}"}]
             c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)  # type: ignore[arg-type]
             list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True))  # type: ignore[arg-type]
-        time.sleep(0.3)
+        audit = gw.wait_logs(lambda r: r.get("event") == "request", count=4)
     finally:
         gw.stop()
-    audit = [orjson.loads(x) for x in gw.log_lines() if '"event":"request"' in x]
     audited = [a for a in audit if a["team"] == "audited"]
     quiet = [a for a in audit if a["team"] == "quiet"]
     assert len(audited) == 2
