@@ -67,7 +67,8 @@ def declared() -> Metrics:
     out: Metrics = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
-            out[exposition_name(value._name, value._type)] = (value._type, frozenset(value._labelnames))
+            kind = str(value._type)
+            out[exposition_name(value._name, kind)] = (kind, frozenset(value._labelnames))
     for fam in metrics._collector.collect():
         labels = {frozenset(s.labels) for s in fam.samples}
         assert len(labels) == 1, (fam.name, labels)
