@@ -661,6 +661,7 @@ async def test_jwks_flood_of_unknown_kids_is_rate_limited(jwks: Gateway, idp: Id
     tokens = [stranger.sign(claims(), kid=secrets.token_hex(6)) for _ in range(50)]
     await asyncio.sleep(MIN_REFRESH + 0.1)
     before = idp.count
+    started = time.monotonic()
     async with httpx.AsyncClient(timeout=30) as c:
         rs = await asyncio.gather(
             *(
@@ -672,8 +673,15 @@ async def test_jwks_flood_of_unknown_kids_is_rate_limited(jwks: Gateway, idp: Id
                 for t in tokens
             )
         )
+    flood_seconds = time.monotonic() - started
     assert [r.status_code for r in rs] == [401] * 50
-    assert idp.count - before <= 2
+    # One fetch per jwks_min_refresh_seconds at most, concurrent ones coalesced: one fetch for a
+    # flood shorter than MIN_REFRESH, one more per further MIN_REFRESH a slow machine needed.
+    fetched, allowed = idp.count - before, 1 + int(flood_seconds / MIN_REFRESH)
+    if allowed == 1:
+        assert fetched == 1
+    else:  # the limit is a rate: on a slow machine the flood spans several refresh periods
+        assert 1 <= fetched <= allowed, (fetched, flood_seconds)
 
 
 def test_jwks_rotation_new_key_accepted_old_key_rejected_once_removed(
