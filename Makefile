@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINT_PATHS := gateway tests scripts $(wildcard loadtests/*.py)
 
-.PHONY: install run test lint typecheck unit e2e-vllm lint-deploy bench profile docs clean
+.PHONY: install run test lint typecheck unit coverage e2e-vllm lint-deploy bench profile docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,18 @@ typecheck: install
 
 unit: install
 	$(BIN)/pytest -q tests --ignore=tests/e2e_vllm
+
+## The suite under coverage, including the gateway and simulator processes it starts: the report
+## for gateway/ is printed and written to .cache/coverage/report.txt (HTML in .cache/coverage/html).
+coverage: install
+	rm -rf .cache/coverage && mkdir -p .cache/coverage
+	GATEWAY_TEST_COVERAGE=1 $(BIN)/coverage run -m pytest -q tests --ignore=tests/e2e_vllm; \
+		status=$$?; \
+		$(BIN)/coverage combine -q && \
+		$(BIN)/coverage report > .cache/coverage/report.txt && \
+		$(BIN)/coverage html -q -d .cache/coverage/html && \
+		cat .cache/coverage/report.txt; \
+		exit $$status
 
 ## Real vLLM (CPU build) end to end: builds .venv-vllm and a tiny model once, then runs the suite.
 e2e-vllm: install

@@ -9,13 +9,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# With GATEWAY_TEST_COVERAGE=1 (`make coverage`) every gateway and simulator process runs under
+# coverage.py, configured by pyproject.toml ([tool.coverage.run]: parallel data files, saved on
+# SIGTERM), so the code that runs in the children is measured too.
+COVERAGE = os.environ.get("GATEWAY_TEST_COVERAGE") == "1"
+
+
+def python_m(module: str) -> list[str]:
+    """The command line that runs ``python -m module``, under coverage when it is being measured."""
+    if COVERAGE:
+        return [sys.executable, "-m", "coverage", "run", "--parallel-mode", "-m", module]
+    return [sys.executable, "-m", module]
 
 
 def free_port() -> int:
@@ -87,9 +100,7 @@ class Sim:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.flags = flags
-        self.proc = Proc(
-            [sys.executable, "-m", "gateway", "sim", "--port", str(self.port), *flags], name="sim"
-        )
+        self.proc = Proc([*python_m("gateway"), "sim", "--port", str(self.port), *flags], name="sim")
         if wait:
             try:
                 wait_http(self.url + "/version", self.proc)
@@ -119,7 +130,7 @@ class Gateway:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port)]
+        args = [*python_m("gateway"), "serve", "--port", str(self.port)]
         if config is not None:
             args += ["--config", str(config)]
         for b in backends:
@@ -137,7 +148,53 @@ class Gateway:
         return self.url + "/v1"
 
     def log_lines(self) -> list[str]:
+        """Every non-empty line the process wrote so far (audit lines arrive in 50 ms batches)."""
         return [line for line in self.proc.output().splitlines() if line.strip()]
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log records written so far (non-JSON lines skipped)."""
+        out: list[dict[str, Any]] = []
+        for line in self.log_lines():
+            if not line.startswith("{"):
+                continue
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def wait_logs(
+        self, predicate: Callable[[dict[str, Any]], bool], count: int = 1, timeout: float = 5
+    ) -> list[dict[str, Any]]:
+        """All log records matching ``predicate``, once there are at least ``count`` of them.
+
+        The gateway's log writer hands lines over in 50 ms batches (gateway/logs.py), so a line
+        is not in the output the moment the response is; this polls until it is.
+
+        Raises:
+            AssertionError: fewer than ``count`` matching records after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [rec for rec in self.log_records() if predicate(rec)]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                tail = "\n".join(self.log_lines()[-20:])
+                raise AssertionError(f"{len(found)} of {count} log records after {timeout}s:\n{tail}")
+            time.sleep(0.02)
+
+    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5) -> dict[str, Any]:
+        """The first log record matching ``predicate``, polled for up to ``timeout`` seconds."""
+        return self.wait_logs(predicate, 1, timeout)[0]
+
+    def wait_audit(self, request_id: str, timeout: float = 5) -> dict[str, Any]:
+        """The audit line (``"event": "request"``) of one request, polled for."""
+        return self.wait_log(
+            lambda r: r.get("event") == "request" and r.get("request_id") == request_id, timeout
+        )
 
     def stop(self) -> None:
         self.proc.stop()

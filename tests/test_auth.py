@@ -25,7 +25,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ import pytest
 from jose import jwt as jose_jwt
 
 from tests.idp import IdP, SigningKey
-from tests.procs import ROOT, Gateway, Sim, free_port
+from tests.procs import ROOT, Gateway, Sim, free_port, python_m
 
 MSG = [{"role": "user", "content": "alpha beta"}]
 ISS = "https://idp.example.test"
@@ -662,6 +661,7 @@ async def test_jwks_flood_of_unknown_kids_is_rate_limited(jwks: Gateway, idp: Id
     tokens = [stranger.sign(claims(), kid=secrets.token_hex(6)) for _ in range(50)]
     await asyncio.sleep(MIN_REFRESH + 0.1)
     before = idp.count
+    started = time.monotonic()
     async with httpx.AsyncClient(timeout=30) as c:
         rs = await asyncio.gather(
             *(
@@ -673,8 +673,15 @@ async def test_jwks_flood_of_unknown_kids_is_rate_limited(jwks: Gateway, idp: Id
                 for t in tokens
             )
         )
+    flood_seconds = time.monotonic() - started
     assert [r.status_code for r in rs] == [401] * 50
-    assert idp.count - before <= 2
+    # One fetch per jwks_min_refresh_seconds at most, concurrent ones coalesced: one fetch for a
+    # flood shorter than MIN_REFRESH, one more per further MIN_REFRESH a slow machine needed.
+    fetched, allowed = idp.count - before, 1 + int(flood_seconds / MIN_REFRESH)
+    if allowed == 1:
+        assert fetched == 1
+    else:  # the limit is a rate: on a slow machine the flood spans several refresh periods
+        assert 1 <= fetched <= allowed, (fetched, flood_seconds)
 
 
 def test_jwks_rotation_new_key_accepted_old_key_rejected_once_removed(
@@ -901,9 +908,9 @@ def test_failed_attempts_are_audited_without_the_credential(hs_gw: Gateway) -> N
     token = hs(secret="wrong-" + secrets.token_hex(8))
     rid = "auth-audit-" + secrets.token_hex(4)
     assert post_chat(hs_gw, {**bearer(token), "X-Request-Id": rid}).status_code == 401
-    time.sleep(0.2)
-    recs = [r for r in audit_records(hs_gw) if r.get("request_id") == rid]
-    assert len(recs) == 1 and recs[0]["status"] == 401 and recs[0]["error_reason"] == "auth"
+    rec = hs_gw.wait_audit(rid)
+    assert rec["status"] == 401 and rec["error_reason"] == "auth"
+    assert [r for r in audit_records(hs_gw) if r.get("request_id") == rid] == [rec]
     out = hs_gw.proc.output()
     assert token not in out and token.split(".")[2] not in out
     assert SECRET not in out and API_KEY not in out
@@ -917,7 +924,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [*python_m("gateway"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -992,9 +999,7 @@ def test_token_command_mints_a_token_the_example_gateway_accepts(example_gw: Gat
         assert r.choices[0].message.content
         stream = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=3, stream=True)  # type: ignore[arg-type]
         assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
-    time.sleep(0.2)
-    mine = [r for r in audit_records(example_gw) if r.get("subject") == "alice"]
-    assert len(mine) >= 2
+    mine = example_gw.wait_logs(lambda r: r.get("event") == "request" and r.get("subject") == "alice", 2)
     assert all(r["team"] == "search" and r["status"] == 200 for r in mine)
     out = example_gw.proc.output()
     assert token not in out and token.split(".")[2] not in out and EXAMPLE_SECRET not in out
@@ -1011,9 +1016,10 @@ def test_example_api_key(example_gw: Gateway) -> None:
     assert post_chat(example_gw, {"x-api-key": EXAMPLE_API_KEY}).status_code == 200
     r = post_chat(example_gw, bearer(EXAMPLE_API_KEY), model="big")  # team research: only `tiny`
     assert_error(r, 403, "permission_error", "model_not_allowed")
-    time.sleep(0.2)
-    recs = [r for r in audit_records(example_gw) if r.get("subject") == "ingest-service"]
-    assert recs and all(r["team"] == "research" for r in recs)
+    recs = example_gw.wait_logs(
+        lambda r: r.get("event") == "request" and r.get("subject") == "ingest-service", 2
+    )
+    assert all(r["team"] == "research" for r in recs)
     assert EXAMPLE_API_KEY not in example_gw.proc.output()
 
 

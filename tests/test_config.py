@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.config import ConfigError, load_settings
 from gateway.docgen import render
-from tests.procs import ROOT
+from tests.procs import ROOT, python_m
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [*python_m("gateway"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -18,24 +18,38 @@ BODY = {
 }
 
 
+def wait_draining(gw: Gateway, timeout: float = 5) -> httpx.Response:
+    """/ready once it answers 503 (the signal is handled on the gateway's event loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = httpx.get(gw.url + "/ready", timeout=5)
+        if ready.status_code == 503 or time.monotonic() > deadline:
+            assert ready.status_code == 503, ready.text
+            return ready
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_streams_then_exits() -> None:
     sim = Sim(None, "--ttft", "0.05", "--itl", "0.05", "--output-tokens", "30")  # ~1.5 s streams
     gw = Gateway([sim.url], env={"GATEWAY_SERVER__DRAIN_SECONDS": "20"})
     results: list[bytes] = []
+    started = threading.Semaphore(0)
 
     def stream() -> None:
         with httpx.stream("POST", gw.v1 + "/chat/completions", json=BODY, timeout=30) as r:
-            results.append(b"".join(r.iter_raw()))
+            it = r.iter_raw()
+            first = next(it)
+            started.release()  # this stream is under way: its first event arrived
+            results.append(first + b"".join(it))
 
     try:
         threads = [threading.Thread(target=stream) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.4)  # streams are under way
+        for _ in threads:
+            assert started.acquire(timeout=10), "a stream did not start"
         gw.proc.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        ready = httpx.get(gw.url + "/ready", timeout=5)
-        assert ready.status_code == 503
+        ready = wait_draining(gw)
         assert ready.json()["status"] == "draining"
         refused = httpx.post(gw.v1 + "/chat/completions", json={**BODY, "stream": False}, timeout=5)
         assert refused.status_code == 503

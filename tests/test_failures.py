@@ -156,6 +156,9 @@ def test_total_timeout() -> None:
         assert_ends_with_error(events, "total_timeout")
         r = httpx.post(gw.v1 + "/chat/completions", json=BODY | {"max_tokens": 50}, timeout=10)
         assert r.status_code == 504
+        # TODO(lead): the total deadline (1 s) expires before vLLM's headers, so the right code is
+        # total_timeout; attempt.py reports first_byte_timeout ("did not answer within 120s") for
+        # any expiry before the headers. Assert total_timeout once the product tells them apart.
         assert r.json()["error"]["code"] in ("first_byte_timeout", "total_timeout")
     finally:
         gw.stop()
@@ -198,10 +201,8 @@ def test_client_disconnect_during_plain_request_aborts_too(fgw: Gateway, fsim: S
     while time.monotonic() < deadline and not any(a.startswith(rid) for a in fsim.stats()["aborted"]):
         time.sleep(0.05)
     assert any(a.startswith(rid) for a in fsim.stats()["aborted"])
-    lines = [orjson.loads(x) for x in fgw.log_lines() if x.startswith("{")]
-    audit = [x for x in lines if x.get("event") == "request" and x.get("request_id") == rid]
-    assert audit
-    assert audit[0]["client_disconnected"] is True
+    # The audit line is written after the abort, and reaches the output in the next 50 ms batch.
+    assert fgw.wait_audit(rid)["client_disconnected"] is True
 
 
 def test_backend_refusing_connections_is_503_with_retry_after() -> None:
@@ -219,7 +220,9 @@ def test_backend_refusing_connections_is_503_with_retry_after() -> None:
 
 
 def test_backend_that_closes_without_answering_is_clean_error() -> None:
-    # A listener that accepts and immediately closes: no HTTP at all.
+    # A listener that reads the request and closes without answering: no HTTP at all. Reading
+    # first makes the close a FIN; closing with the request unread would make the kernel send a
+    # reset instead, or not, depending on whether the request had arrived yet.
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
@@ -231,7 +234,9 @@ def test_backend_that_closes_without_answering_is_clean_error() -> None:
         while not stop.is_set():
             try:
                 conn, _ = srv.accept()
-                conn.close()
+                with conn:
+                    conn.settimeout(2)
+                    conn.recv(65536)
             except OSError:
                 pass
 
@@ -249,8 +254,7 @@ def test_backend_that_closes_without_answering_is_clean_error() -> None:
         ready = httpx.get(gw.url + "/ready")
         assert ready.status_code == 503
         reason = str(ready.json()["reason"])
-        # A close before the answer, or a reset, depending on when the cut lands.
-        assert any(n in reason for n in ("closed the connection", "connection reset")), reason
+        assert "closed the connection" in reason, reason
     finally:
         gw.stop()
         stop.set()

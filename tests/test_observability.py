@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -23,14 +24,12 @@ def test_logs_are_json_carry_request_id_and_no_prompt_text(sim: Sim) -> None:
         r = c.chat.completions.with_raw_response.create(model="tiny", messages=msgs, max_tokens=3)  # type: ignore[arg-type]
         rid = r.headers["x-request-id"]
         list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, stream=True))  # type: ignore[arg-type]
-        time.sleep(0.3)  # the log writer thread flushes asynchronously
+        audit = gw.wait_logs(lambda r: r.get("event") == "request", count=2)
     finally:
         gw.stop()
     lines = gw.log_lines()
-    assert lines
     records = [orjson.loads(line) for line in lines]  # every line is JSON, uvicorn's included
     assert any(r.get("logger") == "uvicorn.error" for r in records)
-    audit = [r for r in records if r.get("event") == "request"]
     assert len(audit) == 2
     plain = next(r for r in audit if r["request_id"] == rid)
     assert plain["status"] == 200
@@ -58,25 +57,35 @@ def test_metrics_count_requests_tokens_and_latency(gateway: Gateway) -> None:
     httpx.post(
         gateway.v1 + "/chat/completions", content=b"{bad json", headers={"content-type": "application/json"}
     )
-    body = httpx.get(gateway.url + "/metrics").text
-    fams = {f.name: f for f in text_string_to_metric_families(body)}
-    reqs = {
-        (s.labels["endpoint"], s.labels["model"], s.labels["status"], s.labels["stream"]): s.value
-        for s in fams["gateway_requests"].samples
-        if s.name == "gateway_requests_total"
-    }
-    assert reqs[("chat", "tiny", "200", "false")] >= 1
-    assert reqs[("chat", "tiny", "200", "true")] >= 1
-    assert reqs[("chat", "unknown", "400", "false")] >= 1
+
+    def scrape() -> tuple[dict[str, Any], dict[tuple[str, ...], float]]:
+        body = httpx.get(gateway.url + "/metrics").text
+        fams = {f.name: f for f in text_string_to_metric_families(body)}
+        reqs = {
+            (s.labels["endpoint"], s.labels["model"], s.labels["status"], s.labels["stream"]): s.value
+            for s in fams["gateway_requests"].samples
+            if s.name == "gateway_requests_total"
+        }
+        return fams, reqs
+
+    # A stream is accounted just after its last byte went out: poll until it is.
+    deadline = time.monotonic() + 5
+    fams, reqs = scrape()
+    while ("chat", "tiny", "200", "true") not in reqs and time.monotonic() < deadline:
+        time.sleep(0.02)
+        fams, reqs = scrape()
+    assert reqs[("chat", "tiny", "200", "false")] == 1  # this module's gateway: only these
+    assert reqs[("chat", "tiny", "200", "true")] == 1
+    assert reqs[("chat", "unknown", "400", "false")] == 1
     tokens = {
         s.labels["model"]: s.value
         for s in fams["gateway_completion_tokens"].samples
         if s.name.endswith("_total")
     }
-    assert tokens["tiny"] >= 4
+    assert tokens["tiny"] == 4
     ttft = [s for s in fams["gateway_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert ttft
-    assert ttft[0].value >= 1
+    assert ttft[0].value == 1
     assert "gateway_request_duration_seconds" in fams
     assert "gateway_requests_in_flight" in fams
     up = {s.labels["backend"]: s.value for s in fams["gateway_backend_up"].samples}
@@ -84,7 +93,7 @@ def test_metrics_count_requests_tokens_and_latency(gateway: Gateway) -> None:
     errors = {
         s.labels["reason"]: s.value for s in fams["gateway_errors"].samples if s.name.endswith("_total")
     }
-    assert errors["validation"] >= 1
+    assert errors["validation"] == 1
 
 
 def test_two_workers_serve(sim: Sim) -> None:
@@ -124,10 +133,9 @@ teams:
             msgs = [{"role": "user", "content": f"{word} my key is {secret}"}]
             c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)  # type: ignore[arg-type]
             list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True))  # type: ignore[arg-type]
-        time.sleep(0.3)
+        audit = gw.wait_logs(lambda r: r.get("event") == "request", count=4)
     finally:
         gw.stop()
-    audit = [orjson.loads(x) for x in gw.log_lines() if '"event":"request"' in x]
     audited = [a for a in audit if a["team"] == "audited"]
     quiet = [a for a in audit if a["team"] == "quiet"]
     assert len(audited) == 2

@@ -311,13 +311,15 @@ def test_prometheus_stores_the_gateway_series(prometheus_bin: Path, tmp_path: Pa
     }
     series = prom.query("gateway_requests_total", now)
     assert series
+    # The route is known once the body parsed (a 400 for bad JSON has none); the backend once a
+    # replica was chosen (the 429s were refused before that).
+    route_backend = {"200": ("default", sim_target), "400": ("-", "-"), "429": ("default", "-")}
     for s in series:  # target labels from the scrape config, the gateway's own labels, nothing else
         m = s["metric"]
         assert (m["job"], m["instance"], m["service"]) == (JOB, gw_target, "llm-gateway")
         own = {"endpoint", "model", "route", "backend", "status", "stream"}
         assert set(m) == {"__name__", "job", "instance", "service", *own}
-        assert m["backend"] in (f"127.0.0.1:{sim.port}", "-")
-        assert m["route"] in ("default", "-")
+        assert (m["route"], m["backend"]) == route_backend[m["status"]], m
 
     # Time to first token: one observation per stream, plausible against the simulator's 20 ms.
     assert prom.values("gateway_time_to_first_token_seconds_count", "endpoint", "model", at=now) == {
@@ -328,18 +330,21 @@ def test_prometheus_stores_the_gateway_series(prometheus_bin: Path, tmp_path: Pa
     p50 = prom.scalar(
         "histogram_quantile(0.5, sum by (le) (gateway_time_to_first_token_seconds_bucket))", now
     )
-    assert 0.01 <= p50 <= 1.0
+    # Seconds, not milliseconds: no first token comes sooner than the simulator's 20 ms, so the
+    # median lies in or above the bucket (0.01, 0.025]. (No upper bound: that would be a latency
+    # assertion, and the machine may be busy.)
+    assert p50 >= 0.01
     assert prom.scalar("sum(gateway_inter_token_latency_seconds_count)", now) >= 4 * 2
     itl_mean = prom.scalar(
         "sum(gateway_inter_token_latency_seconds_sum) / sum(gateway_inter_token_latency_seconds_count)", now
     )
-    assert 0 < itl_mean < 0.5
+    assert itl_mean > 0
     # Every request has a duration; only those that reached vLLM (7 plain + 4 streams) the rest.
     assert prom.scalar("sum(gateway_request_duration_seconds_count)", now) == sent
     assert prom.scalar("sum(gateway_upstream_time_to_first_token_seconds_count)", now) == 11
     assert prom.scalar("sum(gateway_overhead_seconds_count)", now) == 11
     overhead = prom.scalar("sum(gateway_overhead_seconds_sum) / sum(gateway_overhead_seconds_count)", now)
-    assert 0 <= overhead < 0.05, f"mean time inside the gateway {overhead * 1000:.1f} ms"
+    assert overhead > 0, f"mean time inside the gateway {overhead * 1000:.1f} ms"
 
     # Tokens by team (cost attribution): 11 answers of 3 completion tokens, all team search.
     assert prom.values("gateway_completion_tokens_total", "model", "team", at=now) == {
@@ -537,5 +542,4 @@ def test_series_stay_bounded_with_300_principals(
         f"max {max(under_load) * ms:.2f} ms; {min(sizes)}-{max(sizes)} bytes\n"
         f"Prometheus' own scrape_duration_seconds, max over the last minute: {prom_scrape * ms:.2f} ms"
     )
-    assert size < 200_000
-    assert statistics.median(idle) < 0.25
+    assert size < 200_000  # the scrape times above are printed, not asserted: benchmarks measure speed

@@ -79,7 +79,11 @@ def test_ready_requires_the_configured_model() -> None:
         [], env={"GATEWAY_BACKENDS": f'[{{"url": "{sim.url}", "models": ["tiny"]}}]'}, wait_ready=False
     )
     try:
-        time.sleep(0.5)
+        # Wait for the first health check; before it the reason is only "not checked yet".
+        deadline = time.monotonic() + 10
+        while httpx.get(gw.url + "/health").json()["backends"][0]["last_check"] is None:
+            assert time.monotonic() < deadline, "the backend was never checked"
+            time.sleep(0.05)
         r = httpx.get(gw.url + "/ready")
         assert r.status_code == 503
         assert "tiny" in str(r.json()["reason"])

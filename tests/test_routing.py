@@ -325,15 +325,16 @@ def test_full_queue_429_and_queue_timeout_503_with_retry_after(tmp_path: Path) -
         assert sorted(by_status) == [429, 503], {s: [r.text for r, _ in v] for s, v in by_status.items()}
         assert len(by_status[503]) == 3  # max_queue waited, then gave up
         assert len(by_status[429]) == 4  # the rest found the queue full
-        for r, t in by_status[429]:
+        for r, _ in by_status[429]:
             err = assert_openai_error(r, 429, "queue_full")
             assert err["type"] == "rate_limit_error"
             retry_after(r)
-            assert t - started < 0.5  # refused at once, not after waiting
         for r, t in by_status[503]:
             assert_openai_error(r, 503, "queue_timeout")
             retry_after(r)
-            assert 0.45 < t - started < 1.5  # after queue_timeout (0.5 s), long before the slot freed
+            assert t - started > 0.45  # they waited queue_timeout (0.5 s; `started` is a little late)
+        # Refused at once, not after waiting: every 429 came before any queue timeout.
+        assert max(t for _, t in by_status[429]) < min(t for _, t in by_status[503])
         assert sim.stats()["received"] == 1  # nothing shed reached the replica
     finally:
         gw.stop()
