@@ -112,13 +112,13 @@ def test_requests_vllm_refuses_cost_nothing(gws: tuple[Gateway, Gateway], stream
         r = post(g, cred, rejected, rid)
         assert r.status_code == 400, r.text
         assert "maximum context length" in r.json()["error"]["message"]
-        line = audit_line(g, rid)
-        assert line["tokens_charged"] == 0, line
+        audit_line(g, rid)  # settled
     r = post(gws[0], cred, chat("a valid small request", 300), f"{UID}-after-{stream}")
     assert r.status_code == 200, r.text
-    assert left_after(gws[1], cred) == LIMIT - sum(
-        r.json()["usage"][k] for k in ("prompt_tokens", "completion_tokens")
-    )
+    used = r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"]
+    assert left_after(gws[1], cred) == LIMIT - used
+    for g, rid in zip(gws, rids, strict=True):
+        assert audit_line(g, rid)["tokens_charged"] == 0
 
 
 def test_a_gateway_refusal_after_the_reservation_costs_nothing(gws: tuple[Gateway, Gateway]) -> None:
@@ -146,9 +146,9 @@ def test_a_plain_request_left_while_generating_is_charged_its_reservation(
         post(a, cred, raw, rid, timeout=3)
     line = audit_line(a, rid, timeout=10)
     assert line["client_disconnected"] is True
+    assert left_after(b, cred) == LIMIT - reservation(raw)
     assert line["tokens_charged"] == reservation(raw), line
     assert charged_metric(a) - before == reservation(raw)
-    assert left_after(b, cred) == LIMIT - reservation(raw)
 
 
 def test_a_stream_left_while_generating_is_charged_what_was_relayed(gws: tuple[Gateway, Gateway]) -> None:
