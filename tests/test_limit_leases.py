@@ -113,7 +113,7 @@ def burst_gw(
 def test_a_burst_admits_exactly_max_concurrent(burst_gw: Gateway, n: int) -> None:
     cred = token(f"{UID}-burst-{n}-{secrets.token_hex(3)}", tier="c50")
     statuses = asyncio.run(_burst(burst_gw.port, cred, n))
-    assert statuses == Counter({200: 50, 429: n - 50}), statuses
+    assert statuses == Counter({200: 50, 429: n - 50}), (statuses, burst_gw.log_lines()[-5:])
 
 
 # ----------------------------------------------------------------------------- replica dies

@@ -266,6 +266,33 @@ return 0
 """
 
 
+class _Deadline:
+    """``timeout`` seconds for one Redis call, not counting this process's own event-loop lag.
+
+    Under a burst the loop can be busy for longer than the timeout while Redis' answer
+    already waits in the socket: the timer then fires late, in the same loop turn as that
+    answer, before the call could read it. Failing open on that would admit requests nobody
+    counted, so a timer that fires late by more than a tenth of the timeout waits once more
+    (one more ``timeout``); a timer that fires on time means Redis is slow or gone.
+    """
+
+    __slots__ = ("extended", "handle", "loop", "timeout", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timer: asyncio.Timeout, timeout: float) -> None:
+        self.loop, self.timer, self.timeout = loop, timer, timeout
+        self.extended = False
+        when = loop.time() + timeout
+        self.handle = loop.call_at(when, self._fire, when)
+
+    def _fire(self, when: float) -> None:
+        now = self.loop.time()
+        if not self.extended and now - when > self.timeout / 10:
+            self.extended = True
+            self.handle = self.loop.call_at(now + self.timeout, self._fire, now + self.timeout)
+            return
+        self.timer.reschedule(now)
+
+
 class RedisCounters:
     """Counters in Redis (one server or a primary; not Redis Cluster: a request's counters
     live under different keys that one script must reach together).
@@ -304,8 +331,13 @@ class RedisCounters:
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         async with self._slots:
-            async with asyncio.timeout(self._timeout):
-                return await script(keys=keys, args=args)
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(None) as timer:
+                deadline = _Deadline(loop, timer, self._timeout)
+                try:
+                    return await script(keys=keys, args=args)
+                finally:
+                    deadline.handle.cancel()
 
     async def take(self, items: Sequence[TakeItem], leases: Sequence[LeaseItem], lease: int) -> Taken:
         keys = [k for k, _, _, _ in items]

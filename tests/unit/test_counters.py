@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -179,3 +180,33 @@ async def test_storages_agree_on_leases(counters: Counters) -> None:
     while (await counters.take((), [(k, 2)], 6)).failed != -1:  # leases of 0.5 s expire
         assert asyncio.get_running_loop().time() < deadline, "leases never expired"
         await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- Redis call deadline
+
+
+async def test_an_answer_delayed_only_by_our_own_busy_loop_is_not_a_timeout() -> None:
+    """A burst keeps the loop busy past the timeout while Redis' answer waits in the socket."""
+    loop = asyncio.get_running_loop()
+    r = RedisCounters("redis://127.0.0.1:1/0", 0.1, 5)  # never connects: the script is a stand-in
+    answer: asyncio.Future[int] = loop.create_future()
+    loop.call_later(0.01, time.sleep, 0.3)  # the loop is blocked for 3 timeouts...
+    loop.call_later(0.02, answer.set_result, 7)  # ...while the answer is already there
+
+    async def script(keys: list[str], args: list[object]) -> int:
+        return await answer
+
+    assert await r._call(script, [], []) == 7
+    await r.close()
+
+
+async def test_a_redis_that_does_not_answer_is_a_timeout() -> None:
+    r = RedisCounters("redis://127.0.0.1:1/0", 0.1, 5)
+    never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def script(keys: list[str], args: list[object]) -> int:
+        return await never
+
+    with pytest.raises(TimeoutError):
+        await r._call(script, [], [])
+    await r.close()
