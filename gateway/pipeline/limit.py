@@ -276,22 +276,26 @@ class RateLimiter:
         if res is NO_LIMITS:
             return
         now = time.monotonic()
-        todo: list[tuple[str, int, float]] = []  # (key, amount, valid until)
+        corrections: list[tuple[str, int]] = []
         if used_tokens is not None and res.tokens:
             delta = clamp(max(0, used_tokens) - res.reserved_tokens)
-            todo += [(c.key, delta, c.deadline) for c in res.tokens if delta and now < c.deadline]
+            if delta:
+                corrections = [(c.key, delta) for c in res.tokens if now < c.deadline]
         conc = res.concurrent
-        if not todo and conc is None:
-            return
+        if conc is None:
+            if not corrections:
+                return
+            releases: tuple[tuple[str, int], ...] = ()
+        else:
+            releases = ((conc.key, res.lease),)
         try:
-            await self.storage.settle(
-                [(key, amount) for key, amount, _ in todo],
-                () if conc is None else ((conc.key, res.lease),),
-            )
+            await self.storage.settle(corrections, releases)
         except Exception as exc:
             self._note_error(exc)
             if len(self._pending) + len(self._pending_releases) < 10_000:
-                self._pending += todo  # replayed once storage answers again
+                # replayed once storage answers again, while the window or the lease lasts
+                until = {c.key: c.deadline for c in res.tokens}
+                self._pending += [(key, amount, until[key]) for key, amount in corrections]
                 if conc is not None:
                     self._pending_releases.append((conc.key, res.lease, now + self.lease_seconds))
 
