@@ -302,8 +302,9 @@ def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
     except for a stream cut off before its usage chunk: the prompt estimate plus one token per
     relayed event.
     """
-    if ex.prompt_tokens is not None:
-        used = max(0, ex.prompt_tokens) + max(0, ex.completion_tokens or 0)
+    p, c = ex.prompt_tokens, ex.completion_tokens
+    if isinstance(p, int):  # a backend's numbers, bounded: never a refund beyond the reservation
+        used = max(0, p) + (max(0, c) if isinstance(c, int) else 0)
     elif ex.upstream_sent is None:
         used = 0  # never sent to a backend (refused by the gateway, queue full, no replica)
     elif ex.reason == "upstream_client_error":
