@@ -79,7 +79,7 @@ def chat(content: str, max_tokens: int, **extra: Any) -> bytes:
 
 
 def reservation(raw: bytes) -> int:
-    return math.ceil(len(raw) / 4) + json.loads(raw)["max_tokens"]
+    return math.ceil(len(raw) / 4) + int(json.loads(raw)["max_tokens"])
 
 
 def post(gw: Gateway, cred: str, raw: bytes, rid: str, timeout: float = 10) -> httpx.Response:
@@ -163,8 +163,8 @@ def test_a_stream_left_while_generating_is_charged_what_was_relayed(gws: tuple[G
         c.stream("POST", a.v1 + "/chat/completions", content=raw, headers=headers) as r,
     ):
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: "):
+        for text in r.iter_lines():
+            if text.startswith("data: "):
                 events += 1
                 if events == 5:
                     break

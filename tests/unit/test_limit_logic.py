@@ -325,7 +325,10 @@ async def test_corrupt_or_truncated_gzip_is_400() -> None:
 
 async def test_client_gone_while_sending_a_compressed_body() -> None:
     packed = gzip.compress(BODY)
-    chunks = [{"type": "http.request", "body": packed[:5], "more_body": True}, {"type": "http.disconnect"}]
+    chunks: list[dict[str, Any]] = [
+        {"type": "http.request", "body": packed[:5], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
 
     async def receive() -> dict[str, Any]:
         return chunks.pop(0)
