@@ -171,6 +171,12 @@ class GatewayMetrics:
             ["model", "team"],
             registry=r,
         )
+        self.tokens_charged = Counter(
+            "gateway_ratelimit_tokens_charged",
+            "Tokens charged against token budgets once a request was settled, by team.",
+            ["team"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "gateway_ratelimit_rejections",
             "Requests refused by a limit, by kind (requests, tokens, concurrent, queue) and scope.",

@@ -135,7 +135,10 @@ class ProxyEndpoint:
         # 1. receive
         length = header(scope, b"content-length")
         raw = await receive_stage.read_body(
-            receive, int(length) if length and length.isdigit() else None, s.server.max_body_bytes
+            receive,
+            int(length) if length and length.isdigit() else None,
+            s.server.max_body_bytes,
+            header(scope, b"content-encoding"),
         )
         req = receive_stage.parse(self.endpoint, raw, s.validation)
         # 4a. route plan: task type and alias → the served model (replicas are picked below)
@@ -151,14 +154,9 @@ class ProxyEndpoint:
             ex.capture, ex.prompt_text = [], prompt_text(req.body)
         # 3. limit (settled in __call__, whatever happens next)
         if self.limiter.enabled:
+            # Only validated values the endpoint honours feed the reservation (receive.parse).
             ex.body_bytes = len(raw)
-            max_tokens = req.body.get("max_completion_tokens") or req.body.get("max_tokens")
-            n = req.body.get("n")
-            estimate = self.limiter.estimate(
-                len(raw),
-                max_tokens if isinstance(max_tokens, int) else None,
-                n if isinstance(n, int) else 1,
-            )
+            estimate = self.limiter.estimate(len(raw), req.max_tokens, req.n)
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
         if req.stream and not req.client_wants_usage:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again. Without
@@ -286,17 +284,31 @@ class ProxyEndpoint:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int | None:
-    """Tokens to charge: vLLM's usage when it arrived, else what the client saw."""
-    if ex.prompt_tokens is not None:
-        return ex.prompt_tokens + (ex.completion_tokens or 0)
-    if ex.upstream_ttfb is None:
-        return 0  # never reached the backend: nothing was spent
-    if ex.stream and ex.events:
-        # Cut off before the usage chunk (client disconnect, backend failure): the prompt
-        # estimate plus one token per relayed event.
-        return limiter.estimate(ex.body_bytes, 0) + ex.events
-    return None  # keep the reservation: the backend may have done the work
+def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
+    """Tokens to charge against the token budgets, also written to ``ex.tokens_charged``.
+
+    vLLM's usage when it arrived. Nothing when the request never reached a backend, when the
+    backend refused it (4xx: vLLM generated nothing) or could not be reached. Once a request
+    was written to a backend the reservation stands (it may have generated up to max_tokens),
+    except for a stream cut off before its usage chunk: the prompt estimate plus one token per
+    relayed event.
+    """
+    p, c = ex.prompt_tokens, ex.completion_tokens
+    if isinstance(p, int):  # a backend's numbers, bounded: never a refund beyond the reservation
+        used = max(0, p) + (max(0, c) if isinstance(c, int) else 0)
+    elif ex.upstream_sent is None:
+        used = 0  # never sent to a backend (refused by the gateway, queue full, no replica)
+    elif ex.reason == "upstream_client_error":
+        used = 0  # the backend refused it (4xx): nothing was generated
+    elif ex.upstream_first is None and ex.reason == "upstream_error":
+        used = 0  # the backend could not be reached or dropped the connection unanswered
+    elif ex.stream and ex.events:
+        used = limiter.estimate(ex.body_bytes, 0) + ex.events
+    else:
+        used = ex.reservation.reserved_tokens  # the backend may have done the work
+    if ex.reservation.tokens:
+        ex.tokens_charged = used
+    return used
 
 
 async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:

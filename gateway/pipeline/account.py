@@ -53,6 +53,8 @@ class Accountant:
             m.child(m.prompt_tokens, model, team_label).inc(ex.prompt_tokens)
         if ex.completion_tokens:
             m.child(m.completion_tokens, model, team_label).inc(ex.completion_tokens)
+        if ex.tokens_charged:
+            m.child(m.tokens_charged, team_label).inc(ex.tokens_charged)
         if ex.limited is not None:
             m.child(m.rate_limited, *ex.limited).inc()
         if ex.queue_wait:
@@ -80,6 +82,7 @@ class Accountant:
                 stream=ex.stream,
                 prompt_tokens=ex.prompt_tokens,
                 completion_tokens=ex.completion_tokens,
+                tokens_charged=ex.tokens_charged,
                 ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 2),
                 duration_ms=round(duration * 1000, 2),
                 queue_wait_ms=round(ex.queue_wait * 1000, 2),

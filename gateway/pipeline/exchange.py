@@ -39,5 +39,6 @@ class Exchange:
     completing: bool = False  # the last body message is being sent
     reservation: Reservation = field(default_factory=lambda: NO_LIMITS)
     body_bytes: int = 0
+    tokens_charged: int | None = None  # charged against token budgets (None: no token limit)
     events: int = 0  # SSE data events relayed: the token count if usage never arrives
     disconnected: bool = False

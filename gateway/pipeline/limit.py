@@ -1,21 +1,27 @@
 """Stage 3, limit: requests and tokens per minute and requests in flight, per principal and team.
 
 Counters (gateway/pipeline/counters.py) live in memory (``memory://``, one
-process) or in Redis (``redis://``, shared by every worker and replica). Each
-counter is a fixed window that starts at its first hit; a request's counters
-are taken in one atomic step (one Lua script on Redis), so two replicas racing
-for the last slot get different counts and only one passes, and a refused
-request leaves no trace in any counter.
+process) or in Redis (``redis://``, shared by every worker and replica).
+Requests and tokens per minute are fixed windows that start at their first
+hit; requests in flight are per-request leases that expire on their own
+(``timeouts.total`` + ``LEASE_GRACE``), so a lost release, a window ending or
+a Redis restart never leaves the count off. A request's counters are taken in
+one atomic step (one Lua script on Redis), so two replicas racing for the last
+slot get different counts and only one passes, and a refused request leaves no
+trace in any counter.
 
 Token budgets are reserved before the call and reconciled after it:
 
-* reserved = prompt estimate + (max_tokens or ``completion_estimate``), where
-  the prompt estimate is request-body bytes / ``bytes_per_token``. Body bytes
-  over-count prompt tokens (JSON syntax, roles), so the reservation errs on
-  the safe side and costs nothing to compute;
-* after the response the counters are corrected by (real usage - reserved),
-  from vLLM's usage block or usage chunk, also after a client disconnect
-  (then whatever usage arrived, else the reservation stands).
+* reserved = prompt estimate + n x (the completion cap the endpoint honours,
+  or ``completion_estimate``), where the prompt estimate is request-body bytes
+  / ``bytes_per_token``. Only validated values feed it (receive.py): body bytes
+  over-count prompt tokens (JSON syntax, roles), so the reservation errs on the
+  safe side and costs nothing to compute;
+* after the response the counters are corrected to what was charged
+  (proxy.py ``_tokens_used``): vLLM's usage when it arrived; nothing when the
+  request never reached a backend or the backend refused it (4xx); else the
+  reservation stands (the backend may have done the work). No counter goes
+  below zero or above ``CAP``.
 
 A storage failure (Redis down or slow) never becomes a 500 or a hang: every
 call has a timeout, and ``on_storage_error`` decides between serving (open)
@@ -24,7 +30,7 @@ and 503 (closed).
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,9 +42,13 @@ from gateway.auth.principal import Principal
 from gateway.config import Settings
 from gateway.config_auth import LimitValues
 from gateway.errors import GatewayError
-from gateway.pipeline.counters import AddItem, Counters, MemoryCounters, counters_from_url
+from gateway.pipeline.counters import CAP, Counters, clamp, counters_from_url
 
-WINDOW = 60  # seconds: limits are per minute
+WINDOW = 60.0  # seconds: limits are per minute
+# Seconds a lease on a slot in flight outlives the request's own deadline (timeouts.total): time
+# to settle after the deadline fired. Past it the slot frees itself (a crashed replica, a lost
+# release).
+LEASE_GRACE = 5.0
 
 
 class RateLimited(GatewayError):
@@ -73,8 +83,11 @@ class _Counter:
 
 @dataclass(slots=True)
 class Reservation:
+    """What one admitted request holds: token reservations, an in-flight lease, its headers."""
+
     tokens: list[_Counter] = field(default_factory=list)
     concurrent: _Counter | None = None
+    lease: int = 0  # this request's lease id in ``concurrent``'s lease set
     reserved_tokens: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
@@ -93,12 +106,19 @@ def _limit_headers(kind: str, limit: int, remaining: int, reset: float) -> list[
     return [
         (limit_name, str(limit).encode()),
         (remaining_name, str(remaining).encode()),
-        (reset_name, _reset_text(reset).encode()),
+        (reset_name, reset_text(reset).encode()),
     ]
 
 
-def _reset_text(seconds: float) -> str:
-    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
+def reset_text(seconds: float, window: float = WINDOW) -> str:
+    """OpenAI's reset format (`250ms`, `1s`, `6m0s`) for a wait of ``seconds``.
+
+    Never longer than ``window`` (a window's time left computed as end - now can exceed it by
+    float rounding) and never negative; whole seconds are rounded up, so a client that waits
+    that long finds the window over.
+    """
+    if seconds > window:
+        seconds = window
     if seconds < 1:
         return f"{max(0, int(seconds * 1000))}ms"
     s = math.ceil(seconds)
@@ -106,22 +126,33 @@ def _reset_text(seconds: float) -> str:
 
 
 class RateLimiter:
+    """The limit stage: admits a request against its principal's and team's limits.
+
+    ``admit`` takes every counter of a request in one storage call and returns a
+    ``Reservation``; ``settle`` (one call) corrects the token windows to what was charged and
+    releases the in-flight lease. Raises ``RateLimited`` (429) or, failing closed,
+    ``LimitStorageDown`` (503).
+    """
+
     def __init__(self, settings: Settings, on_storage_error: Any = None) -> None:
         rl = settings.rate_limits
         self._settings = rl
-        self.storage: Counters = counters_from_url(rl.storage, rl.storage_timeout)
-        self._local = isinstance(self.storage, MemoryCounters)
+        self.lease_seconds = settings.timeouts.total + LEASE_GRACE
+        self.storage: Counters = counters_from_url(rl.storage, rl.storage_timeout, self.lease_seconds)
         self._tiers = settings.tiers
         self._teams = settings.teams
         self._resolved: dict[tuple[str | None, str | None], LimitValues] = {}
         self._log = structlog.get_logger("gateway.limits")
         self._last_error_log = 0.0
         self._count_error = on_storage_error or (lambda: None)
-        # Redis counts windows in whole seconds: be a second conservative with waits and deadlines.
         self._ttl_slack = self.storage.slack
-        # Corrections (token refunds, in-flight releases) that failed while storage was down,
-        # replayed on the next successful admission: (key, amount, monotonic valid-until).
+        self._lease_ids = itertools.count(1)
+        # Settlements that failed while storage was down, replayed on the next successful
+        # admission: window corrections (key, amount, valid until) and lease releases (key,
+        # lease, valid until). Both are safe to replay: a correction only lands in its own
+        # window, a release of a lease that is gone does nothing.
         self._pending: list[tuple[str, int, float]] = []
+        self._pending_releases: list[tuple[str, int, float]] = []
         self.enabled = bool(settings.tiers) or any(t.limits != LimitValues() for t in settings.teams.values())
 
     def principal_limits(self, p: Principal) -> LimitValues:
@@ -136,12 +167,17 @@ class RateLimiter:
         return found
 
     def estimate(self, body_bytes: int, max_tokens: int | None, n: int = 1) -> int:
-        """Prompt estimate + completion budget; `n` choices each get max_tokens."""
-        prompt = math.ceil(body_bytes / self._settings.bytes_per_token)
-        completion = max_tokens if max_tokens is not None else self._settings.completion_estimate
-        return prompt + completion * max(1, n)
+        """Tokens to reserve: prompt estimate + the completion budget of each of ``n`` choices.
 
-    def _counters(self, p: Principal, estimate: int) -> list[_Counter]:
+        ``body_bytes`` / ``bytes_per_token`` estimates the prompt; ``max_tokens`` is the
+        completion cap the endpoint honours (validated: 1..ceiling; 0 for embeddings; None when
+        the client set none: ``completion_estimate``). The result is within [0, CAP].
+        """
+        prompt = math.ceil(body_bytes / self._settings.bytes_per_token)
+        completion = self._settings.completion_estimate if max_tokens is None else max(0, max_tokens)
+        return min(CAP, prompt + completion * max(1, n))
+
+    def _counters(self, p: Principal, estimate: int) -> tuple[list[_Counter], _Counter | None]:
         out: list[_Counter] = []
         mine = self.principal_limits(p)
         who = f"p:{p.subject}"
@@ -157,47 +193,49 @@ class RateLimiter:
                 out.append(_Counter("requests", "team", f"gw:rpm:{where}", t.requests_per_minute, 1))
             if t.tokens_per_minute:
                 out.append(_Counter("tokens", "team", f"gw:tpm:{where}", t.tokens_per_minute, estimate))
+        conc = None
         if mine.max_concurrent:
-            out.append(_Counter("concurrent", "principal", f"gw:inflight:{who}", mine.max_concurrent, 1))
-        return out
+            conc = _Counter("concurrent", "principal", f"gw:inflight:{who}", mine.max_concurrent, 1)
+        return out, conc
 
-    async def admit(self, p: Principal, estimate: int, total_timeout: float) -> Reservation:
-        counters = self._counters(p, estimate)
-        if not counters:
+    async def admit(self, p: Principal, estimate: int, total_timeout: float = 0.0) -> Reservation:
+        """Take the request's counters (``estimate`` tokens) or raise ``RateLimited``.
+
+        ``total_timeout`` is unused (leases last ``timeouts.total`` + LEASE_GRACE); kept for
+        callers of the earlier signature.
+        """
+        counters, conc = self._counters(p, estimate)
+        if not counters and conc is None:
             return NO_LIMITS
         try:
-            if self._local:  # a dict cannot hang: no timer
-                return await self._admit(counters, estimate, total_timeout)
-            async with asyncio.timeout(self._settings.storage_timeout):
-                return await self._admit(counters, estimate, total_timeout)
+            return await self._admit(counters, conc, estimate)
         except RateLimited:
             raise
         except Exception as exc:  # storage unreachable, timed out, or broken
             return self._storage_failed(exc)
 
-    async def _admit(self, counters: list[_Counter], estimate: int, total_timeout: float) -> Reservation:
+    async def _admit(self, counters: list[_Counter], conc: _Counter | None, estimate: int) -> Reservation:
         now = time.monotonic()
-        if self._pending:
+        if self._pending or self._pending_releases:
             await self._replay(now)
-        # A counter of requests in flight expires only as a safety net for a crashed replica.
-        longer = int(total_timeout) + WINDOW
+        lease = next(self._lease_ids) if conc is not None else 0
         got = await self.storage.take(
-            [(c.key, c.cost, c.limit, longer if c.kind == "concurrent" else WINDOW) for c in counters]
+            [(c.key, c.cost, c.limit, WINDOW) for c in counters],
+            () if conc is None else ((conc.key, conc.limit),),
+            lease,
         )
         if got.failed >= 0:
-            c = counters[got.failed]
+            c = counters[got.failed] if got.failed < len(counters) else conc
+            assert c is not None
             c.count = got.counts[-1]
             raise self._rejection(c, got.ttls[-1])
-        res = Reservation(reserved_tokens=estimate)
+        res = Reservation(reserved_tokens=estimate, concurrent=conc, lease=lease)
         headers = res.headers
-        for c, count, ttl in zip(counters, got.counts, got.ttls, strict=True):
+        for c, count, ttl in zip(counters, got.counts, got.ttls, strict=False):
             c.count = count
             if c.kind == "tokens":
                 c.deadline = now + ttl - self._ttl_slack
                 res.tokens.append(c)
-            elif c.kind == "concurrent":
-                res.concurrent = c
-                continue
             if c.scope == "principal":
                 headers += _limit_headers(c.kind, c.limit, max(0, c.limit - count), ttl)
         return res
@@ -211,7 +249,7 @@ class RateLimiter:
             )
             busy.limit = (c.kind, c.scope)
             return busy
-        wait = min(float(WINDOW), max(0.0, ttl + self._ttl_slack))
+        wait = min(WINDOW, max(0.0, ttl + self._ttl_slack))
         per = "requests" if c.kind == "requests" else "tokens"
         if c.kind == "tokens" and c.cost > c.limit:
             message = (
@@ -221,7 +259,7 @@ class RateLimiter:
         else:
             message = (
                 f"Rate limit reached for {per} per minute ({c.scope}): limit {c.limit}. "
-                f"Try again in {_reset_text(wait)}."
+                f"Try again in {reset_text(wait)}."
             )
         err = RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
         err.limit = (c.kind, c.scope)
@@ -230,38 +268,49 @@ class RateLimiter:
         return err
 
     async def settle(self, res: Reservation, used_tokens: int | None) -> None:
-        """Reconcile reserved tokens with real usage; release the in-flight slot."""
+        """Charge ``used_tokens`` (None: the reservation stands) and release the in-flight lease.
+
+        The token windows are corrected by (charged - reserved) while they last; one storage
+        call. A failed call is kept and replayed on a later admission.
+        """
         if res is NO_LIMITS:
             return
         now = time.monotonic()
-        todo: list[tuple[str, int, float]] = []  # (key, amount, valid until)
+        corrections: list[tuple[str, int]] = []
         if used_tokens is not None and res.tokens:
-            delta = used_tokens - res.reserved_tokens
-            todo += [(c.key, delta, c.deadline) for c in res.tokens if delta and now < c.deadline]
-        if res.concurrent is not None:
-            todo.append((res.concurrent.key, -1, now + WINDOW * 10))
-        if not todo:
-            return
+            delta = clamp(max(0, used_tokens) - res.reserved_tokens)
+            if delta:
+                corrections = [(c.key, delta) for c in res.tokens if now < c.deadline]
+        conc = res.concurrent
+        if conc is None:
+            if not corrections:
+                return
+            releases: tuple[tuple[str, int], ...] = ()
+        else:
+            releases = ((conc.key, res.lease),)
         try:
-            items: list[AddItem] = [(key, amount, WINDOW) for key, amount, _ in todo]
-            if self._local:
-                await self.storage.add(items)
-            else:
-                async with asyncio.timeout(self._settings.storage_timeout):
-                    await self.storage.add(items)
+            await self.storage.settle(corrections, releases)
         except Exception as exc:
             self._note_error(exc)
-            if len(self._pending) < 10_000:
-                self._pending += todo  # replayed once storage answers again
+            if len(self._pending) + len(self._pending_releases) < 10_000:
+                # replayed once storage answers again, while the window or the lease lasts
+                until = {c.key: c.deadline for c in res.tokens}
+                self._pending += [(key, amount, until[key]) for key, amount in corrections]
+                if conc is not None:
+                    self._pending_releases.append((conc.key, res.lease, now + self.lease_seconds))
 
     async def _replay(self, now: float) -> None:
-        """Corrections that failed while storage was down, in one call; what is over is dropped."""
+        """Settlements that failed while storage was down, in one call; what is over is dropped."""
         pending, self._pending = self._pending, []
-        owed: list[AddItem] = [(k, amount, WINDOW) for k, amount, until in pending if now < until]
+        releases, self._pending_releases = self._pending_releases, []
         try:
-            await self.storage.add(owed)
+            await self.storage.settle(
+                [(k, amount) for k, amount, until in pending if now < until],
+                [(k, lease) for k, lease, until in releases if now < until],
+            )
         except Exception:
             self._pending = pending + self._pending
+            self._pending_releases = releases + self._pending_releases
             raise
 
     def _storage_failed(self, exc: BaseException) -> Reservation:

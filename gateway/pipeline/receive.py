@@ -8,6 +8,7 @@ fields survive untouched.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from gateway.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.asgi import Receive
 from gateway.config import ValidationSettings
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +29,12 @@ class Endpoint:
     path: bytes  # upstream path
     schema: type[BaseModel]
     streams: bool  # whether `stream: true` is allowed
+    generates: bool = True  # produces completion tokens (embeddings do not)
 
 
 CHAT: Final = Endpoint("chat", b"/v1/chat/completions", ChatCompletionRequest, True)
 COMPLETIONS: Final = Endpoint("completions", b"/v1/completions", CompletionRequest, True)
-EMBEDDINGS: Final = Endpoint("embeddings", b"/v1/embeddings", EmbeddingRequest, False)
+EMBEDDINGS: Final = Endpoint("embeddings", b"/v1/embeddings", EmbeddingRequest, False, False)
 
 
 @dataclass(slots=True)
@@ -42,13 +44,56 @@ class ParsedRequest:
     model: str
     stream: bool
     client_wants_usage: bool
+    # The completion cap the endpoint honours, validated (1..max_tokens_ceiling): chat
+    # `max_completion_tokens` then `max_tokens`, completions `max_tokens` (vLLM's
+    # ChatCompletionRequest / CompletionRequest); 0 for embeddings (nothing is generated);
+    # None when the client set none.
+    max_tokens: int | None = None
+    n: int = 1  # choices generated (validated: 1..max_n)
 
 
-async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:
+class UnsupportedMediaType(GatewayError):
+    """415: a request body in a content coding the gateway does not decode (RFC 9110 15.5.16)."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+    reason = "validation"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"accept-encoding", b"gzip, deflate")]
+
+
+# Content-Encoding -> zlib's wbits: gzip framing, or zlib framing (HTTP's "deflate", RFC 9110 8.4.1.2).
+_DECODERS: Final = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}
+
+
+async def read_body(
+    receive: Receive, content_length: int | None, limit: int, encoding: bytes | None = None
+) -> bytes:
+    """The whole request body, at most ``limit`` bytes, decoded from ``encoding``.
+
+    ``encoding`` is the Content-Encoding header: none or `identity` reads the body as is;
+    `gzip` / `deflate` are decompressed as they arrive, and ``limit`` applies to the
+    decompressed size too (decompression stops as soon as the output passes it, so a
+    decompression bomb costs at most ``limit`` bytes). Raises ``PayloadTooLarge`` (413),
+    ``UnsupportedMediaType`` (415) for any other coding, ``InvalidRequest`` (400) for a
+    corrupt or truncated compressed body, ``ClientGone`` when the client disconnects.
+    """
     if content_length is not None and content_length > limit:
         raise PayloadTooLarge(
             f"Request body is {content_length} bytes; the limit is {limit} bytes.", param=None
         )
+    if encoding:
+        coding = encoding.strip().lower()
+        if coding != b"identity":
+            wbits = _DECODERS.get(coding)
+            if wbits is None:
+                shown = encoding.decode("latin-1")[:64]
+                raise UnsupportedMediaType(
+                    f"Content-Encoding `{shown}` is not supported; send gzip, deflate or identity."
+                )
+            return await _read_decoded(receive, limit, zlib.decompressobj(wbits))
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -63,6 +108,39 @@ async def read_body(receive: Receive, content_length: int | None, limit: int) ->
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_decoded(receive: Receive, limit: int, d: Any) -> bytes:
+    out: list[bytes] = []
+    size = wire = 0
+    too_large = f"Request body exceeds the limit of {limit} bytes once decompressed."
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            data: bytes = message.get("body", b"")
+            wire += len(data)
+            if wire > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            while data and not d.eof:
+                # Never more than one byte past the limit per step: a bomb stops here.
+                piece = d.decompress(data, limit - size + 1)
+                size += len(piece)
+                if size > limit:
+                    raise PayloadTooLarge(too_large)
+                out.append(piece)
+                data = d.unconsumed_tail
+            if not message.get("more_body", False):
+                break
+        if not d.eof:
+            raise zlib.error("truncated")
+    except zlib.error:
+        raise InvalidRequest(
+            "The request body is not valid for its Content-Encoding (corrupt or truncated).",
+            code="invalid_encoding",
+        ) from None
+    return b"".join(out)
 
 
 class ClientGone(Exception):
@@ -133,4 +211,7 @@ def parse(endpoint: Endpoint, raw: bytes, limits: ValidationSettings) -> ParsedR
         opts = body.get("stream_options")
         wants_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
     model: str = body["model"]
-    return ParsedRequest(endpoint, body, model, stream, wants_usage)
+    if endpoint.generates:
+        max_tokens = field("max_completion_tokens") or field("max_tokens")
+        return ParsedRequest(endpoint, body, model, stream, wants_usage, max_tokens, n or 1)
+    return ParsedRequest(endpoint, body, model, stream, wants_usage, 0, 1)
