@@ -94,7 +94,7 @@ async def _send_plain_error(send: Send, exc: MethodNotAllowed) -> None:
 
 def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
     configure_logging(settings.logging)
-    pool = BackendPool(settings.backends, settings.resilience)
+    pool = BackendPool(settings.backends, settings.resilience, settings.health.interval)
     admission = Admission(
         pool,
         settings.admission,

@@ -8,7 +8,23 @@ the matching exception class (``BadRequestError``, ``NotFoundError``, ...).
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import orjson
+
+
+class Fault(StrEnum):
+    """Who caused a failure: what breakers, retries and connection reuse decide from.
+
+    Only ``BACKEND`` failures (5xx, connection errors, a backend that stays silent) count
+    against a replica's circuit breaker, like Envoy's outlier detection counts only upstream
+    errors. ``DEADLINE`` is the request's own total deadline: a long generation is legitimate.
+    """
+
+    CLIENT = "client"  # the request, or the client's connection (too slow, gone)
+    BACKEND = "backend"
+    GATEWAY = "gateway"  # the gateway's own limits, capacity or bugs
+    DEADLINE = "deadline"
 
 
 class GatewayError(Exception):
@@ -21,7 +37,7 @@ class GatewayError(Exception):
     type: str = "internal_error"
     code: str = "internal_error"
     reason: str = "internal"
-    backend_fault: bool = False  # counts against the backend's circuit breaker
+    fault: Fault = Fault.GATEWAY  # who caused it; only Fault.BACKEND counts against a breaker
     retryable: bool = False  # safe to send to another replica (nothing reached the client)
 
     def __init__(
@@ -56,6 +72,7 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
     code = "invalid_request"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class PayloadTooLarge(GatewayError):
@@ -63,6 +80,7 @@ class PayloadTooLarge(GatewayError):
     type = "invalid_request_error"
     code = "request_too_large"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class ModelNotFound(GatewayError):
@@ -70,6 +88,7 @@ class ModelNotFound(GatewayError):
     type = "invalid_request_error"
     code = "model_not_found"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class NotFound(GatewayError):
@@ -77,6 +96,7 @@ class NotFound(GatewayError):
     type = "invalid_request_error"
     code = "not_found"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class MethodNotAllowed(GatewayError):
@@ -84,6 +104,7 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request_error"
     code = "method_not_allowed"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class Unauthenticated(GatewayError):
@@ -91,6 +112,7 @@ class Unauthenticated(GatewayError):
     type = "authentication_error"
     code = "invalid_token"
     reason = "auth"
+    fault = Fault.CLIENT
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         # RFC 6750: say it is a bearer problem, never echo the credential.
@@ -118,6 +140,7 @@ class Forbidden(GatewayError):
     type = "permission_error"
     code = "model_not_allowed"
     reason = "auth"
+    fault = Fault.CLIENT
 
 
 class NoBackendAvailable(GatewayError):
@@ -141,7 +164,7 @@ class UpstreamUnavailable(GatewayError):
     type = "service_unavailable"
     code = "upstream_unavailable"
     reason = "upstream_error"
-    backend_fault = True
+    fault = Fault.BACKEND
     retryable = True
 
 
@@ -152,15 +175,38 @@ class UpstreamError(GatewayError):
     type = "upstream_error"
     code = "upstream_error"
     reason = "upstream_error"
-    backend_fault = True
+    fault = Fault.BACKEND
 
 
 class UpstreamTimeout(GatewayError):
+    """The backend stayed silent: no connection, no first byte, or a gap mid-stream."""
+
     status = 504
     type = "timeout"
     code = "upstream_timeout"
     reason = "timeout"
-    backend_fault = True
+    fault = Fault.BACKEND
+
+
+class TotalTimeout(UpstreamTimeout):
+    """The request's total deadline passed: its own budget, not a sign the backend is broken."""
+
+    code = "total_timeout"
+    fault = Fault.DEADLINE
+
+
+class ClientTooSlow(GatewayError):
+    """The client stopped accepting the response (a stream it does not read).
+
+    Nothing can be sent to such a client any more: the gateway closes the connection, and
+    the status is only for the audit log (nginx logs the same case as 408 after send_timeout).
+    """
+
+    status = 408
+    type = "timeout"
+    code = "client_slow"
+    reason = "client_slow"
+    fault = Fault.CLIENT
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> bytes:
