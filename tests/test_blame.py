@@ -78,18 +78,18 @@ def _big_sim() -> Sim:
 
 @pytest.mark.parametrize(
     ("client_write", "total"),
-    [("30", "4"), ("1", "60")],
+    [(None, "4"), ("1", "60")],
     ids=["blocked-until-the-total-deadline", "blocked-past-the-write-timeout"],
 )
-def test_a_client_that_stops_reading_is_blamed_not_the_backend(client_write: str, total: str) -> None:
+def test_a_client_that_stops_reading_is_blamed_not_the_backend(client_write: str | None, total: str) -> None:
     sim = _big_sim()
     gw = Gateway(
         [sim.url],
         env={
             "GATEWAY_TIMEOUTS__IDLE": "1",
             "GATEWAY_TIMEOUTS__TOTAL": total,
-            "GATEWAY_TIMEOUTS__CLIENT_WRITE": client_write,
             "GATEWAY_RESILIENCE__BREAKER_FAIL_MAX": "1",
+            **({"GATEWAY_TIMEOUTS__CLIENT_WRITE": client_write} if client_write else {}),
         },
     )
     rid = f"slow-reader-{time.time_ns()}"

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import Send
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, error_body, sse_error_event
+from gateway.errors import Fault, GatewayError, TotalTimeout, UpstreamError, error_body, sse_error_event
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.upstream import UpstreamResponse
 
@@ -122,6 +122,7 @@ def anthropic_error(status: int, body: bytes, ex: Exchange) -> tuple[int, bytes]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         message = f"The external provider answered {status}."
     ex.reason = "upstream_client_error" if status < 500 else "upstream_error"
+    ex.fault = Fault.CLIENT if status < 500 else Fault.BACKEND
     ex.error = f"external provider answered {status}: {message}"
     if status < 500:
         return status, error_body(message, "invalid_request_error", None, status)
@@ -182,12 +183,12 @@ async def relay_anthropic(
         except UpstreamError as exc:
             failure = exc
         except TimeoutError:
-            failure = UpstreamTimeout("The external provider took too long.", code="total_timeout")
+            failure = TotalTimeout("The external provider took too long.")
         if failure is None and not done:
             failure = UpstreamError("The external provider ended the stream early.", code="stream_truncated")
         ex.completing = True
         if failure is not None:
-            ex.reason, ex.error = failure.reason, failure.message
+            ex.reason, ex.error, ex.fault = failure.reason, failure.message, failure.fault
             await send({"type": "http.response.body", "body": sse_error_event(failure), "more_body": False})
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

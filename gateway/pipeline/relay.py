@@ -410,6 +410,7 @@ def _note_error_event(out: bytes, ex: Exchange) -> None:
     at = out.find(_ERROR_MARK)
     end = out.find(b"\n\n", at)
     ex.reason = "upstream_error"
+    ex.fault = Fault.BACKEND  # vLLM reports an engine failure in-band
     try:
         err = orjson.loads(out[at + 6 : end])["error"]
         ex.error = f"backend error event: {err.get('message')}"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
-import structlog
+from structlog.testing import capture_logs
 
 from gateway.breaker import BreakerOpen, ReplicaBreaker
 from gateway.errors import Fault
@@ -115,7 +114,7 @@ def test_reset_by_health_checks_closes_it() -> None:
 def test_every_transition_is_logged_with_its_cause() -> None:
     clock = Clock()
     b = _breaker(clock, fail_max=2, reset=5.0)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         _fail(b, Fault.BACKEND, "first_byte_timeout")
         _fail(b, Fault.BACKEND, "upstream_unavailable")
         clock.now += 5.0

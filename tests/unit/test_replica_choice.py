@@ -12,9 +12,7 @@ from gateway.pipeline.route import choose_backend
 
 
 def _pool(n: int, fail_max: int = 1, max_in_flight: int = 4) -> BackendPool:
-    settings = [
-        BackendSettings(url=f"http://10.0.0.{i}:8000", max_in_flight=max_in_flight) for i in range(n)
-    ]
+    settings = [BackendSettings(url=f"http://10.0.0.{i}:8000", max_in_flight=max_in_flight) for i in range(n)]
     pool = BackendPool(settings, ResilienceSettings(breaker_fail_max=fail_max), recheck_seconds=2.0)
     for b in pool.backends:
         b.state, b.models = BackendState.HEALTHY, {"tiny": {"id": "tiny"}}
