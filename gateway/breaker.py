@@ -55,6 +55,7 @@ class _TransitionLog(pybreaker.CircuitBreakerListener):
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
         owner = self._owner
+        owner.panic = False
         if new_state.name == OPEN:
             owner.opened_at = owner.clock()
         owner.log.warning(
@@ -82,6 +83,7 @@ class ReplicaBreaker:
         self.clock = clock
         self.cause = "start"  # why the next state change happens, for its log line
         self.opened_at = 0.0  # clock() when it last opened
+        self.panic = False  # panic routing lets requests through while open (until a state change)
         self.log = structlog.get_logger("gateway.breaker")
         self._reset = reset_seconds
         self._max_trials = half_open_trials
@@ -126,11 +128,14 @@ class ReplicaBreaker:
             self._cb.close()
 
     def probe(self) -> None:
-        """Panic routing (every replica of the pool is ejected): let requests through as trials now,
-        rather than keep the whole pool dark until the reset time (Envoy's panic threshold)."""
+        """Panic routing (every replica of the pool is ejected): let requests through while open,
+        rather than keep the whole pool dark until the reset time (Envoy's panic threshold).
+
+        The breaker stays open (no state change per request, so a still-failing replica is not a
+        flood of transitions); the first request that succeeds closes it.
+        """
         if self._cb.current_state == OPEN:
-            self.cause = "panic: every replica of the pool is ejected"
-            self._cb.half_open()
+            self.panic = True
 
     def enter(self) -> bool:
         """Before one exchange; returns whether it is a trial (pass it to leave()).
@@ -143,6 +148,9 @@ class ReplicaBreaker:
             return False
         if state == OPEN:
             wait = self.seconds_until_trial()
+            if wait > 0 and self.panic:
+                self._trials += 1
+                return True
             if wait > 0:
                 raise BreakerOpen(
                     "The backend's circuit breaker is open.", retry_after=max(1, math.ceil(wait))
@@ -155,18 +163,23 @@ class ReplicaBreaker:
     def leave(self, trial: bool, fault: Fault | None, failed: bool, code: str = "") -> None:
         """After one exchange: ``failed`` with ``fault`` (``code`` for the log), or not ``failed``.
 
-        Only a Fault.BACKEND failure counts; a success closes a half-open breaker and clears
-        the count of a closed one; any other ending (client gone, deadline) changes nothing.
+        Only a Fault.BACKEND failure counts (an open breaker counts nothing more); a success closes
+        a half-open breaker (or an open one it let through) and clears the count of a closed
+        one; any other ending (client gone, deadline) changes nothing.
         """
         if trial:
             self._trials -= 1
         cb = self._cb
+        open_ = cb.current_state == OPEN
         if not failed:
-            if trial or cb.fail_counter:
+            if open_ and trial:  # let through while open: panic routing, or a trial racing another
+                self.cause = "a request succeeded while open (panic routing)"
+                cb.close()
+            elif trial or (cb.fail_counter and not open_):
                 self.cause = "trial succeeded"
                 self._report(None)
             return
-        if fault is Fault.BACKEND:
+        if fault is Fault.BACKEND and not open_:
             self.cause = f"{cb.fail_counter + 1} consecutive failure(s), last: {code or 'unknown'}"
             self._report(_BackendFailure(code))
 

@@ -95,18 +95,13 @@ def test_every_breaker_transition_is_logged_with_its_cause() -> None:
             lines = [orjson.loads(x) for x in gw.log_lines() if x.startswith("{")]
             return [x for x in lines if x.get("event") == "circuit breaker state changed"]
 
-        until(lambda: len(changes()) == 3, what="three transitions logged")
+        until(lambda: len(changes()) == 2, what="two transitions logged")
         found = changes()
-        assert [(c["from"], c["to"]) for c in found] == [
-            ("closed", "open"),
-            ("open", "half-open"),
-            ("half-open", "closed"),
-        ]
+        assert [(c["from"], c["to"]) for c in found] == [("closed", "open"), ("open", "closed")]
         assert {c["level"] for c in found} == {"warning"}
         assert {c["backend"] for c in found} == {sim.url.split("://", 1)[1]}
         assert "upstream_unavailable" in str(found[0]["cause"])
         assert "panic" in str(found[1]["cause"])
-        assert found[2]["cause"] == "trial succeeded"
     finally:
         gw.stop()
         sim.stop()

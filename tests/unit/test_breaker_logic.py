@@ -94,14 +94,28 @@ def test_a_client_fault_during_a_trial_decides_nothing() -> None:
     assert b.available()  # the trial slot is free again
 
 
-def test_probe_lets_requests_through_at_once() -> None:
+def test_probe_lets_requests_through_while_open_and_a_success_closes_it() -> None:
     clock = Clock()
     b = _breaker(clock, fail_max=1, reset=30.0)
     _fail(b, Fault.BACKEND)
+    with pytest.raises(BreakerOpen):
+        b.enter()
     b.probe()
-    assert b.state == "half-open"
+    _fail(b, Fault.BACKEND)  # still failing: stays open, its reset time unchanged
+    assert b.state == "open"
+    assert b.seconds_until_trial() == pytest.approx(30.0)
     b.leave(b.enter(), None, False)
     assert b.state == "closed"
+
+
+def test_panic_routing_of_a_failing_replica_logs_no_transition_per_request() -> None:
+    b = _breaker(Clock(), fail_max=1, reset=30.0)
+    _fail(b, Fault.BACKEND)
+    b.probe()
+    with capture_logs() as logs:
+        for _ in range(10):
+            _fail(b, Fault.BACKEND)
+    assert logs == []
 
 
 def test_reset_by_health_checks_closes_it() -> None:
