@@ -242,7 +242,7 @@ async def relay_sse(
     except asyncio.CancelledError:
         if dog is not None:
             dog.handle.cancel()
-        if _cancelled_by_watchdog(ex):
+        if _cancelled_by_watchdog(ex, dog):
             return False
         raise
     if dog is not None and dog.fired is not None:
@@ -268,7 +268,7 @@ async def relay_sse(
         ex.completing = True
         await _bounded_send(send, dog, loop, b"", False)
     except asyncio.CancelledError:
-        if _cancelled_by_watchdog(ex):
+        if _cancelled_by_watchdog(ex, dog):
             return False
         raise
     finally:
@@ -277,10 +277,10 @@ async def relay_sse(
     return failure is None
 
 
-def _cancelled_by_watchdog(ex: Exchange) -> bool:
+def _cancelled_by_watchdog(ex: Exchange, dog: _Watchdog | None) -> bool:
     """The watchdog cancelled a write the client did not take: end quietly, nothing more is sent."""
     task = asyncio.current_task()
-    if ex.disconnected or ex.fault is not Fault.CLIENT or task is None:
+    if ex.disconnected or dog is None or not dog.cancelled or task is None:
         return False  # the client went away (proxy.py handles it), or a real cancellation
     task.uncancel()
     return True
@@ -315,6 +315,7 @@ class _Watchdog:
     """
 
     __slots__ = (
+        "cancelled",
         "ex",
         "fired",
         "handle",
@@ -344,6 +345,7 @@ class _Watchdog:
         self.last = loop.time()
         self.writing = 0.0
         self.fired: str | None = None
+        self.cancelled = False
         self.handle = loop.call_at(min(self.last + self.step, total), self._check)
 
     def _check(self) -> None:
@@ -352,13 +354,14 @@ class _Watchdog:
         if w:
             due = w + self.write if self.fired is not None else min(w + self.write, self.total)
             if now >= due:
-                if self.fired is None:
+                if self.fired is None:  # else the failure that came first stays the recorded one
                     self.fired = "client_slow"
-                failure = ClientTooSlow(
-                    f"The client did not accept the stream's data for {now - w:.3g}s; connection closed."
-                )
-                ex = self.ex
-                ex.reason, ex.error, ex.fault = failure.reason, failure.message, failure.fault
+                    failure = ClientTooSlow(
+                        f"The client did not accept the stream's data for {now - w:.3g}s; connection closed."
+                    )
+                    ex = self.ex
+                    ex.reason, ex.error, ex.fault = failure.reason, failure.message, failure.fault
+                self.cancelled = True
                 self.resp.close()
                 if self.task is not None:
                     self.task.cancel()
