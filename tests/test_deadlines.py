@@ -102,6 +102,27 @@ def test_a_retry_gets_its_own_first_byte_deadline() -> None:
         good.stop()
 
 
+def test_every_attempt_waits_its_full_first_byte_deadline_and_the_error_names_its_replica() -> None:
+    a = Sim(None, "--fault", "hang")
+    b = Sim(None, "--fault", "hang")
+    gw = Gateway([a.url, b.url], env=_timeouts(1, 5, 60))
+    try:
+        r = httpx.post(gw.v1 + "/chat/completions", json=_chat(True, 2), timeout=30)
+        assert r.status_code == 504
+        err = r.json()["error"]
+        assert err["code"] == "first_byte_timeout"
+        # Both replicas were really tried (the retry did not inherit a spent deadline), and the
+        # message names the replica whose wait ran out, with the setting that bounded it.
+        assert a.stats()["received"] == 1
+        assert b.stats()["received"] == 1
+        assert f"Backend {r.headers['x-gateway-backend']} sent nothing" in err["message"]
+        assert "(1s)" in err["message"]
+    finally:
+        gw.stop()
+        a.stop()
+        b.stop()
+
+
 def test_time_queued_for_capacity_does_not_eat_the_first_byte_deadline(tmp_path: Path) -> None:
     sim = Sim(None, "--ttft", "0.05", "--itl", "0.1", "--output-tokens", "15")
     cfg = {
