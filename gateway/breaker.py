@@ -99,8 +99,11 @@ class ReplicaBreaker:
 
     @property
     def state(self) -> str:
-        """ "closed", "open" or "half-open"; an open breaker whose reset time has passed lets the
-        next request through as a trial, so it reports "half-open"."""
+        """The state: closed, open or half-open.
+
+        An open breaker whose reset time has passed lets the next request through as a trial,
+        so it already reports half-open.
+        """
         state = str(self._cb.current_state)
         if state == OPEN and self.seconds_until_trial() <= 0:
             return HALF_OPEN

@@ -75,10 +75,10 @@ def choose_backend(
     """The least-loaded ready replica of ``model``'s pool that is not in ``exclude``.
 
     Replicas whose breaker is open are skipped, unless every ready replica of the pool is:
-    then, like Envoy's panic threshold, the breakers are ignored and the pick becomes a trial
-    at once (``ReplicaBreaker.probe``), so a recovered pool serves again at its first success
-    instead of refusing everything until the reset time. Raises NoBackendAvailable (with the
-    seconds until a replica may serve as Retry-After) or ModelNotFound.
+    then, like Envoy's panic threshold, the breakers are ignored and the pick is let through
+    while open (``ReplicaBreaker.probe``), so a recovered pool serves again at its first
+    success instead of refusing everything until the reset time. Raises NoBackendAvailable
+    (with the seconds until a replica may serve as Retry-After) or ModelNotFound.
     """
     best: Backend | None = None
     best_load = 0.0
