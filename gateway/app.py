@@ -116,7 +116,7 @@ def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Ga
     Raises ConfigError (a key, secret or file the settings name is unusable) or the error of
     the part that could not be built; ``check-config`` calls this so it fails when ``serve`` would.
     """
-    pool = BackendPool(settings.backends, settings.resilience)
+    pool = BackendPool(settings.backends, settings.resilience, settings.health.interval)
     admission = Admission(
         pool,
         settings.admission,

@@ -6,6 +6,7 @@ request counts); it lives on the app's lifespan-owned ``BackendPool``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -72,10 +73,36 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, settings: list[BackendSettings], resilience: ResilienceSettings) -> None:
+    def __init__(
+        self,
+        settings: list[BackendSettings],
+        resilience: ResilienceSettings,
+        recheck_seconds: float = 2.0,
+    ) -> None:
         self.backends = [Backend.from_settings(s, resilience) for s in settings]
         self.turn = 0  # round-robin offset for ties in load
         self.started = time.monotonic()
+        self.recheck_seconds = recheck_seconds  # the health poller's interval
+        self.readmit_after = resilience.readmit_after
+
+    def retry_after(self, model: str) -> int:
+        """Whole seconds until a request for ``model`` may succeed, for Retry-After (RFC 9110 §10.2.3).
+
+        A ready replica: 1 (it is busy or was just tried); a loading one: the next health check;
+        a down one: the good checks it still needs to be re-admitted. Never below 1.
+        """
+        best: float | None = None
+        for b in self.backends:
+            if not (model in b.models or model in b.settings.models or not (b.models or b.settings.models)):
+                continue  # serves other models only
+            if b.ready:
+                wait = 1.0
+            elif b.state is BackendState.DOWN:
+                wait = self.recheck_seconds * max(1, self.readmit_after - b.good_checks)
+            else:
+                wait = self.recheck_seconds
+            best = wait if best is None else min(best, wait)
+        return max(1, math.ceil(best if best is not None else self.recheck_seconds))
 
     def ready_backends(self) -> list[Backend]:
         return [b for b in self.backends if b.ready]

@@ -140,14 +140,33 @@ class TimeoutSettings(_Section):
         120.0,
         gt=0,
         description=(
-            "Seconds from sending the request to the first upstream byte: response headers for "
-            "plain requests, the first SSE event for streams."
+            "Seconds one attempt of a stream may wait for its first SSE event (each retry on "
+            "another replica gets its own, never beyond `total`). A plain request's wait is the "
+            "whole generation (vLLM sends its headers only when done), bounded by `total` alone."
         ),
     )
     idle: float = Field(
-        60.0, gt=0, description="Seconds allowed between two SSE events once a stream has started."
+        60.0,
+        gt=0,
+        description=(
+            "Seconds the backend may stay silent between two SSE events once a stream has "
+            "started (time spent writing to the client does not count)."
+        ),
     )
-    total: float = Field(600.0, gt=0, description="Seconds a whole request may take.")
+    client_write: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds a write to a streaming client may stay blocked (the client is not reading) "
+            "before the gateway closes the connection (reason `client_slow`, never held against "
+            "the backend)."
+        ),
+    )
+    total: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a whole request may take, queueing and retries included; never retried after.",
+    )
 
 
 class StreamingSettings(_Section):
@@ -188,10 +207,20 @@ class HealthSettings(_Section):
 
 class ResilienceSettings(_Section):
     breaker_fail_max: int = Field(
-        5, ge=1, description="Consecutive failures (5xx, connection errors, timeouts) that open a breaker."
+        5,
+        ge=1,
+        description=(
+            "Consecutive backend failures (5xx, connection errors, backend silence) that open a "
+            "breaker; client-caused failures, 4xx and the total deadline never count."
+        ),
     )
     breaker_reset_seconds: float = Field(
-        30.0, gt=0, description="Seconds an open breaker waits before letting trial requests through."
+        30.0,
+        gt=0,
+        description=(
+            "Seconds an open breaker waits before letting trial requests through. When every "
+            "replica of a pool is open, requests are routed to them anyway (panic routing)."
+        ),
     )
     half_open_trials: int = Field(1, ge=1, description="Trial requests at once while half-open.")
     retry_attempts: int = Field(

@@ -13,7 +13,23 @@ gateway's own string (documented), never a number.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import orjson
+
+
+class Fault(StrEnum):
+    """Who caused a failure: what breakers, retries and connection reuse decide from.
+
+    Only ``BACKEND`` failures (5xx, connection errors, a backend that stays silent) count
+    against a replica's circuit breaker, like Envoy's outlier detection counts only upstream
+    errors. ``DEADLINE`` is the request's own total deadline: a long generation is legitimate.
+    """
+
+    CLIENT = "client"  # the request, or the client's connection (too slow, gone)
+    BACKEND = "backend"
+    GATEWAY = "gateway"  # the gateway's own limits, capacity or bugs
+    DEADLINE = "deadline"
 
 
 class GatewayError(Exception):
@@ -26,7 +42,7 @@ class GatewayError(Exception):
     type: str = "server_error"
     code: str = "internal_error"
     reason: str = "internal"
-    backend_fault: bool = False  # counts against the backend's circuit breaker
+    fault: Fault = Fault.GATEWAY  # who caused it; only Fault.BACKEND counts against a breaker
     retryable: bool = False  # safe to send to another replica (nothing reached the client)
 
     def __init__(
@@ -61,6 +77,7 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
     code = "invalid_request"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class PayloadTooLarge(GatewayError):
@@ -68,6 +85,7 @@ class PayloadTooLarge(GatewayError):
     type = "invalid_request_error"
     code = "request_too_large"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class ModelNotFound(GatewayError):
@@ -75,6 +93,7 @@ class ModelNotFound(GatewayError):
     type = "invalid_request_error"
     code = "model_not_found"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class NotFound(GatewayError):
@@ -82,6 +101,7 @@ class NotFound(GatewayError):
     type = "invalid_request_error"
     code = "not_found"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class MethodNotAllowed(GatewayError):
@@ -89,6 +109,7 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request_error"
     code = "method_not_allowed"
     reason = "validation"
+    fault = Fault.CLIENT
 
 
 class Unauthenticated(GatewayError):
@@ -96,6 +117,7 @@ class Unauthenticated(GatewayError):
     type = "authentication_error"
     code = "invalid_token"
     reason = "auth"
+    fault = Fault.CLIENT
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         # RFC 6750: say it is a bearer problem, never echo the credential.
@@ -123,6 +145,7 @@ class Forbidden(GatewayError):
     type = "permission_error"
     code = "model_not_allowed"
     reason = "auth"
+    fault = Fault.CLIENT
 
 
 class NoBackendAvailable(GatewayError):
@@ -146,7 +169,7 @@ class UpstreamUnavailable(GatewayError):
     type = "server_error"
     code = "upstream_unavailable"
     reason = "upstream_error"
-    backend_fault = True
+    fault = Fault.BACKEND
     retryable = True
 
 
@@ -157,15 +180,38 @@ class UpstreamError(GatewayError):
     type = "server_error"
     code = "upstream_error"
     reason = "upstream_error"
-    backend_fault = True
+    fault = Fault.BACKEND
 
 
 class UpstreamTimeout(GatewayError):
+    """The backend stayed silent: no connection, no first byte, or a gap mid-stream."""
+
     status = 504
     type = "server_error"
     code = "upstream_timeout"
     reason = "timeout"
-    backend_fault = True
+    fault = Fault.BACKEND
+
+
+class TotalTimeout(UpstreamTimeout):
+    """The request's total deadline passed: its own budget, not a sign the backend is broken."""
+
+    code = "total_timeout"
+    fault = Fault.DEADLINE
+
+
+class ClientTooSlow(GatewayError):
+    """The client stopped accepting the response (a stream it does not read).
+
+    Nothing can be sent to such a client any more: the gateway closes the connection, and
+    the status is only for the audit log (nginx logs the same case as 408 after send_timeout).
+    """
+
+    status = 408
+    type = "timeout"
+    code = "client_slow"
+    reason = "client_slow"
+    fault = Fault.CLIENT
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:

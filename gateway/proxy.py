@@ -23,7 +23,7 @@ import structlog
 
 from gateway.asgi import Receive, Scope, Send, header
 from gateway.backends import Backend
-from gateway.errors import GatewayError, ShuttingDown, sse_error_event
+from gateway.errors import Fault, GatewayError, ShuttingDown, sse_error_event
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.account import Accountant
 from gateway.pipeline.attempt import Deadlines, attempt
@@ -93,6 +93,7 @@ class ProxyEndpoint:
             await self._handle(scope, receive, send, ex, upstream_id, deadline)
         except GatewayError as exc:
             ex.reason = exc.reason
+            ex.fault = exc.fault
             ex.error = exc.message
             ex.limited = getattr(exc, "limit", None)
             await self._send_error(send, ex, exc)
@@ -114,7 +115,7 @@ class ProxyEndpoint:
             if ex.reservation is not NO_LIMITS:
                 await self.limiter.settle(ex.reservation, _tokens_used(ex, self.limiter))
             ex.finished = time.perf_counter()
-            if ex.reason in ("upstream_error", "timeout", "upstream_unavailable"):
+            if ex.fault is Fault.BACKEND:
                 self.log.warning("upstream failure", backend=ex.backend, reason=ex.reason, cause=ex.error)
             self.accountant.record(ex, self.pool.known_model(ex.model))
             structlog.contextvars.unbind_contextvars("request_id")
@@ -173,15 +174,12 @@ class ProxyEndpoint:
         if dirty:
             raw = orjson.dumps(req.body)  # once, and only when the gateway changed something
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(min(loop.time() + s.timeouts.first_byte, total_deadline), total_deadline)
         task = asyncio.current_task()
         assert task is not None
         watcher = loop.create_task(_watch_disconnect(receive, ex, task))
         try:
             try:
-                await self._admit_and_forward(
-                    req, plan, raw, upstream_id, send, ex, deadlines, total_deadline
-                )
+                await self._admit_and_forward(req, plan, raw, upstream_id, send, ex, total_deadline)
             except GatewayError as exc:
                 fb = self.fallback
                 if (
@@ -194,6 +192,7 @@ class ProxyEndpoint:
                 # The local pool cannot serve and this team's data may leave: the external provider.
                 ex.fallback, ex.backend = exc.code, fb.backend.label
                 self.metrics.child(self.metrics.fallbacks, exc.code).inc()
+                deadlines = Deadlines.for_attempt(loop.time(), s.timeouts.first_byte, total_deadline)
                 await fb.forward(self.upstream, req, plan, upstream_id, send, ex, deadlines, s, self.itl)
         finally:
             watcher.cancel()
@@ -206,7 +205,6 @@ class ProxyEndpoint:
         upstream_id: str,
         send: Send,
         ex: Exchange,
-        deadlines: Deadlines,
         total_deadline: float,
     ) -> None:
         s = self.settings
@@ -221,6 +219,7 @@ class ProxyEndpoint:
         ex.queue_wait = admitted = time.perf_counter()
         ex.queue_wait -= queued
         tried: tuple[Backend, ...] = ()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 # 4. route (a replica of the pool; retried on another one before the first byte)
@@ -228,31 +227,38 @@ class ProxyEndpoint:
                     self.pool, req.model, tried, plan.affinity, rs.load_aware, rs.affinity_max_skew
                 )
                 ex.backend = backend.label
-                # 6, 7. call upstream and relay, under the replica's breaker
+                # 6, 7. call upstream and relay, under the replica's breaker; each attempt has its
+                # own first-byte deadline, counted from now (not from arrival: queueing is not the
+                # backend's wait, and a retry does not inherit what the failed attempt spent).
+                deadlines = Deadlines.for_attempt(loop.time(), s.timeouts.first_byte, total_deadline)
                 try:
                     await attempt(
                         self.upstream, backend, req, raw, upstream_id, send, ex, deadlines, s, self.itl
                     )
                     return
                 except GatewayError as exc:
-                    if not self._may_retry(exc, ex, len(tried)):
+                    if not self._may_retry(exc, ex, len(tried), total_deadline):
                         raise
                     tried = (*tried, backend)
-                    self.log.info("retrying on another replica", backend=backend.label, cause=exc.code)
-                    await asyncio.sleep(backoff(len(tried) - 1, s.resilience.retry_backoff))
                     try:
                         choose_backend(self.pool, req.model, tried)
                     except GatewayError:
                         raise exc from None  # no other replica: report the real failure
+                    pause = backoff(len(tried) - 1, s.resilience.retry_backoff)
+                    if loop.time() + pause >= total_deadline:
+                        raise  # the total deadline would pass before the retry starts
+                    self.log.info("retrying on another replica", backend=backend.label, cause=exc.code)
+                    await asyncio.sleep(pause)
         finally:
             self.admission.release(slot, time.perf_counter() - admitted)
         # 8. account: in __call__'s finally, so failures are counted too
 
-    def _may_retry(self, exc: GatewayError, ex: Exchange, retries: int) -> bool:
+    def _may_retry(self, exc: GatewayError, ex: Exchange, retries: int, total_deadline: float) -> bool:
         return (
             exc.retryable
             and not ex.response_started
             and retries < self.settings.resilience.retry_attempts
+            and asyncio.get_running_loop().time() < total_deadline  # never past the total deadline
             and self.retry_budget.withdraw()
         )
 

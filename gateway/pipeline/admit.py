@@ -66,11 +66,18 @@ class Admission:
         self.queues: dict[str, PoolQueue] = {}
 
     def capacity(self, model: str) -> int:
-        return sum(
-            b.settings.max_in_flight
-            for b in self._pool.backends
-            if b.ready and model in b.models and (b.breaker is None or b.breaker.available())
-        )
+        """Requests the pool may run at once: its ready replicas whose breakers let requests in.
+
+        When every ready replica's breaker is open, all of them count: the router then routes
+        to them anyway (panic routing, route.choose_backend), so the pool is not dark.
+        """
+        total = ejected = 0
+        for b in self._pool.backends:
+            if b.ready and model in b.models:
+                total += b.settings.max_in_flight
+                if b.breaker is not None and not b.breaker.available():
+                    ejected += b.settings.max_in_flight
+        return total - ejected if ejected < total else total
 
     def priority_of(self, tier: str | None) -> int:
         return (
@@ -93,7 +100,7 @@ class Admission:
             raise NoBackendAvailable(
                 f"No backend is ready to serve `{model}` right now; retry shortly.",
                 param="model",
-                retry_after=2,
+                retry_after=self._pool.retry_after(model),
             )
         if q.waiting >= self._s.max_queue:
             raise QueueFull(

@@ -25,7 +25,9 @@ import orjson
 
 from gateway.asgi import Send
 from gateway.errors import (
+    Fault,
     GatewayError,
+    TotalTimeout,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -177,6 +179,7 @@ def anthropic_error(status: int, body: bytes, ex: Exchange) -> tuple[int, bytes]
             )
         raise UpstreamError(f"The external provider failed ({status}): {said}")
     ex.reason = "upstream_client_error"  # the request's fault, not the provider's: no breaker count
+    ex.fault = Fault.CLIENT
     ex.error = f"external provider answered {status}: {said}"
     return status, error_body(said, err.type, err.param, err.code)
 
@@ -238,7 +241,7 @@ async def relay_anthropic(
         failure = exc
     except TimeoutError:
         if asyncio.get_running_loop().time() >= total_deadline:
-            failure = UpstreamTimeout("The external provider took too long.", code="total_timeout")
+            failure = TotalTimeout("The external provider took too long.")
         else:
             failure = UpstreamTimeout(
                 f"The external provider sent nothing for {idle:g}s in the middle of the stream.",
@@ -248,7 +251,7 @@ async def relay_anthropic(
         failure = UpstreamError("The external provider ended the stream early.", code="stream_truncated")
     ex.completing = True
     if failure is not None:
-        ex.reason, ex.error = failure.reason, failure.message
+        ex.reason, ex.error, ex.fault = failure.reason, failure.message, failure.fault
         await send({"type": "http.response.body", "body": sse_error_event(failure), "more_body": False})
     else:
         await send({"type": "http.response.body", "body": b"", "more_body": False})

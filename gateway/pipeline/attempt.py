@@ -2,8 +2,8 @@
 
 Raises a *retryable* error only while nothing has reached the client:
 connection failures, vLLM 503s and first-byte timeouts. Failures after the
-first byte end the stream with an SSE error event (relay.py) and still count
-against the breaker.
+first byte end the stream with an SSE error event (relay.py); those the backend
+caused still count against its breaker.
 """
 
 from __future__ import annotations
@@ -18,21 +18,41 @@ from typing import Any
 from gateway.asgi import Send
 from gateway.backends import Backend
 from gateway.config import Settings
-from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, TotalTimeout, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
 from gateway.pipeline.relay import relay_json, relay_sse, upstream_message
 from gateway.pipeline.upstream import UpstreamClient, UpstreamResponse
 
 
-class _CountedFailure(Exception):
-    """Tells the breaker that a relayed exchange failed after its first byte."""
-
-
 @dataclass(slots=True)
 class Deadlines:
-    first_byte: float  # loop time
+    """One attempt's deadlines, in loop time (``loop.time()`` seconds).
+
+    ``first_byte``: this attempt's first byte must have come (Envoy's per-try timeout): its
+    own, never what an earlier attempt left over, and never later than ``total``, when the
+    whole request must be done.
+    """
+
+    first_byte: float
     total: float
+
+    @classmethod
+    def for_attempt(cls, now: float, first_byte_seconds: float, total: float) -> Deadlines:
+        """Deadlines of an attempt starting at ``now`` (after admission: queueing does not eat them)."""
+        return cls(min(now + first_byte_seconds, total), total)
+
+    def headers(self, stream: bool) -> float:
+        """When the response headers must have come.
+
+        vLLM sends a stream's headers at once, but a plain response's only when generation has
+        ended: that wait is the generation itself, bounded by the total deadline alone.
+        """
+        return self.first_byte if stream else self.total
+
+    def is_total(self, deadline: float) -> bool:
+        """Whether ``deadline`` (one of ours) is the total one: the request's budget is spent."""
+        return deadline >= self.total
 
 
 async def attempt(
@@ -47,24 +67,33 @@ async def attempt(
     settings: Settings,
     itl: Any = None,
 ) -> None:
+    """One exchange with ``backend``. Raises GatewayError; retryable only before the first byte.
+
+    The upstream connection goes back to the pool only after a clean, complete response;
+    every failure, timeout or cancellation closes it (vLLM aborts the generation).
+    """
     t = settings.timeouts
     with on_backend(backend, ex):
         resp: UpstreamResponse | None = None
-        finished = False  # the exchange ran to its end: only then may the connection be pooled
+        clean = False
+        wait = deadlines.headers(req.stream)
         try:
-            # One timer for the exchange: the first-byte deadline until vLLM's headers arrive, then
-            # the total one (streams keep their own idle/total watchdog in relay_sse).
-            async with asyncio.timeout_at(deadlines.first_byte) as timer:
+            # One timer for the exchange: the headers' deadline until vLLM's headers arrive, then
+            # the total one (streams keep their own idle/write/total watchdog in relay_sse).
+            async with asyncio.timeout_at(wait) as timer:
                 resp = await upstream.post(backend, req.endpoint.path, raw, upstream_id)
                 ex.upstream_first = now = time.perf_counter()
                 ex.upstream_ttfb = now - ex.started
                 stream = req.stream and resp.status == 200
-                timer.reschedule(None if stream else deadlines.total)
+                if stream:
+                    timer.reschedule(None)
+                elif wait != deadlines.total:
+                    timer.reschedule(deadlines.total)
                 if resp.status >= 500:
                     await _server_error(resp.status, await resp.read(), backend)
                 rid = ex.request_id.encode()
                 if stream:
-                    await relay_sse(
+                    clean = await relay_sse(
                         resp,
                         send,
                         ex,
@@ -74,52 +103,62 @@ async def attempt(
                         idle=t.idle,
                         total_deadline=deadlines.total,
                         heartbeat=settings.streaming.heartbeat_interval,
+                        write_timeout=t.client_write,
                         itl=itl,
                         max_event_bytes=settings.streaming.max_event_bytes,
                     )
                 else:
                     await relay_json(resp, send, ex, rid)
-                finished = True
+                    clean = True
         except TimeoutError:
-            if resp is None:
+            if resp is None and not deadlines.is_total(wait):
                 err = UpstreamTimeout(
-                    f"Backend {backend.label} did not answer within {t.first_byte:g}s.",
+                    f"Backend {backend.label} sent nothing within the first-byte timeout "
+                    f"({t.first_byte:g}s).",
                     code="first_byte_timeout",
                 )
                 err.retryable = True
                 raise err from None
-            raise UpstreamTimeout(
-                f"The request took longer than {t.total:g}s.", code="total_timeout"
+            raise TotalTimeout(
+                f"The request took longer than the gateway's total timeout ({t.total:g}s)."
             ) from None
         finally:
             if resp is not None:
                 ex.upstream_done = time.perf_counter()
-                if not finished or ex.disconnected or ex.reason or resp.status >= 500:
-                    resp.close()
-                else:
+                if clean and not ex.disconnected:
                     resp.release()
+                else:
+                    resp.close()
 
 
 @contextmanager
 def on_backend(backend: Backend, ex: Exchange) -> Iterator[None]:
     """One exchange with one backend: its in-flight count and its circuit breaker.
 
-    Failures raised inside count against the breaker (unless excluded, see breaker.py); so do
-    failures the relay turned into an SSE error event after the first byte (ex.reason), which
-    raise nothing.
+    The breaker is told the outcome from its typed blame: a raised GatewayError's ``fault``,
+    or the one the relay recorded (``ex.fault``) for a failure after the first byte, which
+    raises nothing. A cancellation (the client went away) or a bug tells it nothing.
+    Raises BreakerOpen when the breaker refuses the exchange.
     """
-    assert backend.breaker is not None
+    breaker = backend.breaker
+    assert breaker is not None
+    trial = breaker.enter()
     backend.outstanding += 1
+    failure: BaseException | None = None
     try:
-        with backend.breaker.guard():
-            ex.upstream_sent = time.perf_counter()
-            yield
-            if ex.reason in ("upstream_error", "timeout"):
-                raise _CountedFailure
-    except _CountedFailure:
-        pass
+        ex.upstream_sent = time.perf_counter()
+        yield
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         backend.outstanding -= 1
+        if failure is None:
+            breaker.leave(trial, ex.fault, ex.fault is not None, ex.reason or "")
+        elif isinstance(failure, GatewayError):
+            breaker.leave(trial, failure.fault, True, failure.code)
+        else:
+            breaker.leave(trial, None, True)
 
 
 async def _server_error(status: int, body: bytes, backend: Backend) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.auth.principal import ANONYMOUS, Principal
+from gateway.errors import Fault
 from gateway.pipeline.limit import NO_LIMITS, Reservation
 
 
@@ -21,6 +22,7 @@ class Exchange:
     fallback: str | None = None  # why the external provider served it (None: it did not)
     status: int = 0
     reason: str | None = None  # low-cardinality failure reason; None on success
+    fault: Fault | None = None  # who caused the failure; only Fault.BACKEND counts against a breaker
     error: str | None = None  # failure message for the log (never request content)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

@@ -29,7 +29,14 @@ from gateway.auth.principal import Principal
 from gateway.backends import Backend
 from gateway.config import BackendSettings, ConfigError, ResilienceSettings, Settings
 from gateway.config_routing import ExternalSettings
-from gateway.errors import GatewayError, NoBackendAvailable, UpstreamError, UpstreamTimeout, error_body
+from gateway.errors import (
+    GatewayError,
+    NoBackendAvailable,
+    TotalTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
 from gateway.pipeline import anthropic
 from gateway.pipeline.admit import QueueFull, QueueTimeout
 from gateway.pipeline.attempt import Deadlines, attempt, on_backend
@@ -122,9 +129,13 @@ class ExternalFallback:
         b = self.backend
         with on_backend(b, ex):
             try:
-                async with asyncio.timeout_at(deadlines.first_byte):
+                # Like vLLM, the provider sends a plain answer's headers only once it is generated.
+                wait = deadlines.headers(req.stream)
+                async with asyncio.timeout_at(wait):
                     resp = await self.client.post(b, b"/v1/messages", body, upstream_id, self._headers)
             except TimeoutError:
+                if deadlines.is_total(wait):
+                    raise TotalTimeout("The external provider took too long.") from None
                 raise UpstreamTimeout(
                     "The external provider did not answer in time.", code="first_byte_timeout"
                 ) from None
@@ -145,7 +156,7 @@ class ExternalFallback:
                 )
                 finished = ex.reason in (None, "upstream_client_error")
             except TimeoutError:
-                raise UpstreamTimeout("The external provider took too long.", code="total_timeout") from None
+                raise TotalTimeout("The external provider took too long.") from None
             finally:
                 ex.upstream_done = time.perf_counter()
                 # A connection is kept (its tunnel and TLS session too) only after a complete answer.

@@ -21,7 +21,10 @@ import orjson
 
 from gateway.asgi import Send
 from gateway.errors import (
+    ClientTooSlow,
+    Fault,
     GatewayError,
+    TotalTimeout,
     UpstreamError,
     UpstreamTimeout,
     error_body,
@@ -159,13 +162,19 @@ async def relay_sse(
     idle: float,
     total_deadline: float,
     heartbeat: float,
+    write_timeout: float,
     itl: Any = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-) -> None:
-    """`itl` is the inter-token-latency histogram child to observe (None: not measured).
+) -> bool:
+    """Relay an SSE stream; True when it ended cleanly (vLLM's [DONE] relayed, nothing failed).
 
-    `max_event_bytes`: the longest unfinished SSE event held before the stream is ended with an
-    ``upstream_event_too_large`` error event (a backend fault).
+    Deadlines are loop times, ``idle`` and ``write_timeout`` seconds. Backend silence is
+    measured only while waiting on vLLM (``idle``); a client that does not take the bytes
+    (a write blocked longer than ``write_timeout``, or still blocked at the total deadline)
+    is the client's fault: the connection is closed and nothing more is sent (reason
+    ``client_slow``). `itl` is the inter-token-latency histogram child to observe (None: not
+    measured). `max_event_bytes`: the longest unfinished SSE event held before the stream is
+    ended with an ``upstream_event_too_large`` error event (a backend fault).
     """
     loop = asyncio.get_running_loop()
     ex.status = 200
@@ -186,8 +195,8 @@ async def relay_sse(
     dog: _Watchdog | None = None
     last_event = 0.0
     try:
-        data = await _first_chunk(resp, send, min(first_byte_deadline, total_deadline), heartbeat)
-        dog = _Watchdog(loop, resp, idle, total_deadline)
+        data = await _first_chunk(resp, send, first_byte_deadline, heartbeat)
+        dog = _Watchdog(loop, resp, ex, idle, write_timeout, total_deadline)
         split = SseSplitter(max_event_bytes)
         # Terminal chunks held back until the next read: the usage chunk the gateway asked for
         # (strip_usage) carries the system_fingerprint vLLM would otherwise have put on them.
@@ -224,7 +233,9 @@ async def relay_sse(
                     elif itl is not None:
                         itl.observe(now - last_event)
                     last_event = now
+                    dog.writing = loop.time()  # from here the client, not vLLM, is awaited
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                    dog.writing = 0.0
                 if saw_done:
                     resp.body_consumed()  # the connection may be pooled once its last chunk arrives
                     break
@@ -233,24 +244,28 @@ async def relay_sse(
                 data = await resp.read_chunk()
             except UpstreamError:
                 if held:  # the stream broke right after a terminal chunk: still the client's
-                    await _flush(held, send, ex)
+                    await _flush(held, send, ex, dog, loop)
                 raise
             if not data:
                 if held:
-                    await _flush(held, send, ex)
+                    await _flush(held, send, ex, dog, loop)
                 break
     except TimeoutError:  # only _first_chunk raises it
-        if loop.time() >= total_deadline:
-            failure = _total_timeout()
-        else:
-            failure = UpstreamTimeout(
+        failure = (
+            _total_timeout()
+            if first_byte_deadline >= total_deadline
+            else UpstreamTimeout(
                 "The backend sent no token within the first-byte timeout.", code="first_byte_timeout"
             )
+        )
     except UpstreamError as exc:
         failure = exc
-    finally:
+    except asyncio.CancelledError:
         if dog is not None:
             dog.handle.cancel()
+        if _cancelled_by_watchdog(ex, dog):
+            return False
+        raise
     if dog is not None and dog.fired is not None:
         # The watchdog closed the upstream response: say why, not "the backend broke off".
         failure = (
@@ -265,42 +280,122 @@ async def relay_sse(
         failure = UpstreamError(
             "The backend ended the stream without finishing it (no [DONE]).", code="stream_truncated"
         )
-    if failure is not None:
-        ex.reason = failure.reason
-        ex.error = failure.message
-        await send({"type": "http.response.body", "body": sse_error_event(failure), "more_body": True})
-    ex.completing = True
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # A body that ended cleanly but without [DONE] is a protocol quirk, not a broken replica.
+        failure.fault = Fault.GATEWAY
+    try:
+        if failure is not None:
+            ex.reason, ex.error, ex.fault = failure.reason, failure.message, failure.fault
+            await _bounded_send(send, dog, loop, sse_error_event(failure), True)
+        ex.completing = True
+        await _bounded_send(send, dog, loop, b"", False)
+    except asyncio.CancelledError:
+        if _cancelled_by_watchdog(ex, dog):
+            return False
+        raise
+    finally:
+        if dog is not None:
+            dog.handle.cancel()
+    return failure is None
+
+
+def _cancelled_by_watchdog(ex: Exchange, dog: _Watchdog | None) -> bool:
+    """The watchdog cancelled a write the client did not take: end quietly, nothing more is sent."""
+    task = asyncio.current_task()
+    if ex.disconnected or dog is None or not dog.cancelled or task is None:
+        return False  # the client went away (proxy.py handles it), or a real cancellation
+    task.uncancel()
+    return True
+
+
+async def _bounded_send(
+    send: Send, dog: _Watchdog | None, loop: asyncio.AbstractEventLoop, body: bytes, more: bool
+) -> None:
+    """A write to the client under the watchdog's write timeout (when the stream got that far)."""
+    if dog is not None:
+        dog.writing = loop.time()
+    await send({"type": "http.response.body", "body": body, "more_body": more})
+    if dog is not None:
+        dog.writing = 0.0
 
 
 def _total_timeout() -> UpstreamTimeout:
-    return UpstreamTimeout("The request took longer than the gateway's total timeout.", code="total_timeout")
+    return TotalTimeout("The request took longer than the gateway's total timeout.")
 
 
 class _Watchdog:
-    """Idle and total timeouts of a stream for the price of a float store per chunk.
+    """Idle, write and total timeouts of a stream for the price of a few float stores per chunk.
 
     asyncio.Timeout.reschedule() on every chunk re-creates a timer handle (3.6 µs under uvloop,
-    ~5 % of a chunk's CPU); here one timer re-arms itself from the last event's time and, when
-    it expires, closes the upstream response, which ends the relay loop's read.
+    ~5 % of a chunk's CPU); here one timer re-arms itself from the times the relay stores:
+    ``last``, when it began waiting on vLLM, and ``writing``, when it began a write to the
+    client (0.0 when not writing). Backend idleness counts only the first kind of wait. On
+    vLLM's silence (idle) or the total deadline it closes the upstream response, which ends
+    the relay loop's read; on a write the client does not take within ``write`` seconds (or
+    still blocked at the total deadline) it also cancels the relay's task, the only way to
+    abandon a blocked ASGI send, and blames the client (ex.fault = Fault.CLIENT).
     """
 
-    __slots__ = ("fired", "handle", "idle", "last", "loop", "resp", "total")
+    __slots__ = (
+        "cancelled",
+        "ex",
+        "fired",
+        "handle",
+        "idle",
+        "last",
+        "loop",
+        "resp",
+        "step",
+        "task",
+        "total",
+        "write",
+        "writing",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, resp: UpstreamResponse, idle: float, total: float):
-        self.loop, self.resp, self.idle, self.total = loop, resp, idle, total
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        resp: UpstreamResponse,
+        ex: Exchange,
+        idle: float,
+        write: float,
+        total: float,
+    ) -> None:
+        self.loop, self.resp, self.ex, self.idle, self.write, self.total = loop, resp, ex, idle, write, total
+        self.task = asyncio.current_task()
+        self.step = min(idle, write)  # a change of wait is noticed within this
         self.last = loop.time()
+        self.writing = 0.0
         self.fired: str | None = None
-        self.handle = loop.call_at(min(self.last + idle, total), self._check)
+        self.cancelled = False
+        self.handle = loop.call_at(min(self.last + self.step, total), self._check)
 
     def _check(self) -> None:
         now = self.loop.time()
-        due = self.last + self.idle
-        if now >= self.total or now >= due:
-            self.fired = "total" if now >= self.total else "idle"
-            self.resp.close()
-            return
-        self.handle = self.loop.call_at(min(due, self.total), self._check)
+        w = self.writing
+        if w:
+            due = w + self.write if self.fired is not None else min(w + self.write, self.total)
+            if now >= due:
+                if self.fired is None:  # else the failure that came first stays the recorded one
+                    self.fired = "client_slow"
+                    failure = ClientTooSlow(
+                        f"The client did not accept the stream's data for {now - w:.3g}s; connection closed."
+                    )
+                    ex = self.ex
+                    ex.reason, ex.error, ex.fault = failure.reason, failure.message, failure.fault
+                self.cancelled = True
+                self.resp.close()
+                if self.task is not None:
+                    self.task.cancel()
+                return
+        elif self.fired is None:
+            due = min(self.last + self.idle, self.total)
+            if now >= due:
+                self.fired = "total" if now >= self.total else "idle"
+                self.resp.close()
+                due = now + self.write  # the relay writes the error event next: keep bounding it
+        else:
+            due = now + self.write
+        self.handle = self.loop.call_at(min(due, now + self.step), self._check)
 
 
 def _capture_choices(choices: Any, into: list[str]) -> None:
@@ -381,11 +476,13 @@ def _hold_terminal(out: bytes, new_from: int) -> tuple[bytes, bytes]:
     return out[:start], out[start:]
 
 
-async def _flush(held: bytes, send: Send, ex: Exchange) -> None:
+async def _flush(
+    held: bytes, send: Send, ex: Exchange, dog: _Watchdog, loop: asyncio.AbstractEventLoop
+) -> None:
     if _ERROR_MARK in held:
         held = _error_event(held, ex)
     ex.events += held.count(b"\n") >> 1
-    await send({"type": "http.response.body", "body": held, "more_body": True})
+    await _bounded_send(send, dog, loop, held, True)
 
 
 def _error_event(out: bytes, ex: Exchange) -> bytes:
@@ -402,6 +499,7 @@ def _error_event(out: bytes, ex: Exchange) -> bytes:
         parsed = None
     err = backend_errors.from_object(0, parsed)
     ex.reason = "upstream_error"
+    ex.fault = Fault.BACKEND  # vLLM reports an engine failure in-band
     ex.error = f"backend error event: {err.message}"
     code = err.code if err.code is not None or err.type != "server_error" else "upstream_error"
     message = err.message or "The backend failed in the middle of the stream."

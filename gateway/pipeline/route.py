@@ -72,6 +72,14 @@ def choose_backend(
     load_aware: bool = True,
     max_skew: int = 4,
 ) -> Backend:
+    """The least-loaded ready replica of ``model``'s pool that is not in ``exclude``.
+
+    Replicas whose breaker is open are skipped, unless every ready replica of the pool is:
+    then, like Envoy's panic threshold, the breakers are ignored and the pick is let through
+    while open (``ReplicaBreaker.probe``), so a recovered pool serves again at its first
+    success instead of refusing everything until the reset time. Raises NoBackendAvailable
+    (with the seconds until a replica may serve as Retry-After) or ModelNotFound.
+    """
     best: Backend | None = None
     best_load = 0.0
     backends = pool.backends
@@ -79,15 +87,16 @@ def choose_backend(
     pool.turn = start = (pool.turn + 1) % n  # ties go round-robin, not always to the first
     sticky: Backend | None = None
     sticky_rank = b""
+    ready = ejected = 0
     for i in range(n):
         b = backends[(start + i) % n]
-        if not (
-            b.ready
-            and model in b.models
-            and b not in exclude
-            and b.outstanding < b.settings.max_in_flight
-            and (b.breaker is None or b.breaker.available())
-        ):
+        if not (b.ready and model in b.models):
+            continue
+        ready += 1
+        if b.breaker is not None and not b.breaker.available():
+            ejected += 1
+            continue
+        if b in exclude or b.outstanding >= b.settings.max_in_flight:
             continue
         load = _load(b, load_aware)
         if best is None or load < best_load:
@@ -101,14 +110,33 @@ def choose_backend(
         return sticky
     if best is not None:
         return best
+    if ready and ejected == ready:
+        panic = _panic_choice(pool, model, exclude, load_aware)
+        if panic is not None:
+            return panic
     if pool.known_model(model) or not pool.any_ready:
         # The model exists (or may exist) but nothing can serve it right now.
         raise NoBackendAvailable(
             f"No backend is ready to serve `{model}` right now; retry shortly.",
             param="model",
-            retry_after=2,
+            retry_after=pool.retry_after(model),
         )
     raise _not_found(pool, model)
+
+
+def _panic_choice(
+    pool: BackendPool, model: str, exclude: tuple[Backend, ...], load_aware: bool
+) -> Backend | None:
+    best: Backend | None = None
+    best_load = 0.0
+    for b in pool.backends:
+        if b.ready and model in b.models and b not in exclude and b.outstanding < b.settings.max_in_flight:
+            load = _load(b, load_aware)
+            if best is None or load < best_load:
+                best, best_load = b, load
+    if best is not None and best.breaker is not None:
+        best.breaker.probe()
+    return best
 
 
 def check_model(pool: BackendPool, model: str) -> None:
