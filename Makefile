@@ -19,8 +19,9 @@ install: $(STAMP)
 run: install
 	BIN=$(BIN) scripts/run-dev.sh
 
-## Lint, type-check and the test suite (gateway and simulator processes on loopback).
-test: install lint typecheck unit
+## Lint, type-check and the test suite (gateway and simulator processes on loopback) under
+## coverage of gateway/, subprocesses included; `make unit` runs the suite alone.
+test: install lint typecheck coverage
 
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)
