@@ -208,7 +208,7 @@ class ClientTooSlow(GatewayError):
     """
 
     status = 408
-    type = "timeout"
+    type = "invalid_request_error"
     code = "client_slow"
     reason = "client_slow"
     fault = Fault.CLIENT

@@ -64,7 +64,7 @@ def _stalled_stream_client(gw: Gateway, rid: str) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", gw.port))
     s.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         + f"x-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
         + body
     )

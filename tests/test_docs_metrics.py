@@ -95,7 +95,14 @@ def real(gateway: Gateway) -> dict[str, tuple[str, set[frozenset[str]]]]:
     msgs: Any = [{"role": "user", "content": "a b"}]
     c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
     list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True))
-    assert httpx.post(gateway.v1 + "/chat/completions", content=b"{bad json").status_code == 400
+    assert (
+        httpx.post(
+            gateway.v1 + "/chat/completions",
+            content=b"{bad json",
+            headers={"content-type": "application/json"},
+        ).status_code
+        == 400
+    )
     return scraped(gateway)
 
 

@@ -233,7 +233,7 @@ CASES = [
     Case("a-s-500", "anthropic", True, plain(500, b"oops", "text/plain"), 502, "upstream_error"),
     Case("a-s-400", "anthropic", True, plain(400, b"bad", "text/plain"), 400, None),
     Case("a-s-stalls", "anthropic", True, sse(A_START, A_DELTA), 200, "idle_timeout", hang=True),
-    Case("a-silent", "anthropic", False, b"", 504, "first_byte_timeout", hang=True),
+    Case("a-silent", "anthropic", False, b"", 504, "total_timeout", hang=True),
     # --- kind: openai, plain
     Case("o-ok", "openai", False, plain(200, O_MSG), 200, None),
     Case(
@@ -320,7 +320,7 @@ CASES = [
     ),
     Case("o-s-ended", "openai", True, sse(O_CHUNK), 200, "stream_truncated"),
     Case("o-s-stalls", "openai", True, sse(O_CHUNK), 200, "idle_timeout", hang=True),
-    Case("o-silent", "openai", False, b"", 504, "first_byte_timeout", hang=True),
+    Case("o-silent", "openai", False, b"", 504, "total_timeout", hang=True),
     Case("o-s-broken", "openai", True, sse_cut(O_CHUNK), 200, "upstream_error"),
     Case("o-s-500", "openai", True, plain(500, b"oops", "text/plain"), 502, "upstream_error"),
     Case("o-s-400", "openai", True, plain(400, b"bad", "text/plain"), 400, None),

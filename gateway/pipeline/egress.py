@@ -37,7 +37,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.backends import Backend
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import Fault, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.pipeline.upstream import UpstreamResponse
 
 DIRECT_WORDS = ("", "none")  # external.proxy values that mean "no proxy, whatever the environment says"
@@ -50,14 +50,14 @@ class EgressProxyError(UpstreamError):
     """
 
     code = "egress_proxy_error"
-    backend_fault = False
+    fault = Fault.GATEWAY  # the egress path, not the provider: no breaker count
 
 
 class EgressProxyUnavailable(UpstreamUnavailable):
     """The egress proxy could not be reached; not the provider's fault either."""
 
     code = "egress_proxy_unavailable"
-    backend_fault = False
+    fault = Fault.GATEWAY  # the egress path, not the provider: no breaker count
 
 
 class ResponseStream(Protocol):

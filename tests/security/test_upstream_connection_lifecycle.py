@@ -242,7 +242,7 @@ def test_backend_breaking_off_is_reported_in_plain_english(breaks_off: CutShort,
                     events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
                 assert events[-1] == "[DONE]"
                 error = orjson.loads(events[-2])["error"]
-        assert (error["message"], error["type"]) == (BROKE_OFF, "upstream_error")
+        assert (error["message"], error["type"]) == (BROKE_OFF, "server_error")
     finally:
         gw.stop()
 

@@ -128,7 +128,7 @@ async def test_queue_timeout_is_503_with_retry_after_and_leaves_no_trace() -> No
     with pytest.raises(QueueTimeout) as info:
         await adm.admit(MODEL, "batch", "a", FAR)
     err = info.value
-    assert (err.status, err.code, err.type) == (503, "queue_timeout", "service_unavailable")
+    assert (err.status, err.code, err.type) == (503, "queue_timeout", "server_error")
     assert err.retry_after == 1  # (0 left waiting + 1) x 1 s assumed per request (none served yet) / 1 slot
     assert (holder.waiting, holder.in_flight, holder.depth(20)) == (0, 1, 0)
 
