@@ -1,11 +1,12 @@
 """The request pipeline for proxied endpoints, as a pure ASGI app.
 
-    receive → authenticate → limit → route → admit → call upstream → relay → account
+    authenticate → receive → route plan → limit → admit → route replica → call upstream
+    → relay → account
 
 Each stage lives in ``gateway/pipeline/<stage>.py``; this module only runs
-them in order and turns a ``GatewayError`` from any stage into an
-OpenAI-shaped response. Authentication, limits and admission are later
-stages (issues #3 and #4) and slot in where marked.
+them in order (numbered as in docs/architecture.md) and turns a ``GatewayError``
+from any stage into an OpenAI-shaped response. Authentication runs on the
+headers first, so an anonymous client cannot make the gateway parse a body.
 
 Pure ASGI rather than a FastAPI route: Starlette's request/response objects
 and StreamingResponse cost more CPU than the whole relay (docs/benchmarks.md).
@@ -130,10 +131,10 @@ class ProxyEndpoint:
         total_deadline: float,
     ) -> None:
         s = self.settings
-        # 2. authenticate: on the headers, before anything of the body is read
+        # 1. authenticate: on the headers, before anything of the body is read
         principal = await self.auth.authenticate(scope)
         ex.principal = principal
-        # 1. receive
+        # 2. receive
         length = header(scope, b"content-length")
         raw = await receive_stage.read_body(
             receive,
@@ -142,7 +143,7 @@ class ProxyEndpoint:
             header(scope, b"content-encoding"),
         )
         req = receive_stage.parse(self.endpoint, raw, s.validation)
-        # 4a. route plan: task type and alias → the served model (replicas are picked below)
+        # 3. route plan: task type and alias → the served model (replicas are picked below)
         dirty = s.routing.task_field in req.body
         plan = self.router.plan(scope, req.body, req.model)
         ex.route = plan.name
@@ -153,7 +154,7 @@ class ProxyEndpoint:
         ex.model, ex.stream = req.model, req.stream
         if principal.team in self.log_content_teams:
             ex.capture, ex.prompt_text = [], prompt_text(req.body)
-        # 3. limit (settled in __call__, whatever happens next)
+        # 4. limit (settled in __call__, whatever happens next)
         if self.limiter.enabled:
             # Only validated values the endpoint honours feed the reservation (receive.parse).
             ex.body_bytes = len(raw)
@@ -222,12 +223,12 @@ class ProxyEndpoint:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                # 4. route (a replica of the pool; retried on another one before the first byte)
+                # 6. route (a replica of the pool; retried on another one before the first byte)
                 backend = choose_backend(
                     self.pool, req.model, tried, plan.affinity, rs.load_aware, rs.affinity_max_skew
                 )
                 ex.backend = backend.label
-                # 6, 7. call upstream and relay, under the replica's breaker; each attempt has its
+                # 7, 8. call upstream and relay, under the replica's breaker; each attempt has its
                 # own first-byte deadline, counted from now (not from arrival: queueing is not the
                 # backend's wait, and a retry does not inherit what the failed attempt spent).
                 deadlines = Deadlines.for_attempt(loop.time(), s.timeouts.first_byte, total_deadline)
@@ -251,7 +252,7 @@ class ProxyEndpoint:
                     await asyncio.sleep(pause)
         finally:
             self.admission.release(slot, time.perf_counter() - admitted)
-        # 8. account: in __call__'s finally, so failures are counted too
+        # 9. account: in __call__'s finally, so failures are counted too
 
     def _may_retry(self, exc: GatewayError, ex: Exchange, retries: int, total_deadline: float) -> bool:
         return (

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gateway.errors import Fault
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.exchange import Exchange
 from gateway.redact import redact
@@ -88,6 +89,7 @@ class Accountant:
                 queue_wait_ms=round(ex.queue_wait * 1000, 2),
                 client_disconnected=ex.disconnected,
                 error_reason=reason,
+                fault=(Fault.CLIENT if ex.disconnected else ex.fault) if reason is not None else None,
                 **content,
             )
             if self._write_line is not None:

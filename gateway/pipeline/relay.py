@@ -114,9 +114,11 @@ def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes
     ``upstream_error`` with the backend's message kept.
     """
     err = backend_errors.parse(status, body)
-    ex.reason = "upstream_client_error" if status < 500 else "upstream_error"
+    client_error = 400 <= status < 500  # the request's fault; anything else (3xx, 5xx) the backend's
+    ex.reason = "upstream_client_error" if client_error else "upstream_error"
+    ex.fault = Fault.CLIENT if client_error else Fault.BACKEND
     ex.error = f"backend answered {status}: {err.message or body[:200]!r}"
-    if 400 <= status < 500:
+    if client_error:
         return status, error_body(
             err.message or f"The backend answered {status}.", err.type, err.param, err.code
         )
@@ -403,7 +405,11 @@ def _capture_choices(choices: Any, into: list[str]) -> None:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return
     c = choices[0]
-    part = (c.get("message") or c.get("delta") or {}).get("content") if "text" not in c else c["text"]
+    if "text" in c:
+        part = c["text"]
+    else:
+        holder = c.get("message") or c.get("delta")
+        part = holder.get("content") if isinstance(holder, dict) else None
     if isinstance(part, str):
         into.append(part)
 

@@ -652,10 +652,12 @@ class UpstreamClient:
         try:
             conn = await self._exchange(target, [head, body])
         except TimeoutError:
-            raise UpstreamTimeout(
+            err = UpstreamTimeout(
                 f"Connecting to backend {backend.label} took longer than {self._timeouts.connect:g}s.",
                 code="upstream_connect_timeout",
-            ) from None
+            )
+            err.retryable = True  # nothing was sent: another replica may take it
+            raise err from None
         except _Closed:
             raise UpstreamUnavailable(
                 f"Backend {backend.label} closed the connection before answering.", retry_after=1
