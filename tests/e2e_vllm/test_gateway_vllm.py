@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -157,6 +158,50 @@ def test_vllm_400_passes_through_intact(stack: Stack) -> None:
     assert info.value.body["message"].startswith(  # type: ignore[index]
         "max_tokens=600 cannot be greater than max_model_len=512."
     )
+
+
+def test_vllm_errors_reach_the_client_in_openais_shape(stack: Stack) -> None:
+    # vLLM's own body has "type": "BadRequestError" and an integer code; OpenAI's spec has one
+    # of its error types and a string or null code. Message and param are vLLM's.
+    r = httpx.post(
+        stack.gw.v1 + "/chat/completions",
+        json={"model": "tiny", "messages": MSG, "max_tokens": 600},
+        timeout=60,
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert err["code"] is None or isinstance(err["code"], str)
+    assert err["message"].startswith("max_tokens=600 cannot be greater than max_model_len=512.")
+
+
+def _stream_chunks(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [orjson.loads(x) for x in lines[:-1]]
+
+
+def test_a_stream_without_stream_options_is_what_vllm_sends_directly(stack: Stack) -> None:
+    # The gateway asks vLLM for usage (exact accounting) and strips that chunk; the client must
+    # still get what a direct call gives: the system_fingerprint, and no usage anywhere.
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 4, "stream": True, "ignore_eos": True}
+    direct = _stream_chunks(stack.vllm.url, body)
+    through = _stream_chunks(stack.gw.url, body)
+
+    def shape(chunks: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [
+            (
+                sorted(k for k in c if k not in ("id", "created")),
+                c.get("system_fingerprint"),
+                [ch.get("finish_reason") for ch in c["choices"]],
+                c.get("usage"),
+            )
+            for c in chunks
+        ]
+
+    assert shape(through) == shape(direct)
 
 
 def test_gateway_rejects_what_vllm_would_accept(stack: Stack) -> None:
