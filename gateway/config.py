@@ -175,7 +175,9 @@ class StreamingSettings(_Section):
         ge=0,
         description=(
             "Send an SSE comment `: keep-alive` when no event was sent for this many seconds "
-            "while waiting for the first token (0 disables)."
+            "while waiting for the first token (0 disables). A stream's response starts with its "
+            "first token or its first heartbeat: until then a late first token (`first_byte`) "
+            "is retried on another replica, after it not."
         ),
     )
     max_event_bytes: int = Field(

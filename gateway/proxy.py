@@ -295,10 +295,11 @@ def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
     """Tokens to charge against the token budgets, also written to ``ex.tokens_charged``.
 
     vLLM's usage when it arrived. Nothing when the request never reached a backend, when the
-    backend refused it (4xx: vLLM generated nothing) or could not be reached. Once a request
-    was written to a backend the reservation stands (it may have generated up to max_tokens),
-    except for a stream cut off before its usage chunk: the prompt estimate plus one token per
-    relayed event.
+    backend refused it (4xx: vLLM generated nothing), could not be reached, or failed before
+    the client got anything (the backend's fault, not the caller's). A stream cut off before
+    its usage chunk (disconnect, deadline, backend failure) is charged what it cost: the prompt
+    estimate plus one token per relayed event. Otherwise, once a request was written to a
+    backend, the reservation stands (it may have generated up to max_tokens).
     """
     p, c = ex.prompt_tokens, ex.completion_tokens
     if isinstance(p, int):  # a backend's numbers, bounded: never a refund beyond the reservation
@@ -307,9 +308,9 @@ def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
         used = 0  # never sent to a backend (refused by the gateway, queue full, no replica)
     elif ex.reason == "upstream_client_error":
         used = 0  # the backend refused it (4xx): nothing was generated
-    elif ex.upstream_first is None and ex.reason == "upstream_error":
-        used = 0  # the backend could not be reached or dropped the connection unanswered
-    elif ex.stream and ex.events:
+    elif ex.fault is Fault.BACKEND and not ex.events:
+        used = 0  # unreachable, 5xx, broke off or silent before the client got a token
+    elif ex.stream:
         used = limiter.estimate(ex.body_bytes, 0) + ex.events
     else:
         used = ex.reservation.reserved_tokens  # the backend may have done the work

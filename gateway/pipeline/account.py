@@ -50,11 +50,12 @@ class Accountant:
             m.child(m.overhead, ex.endpoint, stream).observe(max(0.0, duration - upstream - ex.queue_wait))
         team = ex.principal.team
         team_label = "none" if team is None else team if team in self._teams else "other"
-        if ex.prompt_tokens:
+        # Counters only go up: a count that is not positive (never from vLLM) is not recorded.
+        if ex.prompt_tokens is not None and ex.prompt_tokens > 0:
             m.child(m.prompt_tokens, model, team_label).inc(ex.prompt_tokens)
-        if ex.completion_tokens:
+        if ex.completion_tokens is not None and ex.completion_tokens > 0:
             m.child(m.completion_tokens, model, team_label).inc(ex.completion_tokens)
-        if ex.tokens_charged:
+        if ex.tokens_charged is not None and ex.tokens_charged > 0:
             m.child(m.tokens_charged, team_label).inc(ex.tokens_charged)
         if ex.limited is not None:
             m.child(m.rate_limited, *ex.limited).inc()

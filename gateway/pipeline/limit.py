@@ -252,15 +252,22 @@ class RateLimiter:
         wait = min(WINDOW, max(0.0, ttl + self._ttl_slack))
         per = "requests" if c.kind == "requests" else "tokens"
         if c.kind == "tokens" and c.cost > c.limit:
-            message = (
+            # Retrying cannot help: no Retry-After, and the budget is reported as it stands.
+            err = RateLimited(
                 f"This request needs about {c.cost} tokens, more than the {c.scope}'s whole budget of "
-                f"{c.limit} tokens per minute; lower max_tokens."
+                f"{c.limit} tokens per minute; lower max_tokens.",
+                param="max_tokens",
+                code="request_too_large",
             )
-        else:
-            message = (
-                f"Rate limit reached for {per} per minute ({c.scope}): limit {c.limit}. "
-                f"Try again in {reset_text(wait)}."
-            )
+            err.limit = (c.kind, c.scope)
+            if c.scope == "principal":
+                remaining = max(0, c.limit - max(0, c.count - c.cost))
+                err.limit_headers = _limit_headers(c.kind, c.limit, remaining, wait)
+            return err
+        message = (
+            f"Rate limit reached for {per} per minute ({c.scope}): limit {c.limit}. "
+            f"Try again in {reset_text(wait)}."
+        )
         err = RateLimited(message, param=per, retry_after=max(1, math.ceil(wait)))
         err.limit = (c.kind, c.scope)
         if c.scope == "principal":

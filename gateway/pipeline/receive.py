@@ -93,7 +93,7 @@ async def read_body(
                 raise UnsupportedMediaType(
                     f"Content-Encoding `{shown}` is not supported; send gzip, deflate or identity."
                 )
-            return await _read_decoded(receive, limit, zlib.decompressobj(wbits))
+            return await _read_decoded(receive, limit, wbits)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -110,7 +110,10 @@ async def read_body(
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _read_decoded(receive: Receive, limit: int, d: Any) -> bytes:
+async def _read_decoded(receive: Receive, limit: int, wbits: int) -> bytes:
+    """Decompress as the body arrives. A gzip body may hold several members, decoded one after
+    the other (RFC 1952 §2.2); bytes after the end that are not a member are a corrupt body."""
+    d: Any = zlib.decompressobj(wbits)
     out: list[bytes] = []
     size = wire = 0
     too_large = f"Request body exceeds the limit of {limit} bytes once decompressed."
@@ -123,14 +126,18 @@ async def _read_decoded(receive: Receive, limit: int, d: Any) -> bytes:
             wire += len(data)
             if wire > limit:
                 raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-            while data and not d.eof:
+            while data:
+                if d.eof:
+                    if wbits != _DECODERS[b"gzip"]:
+                        raise zlib.error("data after the end of the stream")
+                    d = zlib.decompressobj(wbits)  # the next gzip member
                 # Never more than one byte past the limit per step: a bomb stops here.
                 piece = d.decompress(data, limit - size + 1)
                 size += len(piece)
                 if size > limit:
                     raise PayloadTooLarge(too_large)
                 out.append(piece)
-                data = d.unconsumed_tail
+                data = d.unused_data if d.eof else d.unconsumed_tail
             if not message.get("more_body", False):
                 break
         if not d.eof:
@@ -160,6 +167,8 @@ def _first_error(exc: ValidationError) -> InvalidRequest:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    if err["type"] in ("model_type", "model_attributes_type", "dataclass_type"):
+        msg = "Input should be a JSON object"  # pydantic's text names the schema's Python class
     where = f"`{param}`: " if param else ""
     more = f" ({len(errors) - 1} more problem(s) in the request)" if len(errors) > 1 else ""
     return InvalidRequest(f"Invalid request: {where}{msg}{more}", param=param, code=err["type"])

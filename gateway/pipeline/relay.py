@@ -38,8 +38,11 @@ from gateway.pipeline.upstream import UpstreamResponse
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 _USAGE_MARK = b'"choices":[]'
+# Other OpenAI-compatible servers (the fallback's) may write JSON with spaces, as Python's json does.
+_USAGE_MARK_SPACED = b'"choices": []'
 _ERROR_MARK = b'data: {"error"'
 _FINISH_MARK = b'"finish_reason":"'  # a choice's terminal chunk (a null finish_reason has no quote)
+_FINISH_MARK_SPACED = b'"finish_reason": "'
 _FINGERPRINT_KEY = b'"system_fingerprint"'
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024  # config.StreamingSettings.max_event_bytes
 
@@ -63,10 +66,13 @@ def _headers(content_type: bytes, request_id: bytes, ex: Exchange) -> list[tuple
 
 
 def _read_usage(ex: Exchange, usage: Any) -> None:
+    """vLLM's token counts; anything but a non-negative integer (a broken backend's) is ignored."""
     if isinstance(usage, dict):
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        ex.prompt_tokens = p if isinstance(p, int) else ex.prompt_tokens
-        ex.completion_tokens = c if isinstance(c, int) else ex.completion_tokens
+        if type(p) is int and p >= 0:
+            ex.prompt_tokens = p
+        if type(c) is int and c >= 0:
+            ex.completion_tokens = c
 
 
 async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_id: bytes) -> None:
@@ -130,11 +136,17 @@ def upstream_failure(ex: Exchange, status: int, body: bytes) -> tuple[int, bytes
     )
 
 
-async def _first_chunk(resp: UpstreamResponse, send: Send, deadline: float, heartbeat: float) -> bytes:
-    """Wait for vLLM's first bytes, sending SSE comment heartbeats meanwhile.
+async def _first_chunk(
+    resp: UpstreamResponse, send: Send, deadline: float, heartbeat: float, request_id: bytes, ex: Exchange
+) -> bytes:
+    """Wait for vLLM's first bytes; the client's response starts only when they come, or when
+    the first heartbeat is due (then SSE comment heartbeats keep the connection alive).
 
-    The read is awaited directly under a timer, not in a task of its own: cancelling a
-    pending ``read_chunk()`` loses nothing (bytes that arrive stay buffered for the next one).
+    Until the response has started nothing is committed: a first-byte timeout may still go to
+    another replica (vLLM sends a stream's headers at once, so its first token is the real
+    first byte). The read is awaited directly under a timer, not in a task of its own:
+    cancelling a pending ``read_chunk()`` loses nothing (bytes that arrive stay buffered).
+    Raises TimeoutError at ``deadline`` (loop time).
     """
     loop = asyncio.get_running_loop()
     if heartbeat <= 0:
@@ -150,7 +162,25 @@ async def _first_chunk(resp: UpstreamResponse, send: Send, deadline: float, hear
         except TimeoutError:
             if loop.time() >= deadline:
                 raise
+        if not ex.response_started:
+            await _start_stream(send, request_id, ex)
         await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+
+
+async def _start_stream(send: Send, request_id: bytes, ex: Exchange) -> None:
+    ex.status = 200
+    ex.response_started = True
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                *_headers(b"text/event-stream; charset=utf-8", request_id, ex),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
+            ],
+        }
+    )
 
 
 async def relay_sse(
@@ -179,25 +209,31 @@ async def relay_sse(
     ended with an ``upstream_event_too_large`` error event (a backend fault).
     """
     loop = asyncio.get_running_loop()
-    ex.status = 200
-    ex.response_started = True
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                *_headers(b"text/event-stream; charset=utf-8", request_id, ex),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
-            ],
-        }
-    )
     saw_done = False
     failure: GatewayError | None = None
     dog: _Watchdog | None = None
     last_event = 0.0
+    data = b""
     try:
-        data = await _first_chunk(resp, send, first_byte_deadline, heartbeat)
+        data = await _first_chunk(resp, send, first_byte_deadline, heartbeat, request_id, ex)
+    except TimeoutError:
+        if first_byte_deadline >= total_deadline:
+            failure = _total_timeout()
+        else:
+            failure = UpstreamTimeout(
+                "The backend sent no token within the first-byte timeout.", code="first_byte_timeout"
+            )
+            # Nothing reached the client yet: another replica may serve it.
+            failure.retryable = not ex.response_started
+    except UpstreamError as exc:
+        failure = exc
+    if not ex.response_started:
+        if failure is not None:
+            raise failure  # answered as JSON: no stream was promised
+        await _start_stream(send, request_id, ex)
+    try:
+        if failure is not None:
+            raise failure
         dog = _Watchdog(loop, resp, ex, idle, write_timeout, total_deadline)
         split = SseSplitter(max_event_bytes)
         # Terminal chunks held back until the next read: the usage chunk the gateway asked for
@@ -215,9 +251,9 @@ async def relay_sse(
                 new_from = 0
                 if held:
                     new_from, out, held = len(held), held + out, b""
-                if _USAGE_MARK in out:
+                if _USAGE_MARK in out or _USAGE_MARK_SPACED in out:
                     out = _take_usage(out, ex, strip_usage)
-                elif strip_usage and out.find(_FINISH_MARK, new_from) >= 0 and not out.endswith(DONE):
+                elif strip_usage and _find_finish(out, new_from) >= 0 and not out.endswith(DONE):
                     out, held = _hold_terminal(out, new_from)
                 if _ERROR_MARK in out:
                     out = _error_event(out, ex)
@@ -252,15 +288,7 @@ async def relay_sse(
                 if held:
                     await _flush(held, send, ex, dog, loop)
                 break
-    except TimeoutError:  # only _first_chunk raises it
-        failure = (
-            _total_timeout()
-            if first_byte_deadline >= total_deadline
-            else UpstreamTimeout(
-                "The backend sent no token within the first-byte timeout.", code="first_byte_timeout"
-            )
-        )
-    except UpstreamError as exc:
+    except GatewayError as exc:  # a failure of the first read (re-raised above) or of the relay
         failure = exc
     except asyncio.CancelledError:
         if dog is not None:
@@ -439,7 +467,7 @@ def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
     stamped back onto the terminal chunks before it (``_hold_terminal`` keeps them for this).
     An empty-choices chunk without ``usage`` (Azure's prompt_filter_results) is not ours to drop.
     """
-    start, end = _event_at(out, out.rfind(_USAGE_MARK))
+    start, end = _event_at(out, max(out.rfind(_USAGE_MARK), out.rfind(_USAGE_MARK_SPACED)))
     try:
         chunk = orjson.loads(out[start + 6 : end - 2])
         usage = chunk.get("usage")
@@ -466,7 +494,7 @@ def _stamp(events: bytes, fingerprint: str) -> bytes:
     tail = b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}"
     parts = events.split(b"\n\n")
     for i, event in enumerate(parts):
-        if _FINISH_MARK in event and _FINGERPRINT_KEY not in event and event.endswith(b"}"):
+        if _find_finish(event, 0) >= 0 and _FINGERPRINT_KEY not in event and event.endswith(b"}"):
             parts[i] = event[:-1] + tail
     return b"\n\n".join(parts)
 
@@ -478,8 +506,15 @@ def _hold_terminal(out: bytes, new_from: int) -> tuple[bytes, bytes]:
     with ``n > 1`` a choice that finishes steps before the last one goes out without the
     fingerprint rather than delaying the other choices' tokens.
     """
-    start, _ = _event_at(out, out.find(_FINISH_MARK, new_from))
+    start, _ = _event_at(out, _find_finish(out, new_from))
     return out[:start], out[start:]
+
+
+def _find_finish(out: bytes, start: int) -> int:
+    """Offset of the first terminal-chunk mark at or after ``start``, or -1."""
+    at = out.find(_FINISH_MARK, start)
+    spaced = out.find(_FINISH_MARK_SPACED, start)
+    return spaced if at < 0 or 0 <= spaced < at else at
 
 
 async def _flush(
