@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 
 from gateway.asgi import Scope, Send
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
 
 PROBES = frozenset({"/live", "/ready", "/health", "/metrics"})
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -74,8 +74,12 @@ def refusal(scope: Scope) -> GatewayError | None:
     host = origin = content_type = None
     for key, value in scope["headers"]:
         if key == b"host":
+            if host is not None:  # RFC 9112 §3.2: a request with more than one Host is a 400
+                return InvalidRequest("The request has more than one Host header.", param=None)
             host = value
         elif key == b"origin":
+            if origin is not None:
+                return InvalidRequest("The request has more than one Origin header.", param=None)
             origin = value
         elif key == b"content-type":
             content_type = value

@@ -74,6 +74,9 @@ class ListenerLimits:
     max_connections: int
 
 
+MAX_PIPELINED = 16  # requests queued behind the one in progress on one connection
+
+
 def _response(status: bytes, message: str, code: str, extra: bytes = b"") -> bytes:
     body = error_body(message, "invalid_request_error", None, code)
     return (
@@ -215,6 +218,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            # A client that sends requests back to back without reading the answers: each queued
+            # one holds a request cycle, and one read can carry thousands. No honest client
+            # pipelines this deep (browsers do not pipeline at all): drop the connection.
+            self._refused = True
+            self._in_head = False
+            self.deadline = None
+            self.pipeline.clear()
+            self.transport.close()
+            return
         # A queued (pipelined) request's body is not read until its turn comes: no deadline.
         self.deadline = None if self.pipeline else self.loop.time() + self._limits.body_timeout
 
@@ -229,6 +242,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.deadline = None
         self._in_head = True
         self._head_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.pipeline and not self.transport.is_closing():
+            # uvicorn resumes reading after every response; with requests still queued that would
+            # let the client add more before the queue drains.
+            self.flow.pause_reading()
 
     def deadline_passed(self) -> None:
         """The sweeper's call: the head or body did not arrive in time."""
