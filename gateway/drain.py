@@ -6,7 +6,8 @@ connection refusals, and `/ready` never says "going away". Instead, the
 lifespan takes SIGTERM/SIGINT over: `/ready` turns 503 at once, new
 proxied requests get 503 + Retry-After, requests and streams in flight run
 to completion (up to ``server.drain_seconds``), and only then is uvicorn's
-original handler called to stop the server. A second signal ends the drain at once.
+original handler called to stop the server. A second signal ends the drain at once
+(the requests still running are cut as below).
 
 When the drain ends with proxied requests still running, the gateway cuts them
 itself rather than leaving them to uvicorn (which would wait its own
@@ -48,7 +49,7 @@ class Drain:
         self.since: float | None = None  # monotonic time the drain began
         self._previous: dict[int, Handler] = {}
         self._task: asyncio.Task[None] | None = None
-        self._forced = False  # a second signal: close connections without waiting
+        self._forced = False  # a second signal: end the drain now
         self._log = structlog.get_logger("gateway.drain")
 
     @property
@@ -71,10 +72,10 @@ class Drain:
                 self._previous.pop(sig, None)
 
     def _on_signal(self, sig: int) -> None:
-        if self.since is not None:  # second signal: end the drain now
+        if self.since is not None:
+            # A second signal ends the drain now: the requests still running are cut as at the
+            # deadline, then uvicorn stops as usual (not forced: its lifespan shutdown still runs).
             self._forced = True
-            if self._task is None or self._task.done():
-                self._hand_over(sig)
             return
         self.since = time.monotonic()
         self._log.warning(
@@ -98,7 +99,7 @@ class Drain:
         """End the requests still running: each task is cancelled with ``cutting`` set, and the
         proxy answers it 503 ``shutting_down`` (or ends its stream with that error event)."""
         self.cutting = True
-        self._log.warning("drain deadline passed: ending requests in flight", in_flight=self.active)
+        self._log.warning("drain over: ending the requests in flight", in_flight=self.active)
         for task in self.tasks:
             task.cancel()
         end = time.monotonic() + CUT_GRACE
@@ -117,9 +118,7 @@ class Drain:
             # it has shut down, and a process killed by SIGTERM exits 143 without running its
             # atexit handlers (the log writer's flush, coverage), losing its last log lines.
             # Kubernetes and ECS stop containers with SIGTERM: a drained stop is a clean exit 0.
-            forced = self._forced
             server.should_exit = True
-            server.force_exit = server.force_exit or forced
             wake = getattr(server, "wake", None)
             if callable(wake):
                 wake()

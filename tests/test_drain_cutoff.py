@@ -24,6 +24,7 @@ import orjson
 import yaml
 
 from tests.procs import Gateway, Sim
+from tests.test_limits import REDIS_DB, REDIS_HOST, REDIS_PORT, SECRET, require_redis, token
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "cut me off"}], "max_tokens": 100}
 SLOW = ("--ttft", "0.01", "--itl", "0.5", "--output-tokens", "100")  # a 50 s generation
@@ -249,3 +250,80 @@ def _in_flight(gw: Gateway) -> float:
         if line.startswith("gateway_requests_in_flight{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_a_second_sigterm_ends_the_drain_at_once_and_cuts_cleanly() -> None:
+    sim = Sim(None, *SLOW)
+    gw = Gateway([sim.url], env={"GATEWAY_SERVER__DRAIN_SECONDS": "600"})
+    rid = f"cut-second-{time.time_ns()}"
+    started = threading.Event()
+    try:
+        t, out = in_thread(lambda: _stream(gw, "/chat/completions", CHAT, rid, started))
+        assert started.wait(10)
+        gw.proc.proc.send_signal(signal.SIGTERM)
+        until(lambda: httpx.get(gw.url + "/ready", timeout=5).status_code == 503, "draining")
+        stop_and_wait(gw)  # the second signal
+        t.join(10)
+        _assert_cut_stream(out[0])
+        assert_shed(gw.wait_audit(rid), 200)
+        until(lambda: any(a.startswith(rid) for a in sim.stats()["aborted"]), "vLLM aborted it")
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_the_cut_frees_the_limit_lease_in_shared_storage(tmp_path: Path) -> None:
+    """A subject allowed one request at a time (Redis) can use another gateway at once after the
+    cut: the lease of the cut request was released, not left to expire."""
+    require_redis()
+    sim = Sim(None, *SLOW)
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"jwt": {"algorithms": ["HS256"], "secret": SECRET}},
+                "rate_limits": {"storage": f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"},
+                "tiers": {"one": {"requests_per_minute": 1000, "max_concurrent": 1}},
+                "timeouts": {"total": 600},  # a lease left behind would hold the slot for minutes
+            }
+        )
+    )
+    env = {"GATEWAY_SERVER__DRAIN_SECONDS": "1"}
+    first, other = Gateway([sim.url], config=cfg, env=env), Gateway([sim.url], config=cfg, env=env)
+    auth = {"authorization": f"Bearer {token(f'drain-cut-{time.time_ns()}', 'one')}"}
+    rid = f"cut-lease-{time.time_ns()}"
+    started = threading.Event()
+
+    def stream() -> bytes:
+        with httpx.stream(
+            "POST",
+            first.v1 + "/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={**auth, "x-request-id": rid},
+            timeout=60,
+        ) as r:
+            assert r.status_code == 200
+            it = r.iter_raw()
+            head = next(it)
+            started.set()
+            return head + b"".join(it)
+
+    try:
+        t, out = in_thread(stream)
+        assert started.wait(10)
+        busy = httpx.post(
+            other.v1 + "/chat/completions", json={**CHAT, "max_tokens": 1}, headers=auth, timeout=10
+        )
+        assert busy.status_code == 429  # the one slot is taken
+        stop_and_wait(first)
+        t.join(10)
+        _assert_cut_stream(out[0])
+        assert_shed(first.wait_audit(rid), 200)
+        ok = httpx.post(
+            other.v1 + "/chat/completions", json={**CHAT, "max_tokens": 1}, headers=auth, timeout=10
+        )
+        assert ok.status_code == 200, ok.text
+    finally:
+        first.stop()
+        other.stop()
+        sim.stop()
