@@ -109,8 +109,9 @@ class ProxyEndpoint:
             if ex.disconnected:
                 task.uncancel()  # our own disconnect watcher cancelled us: a normal ending
             elif drain.cutting:
-                task.uncancel()  # the drain's deadline passed: end the request cleanly
-                await self._cut(send, ex, _shutting_down(drain.retry_after()))
+                task.uncancel()  # the drain is over: end the request cleanly
+                # Retry at once: the client's retry goes to another replica, this one is leaving.
+                await self._cut(send, ex, _shutting_down(1))
             else:
                 raise
         except Exception as exc:  # a bug: log it once, answer a clean 500

@@ -255,17 +255,26 @@ def _in_flight(gw: Gateway) -> float:
 def test_a_second_sigterm_ends_the_drain_at_once_and_cuts_cleanly() -> None:
     sim = Sim(None, *SLOW)
     gw = Gateway([sim.url], env={"GATEWAY_SERVER__DRAIN_SECONDS": "600"})
-    rid = f"cut-second-{time.time_ns()}"
+    rid, plain = f"cut-second-{time.time_ns()}", f"cut-second-plain-{time.time_ns()}"
     started = threading.Event()
     try:
         t, out = in_thread(lambda: _stream(gw, "/chat/completions", CHAT, rid, started))
         assert started.wait(10)
+        t2, out2 = in_thread(
+            lambda: httpx.post(
+                gw.v1 + "/chat/completions", json=CHAT, headers={"x-request-id": plain}, timeout=60
+            )
+        )
+        until(lambda: sim.stats()["running"] == 2, "both requests reached vLLM")
         gw.proc.proc.send_signal(signal.SIGTERM)
         until(lambda: httpx.get(gw.url + "/ready", timeout=5).status_code == 503, "draining")
         stop_and_wait(gw)  # the second signal
         t.join(10)
+        t2.join(10)
         _assert_cut_stream(out[0])
+        assert_shutting_down(out2[0])  # Retry-After 1, not the rest of a 600 s drain
         assert_shed(gw.wait_audit(rid), 200)
+        assert_shed(gw.wait_audit(plain), 503)
         until(lambda: any(a.startswith(rid) for a in sim.stats()["aborted"]), "vLLM aborted it")
     finally:
         gw.stop()
