@@ -48,9 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
         # Nothing reads the client address or scheme: skip uvicorn's X-Forwarded-* middleware, a
         # layer of every request.
         "proxy_headers": False,
-        # The gateway drains before uvicorn is told to stop (gateway/drain.py); this only bounds
-        # the close of connections that are still open after that.
-        "timeout_graceful_shutdown": 5,
+        # The gateway drains, and ends the proxied requests still running, before uvicorn is told
+        # to stop (gateway/drain.py); this only bounds what is left after that (a health or
+        # metrics request, a connection closing), so a stop ends soon after server.drain_seconds.
+        "timeout_graceful_shutdown": 1,
         "timeout_keep_alive": 75,
     }
     if s.workers > 1:

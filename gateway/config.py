@@ -58,7 +58,12 @@ class ServerSettings(_Section):
     drain_seconds: float = Field(
         30.0,
         ge=0,
-        description="On SIGTERM, how long in-flight requests may run before the process exits.",
+        description=(
+            "On SIGTERM, how long in-flight requests may run. Those still running then are ended by "
+            "the gateway: 503 `shutting_down` with Retry-After before the response started, a final "
+            "SSE error event and `data: [DONE]` in a started stream (vLLM's connection closed); the "
+            "process exits about a second later."
+        ),
     )
     max_header_bytes: int = Field(
         64 * 1024,

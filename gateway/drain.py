@@ -6,9 +6,19 @@ connection refusals, and `/ready` never says "going away". Instead, the
 lifespan takes SIGTERM/SIGINT over: `/ready` turns 503 at once, new
 proxied requests get 503 + Retry-After, requests and streams in flight run
 to completion (up to ``server.drain_seconds``), and only then is uvicorn's
-original handler called to stop the server. A second signal stops at once.
-Either way the process exits with status 0 once uvicorn has shut down, and the
-last log lines are written.
+original handler called to stop the server. A second signal ends the drain at once
+(the requests still running are cut as below).
+
+When the drain ends with proxied requests still running, the gateway cuts them
+itself rather than leaving them to uvicorn (which would wait its own
+``timeout_graceful_shutdown`` and then cancel them: a text/plain 500, a stream
+cut without an error event, "Exception in ASGI application"). Each request's task
+is cancelled with ``cutting`` set; the proxy sees that, not a client disconnect, and
+ends the request in OpenAI's shape: 503 ``shutting_down`` with Retry-After before
+the response started, a final SSE error event and ``data: [DONE]`` after. The
+cancellation unwinds the upstream call (vLLM aborts the generation) and frees the
+admission slot and the limit lease on the way. Either way the process exits with
+status 0 once uvicorn has shut down, and the last log lines are written.
 """
 
 from __future__ import annotations
@@ -25,16 +35,27 @@ import uvicorn
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
+CUT_GRACE = 1.0
+"""Seconds the requests cut at the end of the drain get to send their last words (the 503 or
+the final SSE event) before uvicorn is told to stop: a client that does not read them is not
+waited for longer."""
+
 
 class Drain:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.active = 0  # proxied requests in progress in this process
+        self.tasks: set[asyncio.Task[Any]] = set()  # proxied requests in progress in this process
+        self.cutting = False  # the drain is over: the tasks still in ``tasks`` are being ended
         self.since: float | None = None  # monotonic time the drain began
         self._previous: dict[int, Handler] = {}
         self._task: asyncio.Task[None] | None = None
-        self._forced = False  # a second signal: close connections without waiting
+        self._forced = False  # a second signal: end the drain now
         self._log = structlog.get_logger("gateway.drain")
+
+    @property
+    def active(self) -> int:
+        """Proxied requests in progress in this process."""
+        return len(self.tasks)
 
     @property
     def draining(self) -> bool:
@@ -51,9 +72,10 @@ class Drain:
                 self._previous.pop(sig, None)
 
     def _on_signal(self, sig: int) -> None:
-        if self.since is not None:  # second signal: stop now
+        if self.since is not None:
+            # A second signal ends the drain now: the requests still running are cut as at the
+            # deadline, then uvicorn stops as usual (not forced: its lifespan shutdown still runs).
             self._forced = True
-            self._hand_over(sig)
             return
         self.since = time.monotonic()
         self._log.warning(
@@ -64,12 +86,25 @@ class Drain:
     async def _wait_then_stop(self, sig: int) -> None:
         assert self.since is not None
         deadline = self.since + self.timeout
-        while self.active > 0 and time.monotonic() < deadline:
+        while self.tasks and time.monotonic() < deadline and not self._forced:
             await asyncio.sleep(0.05)
+        if self.tasks:
+            await self._cut()
         self._log.warning(
             "drain finished", in_flight=self.active, seconds=round(time.monotonic() - self.since, 3)
         )
         self._hand_over(sig)
+
+    async def _cut(self) -> None:
+        """End the requests still running: each task is cancelled with ``cutting`` set, and the
+        proxy answers it 503 ``shutting_down`` (or ends its stream with that error event)."""
+        self.cutting = True
+        self._log.warning("drain over: ending the requests in flight", in_flight=self.active)
+        for task in self.tasks:
+            task.cancel()
+        end = time.monotonic() + CUT_GRACE
+        while self.tasks and time.monotonic() < end:
+            await asyncio.sleep(0.01)
 
     def _hand_over(self, sig: int) -> None:
         loop = asyncio.get_running_loop()
@@ -83,9 +118,7 @@ class Drain:
             # it has shut down, and a process killed by SIGTERM exits 143 without running its
             # atexit handlers (the log writer's flush, coverage), losing its last log lines.
             # Kubernetes and ECS stop containers with SIGTERM: a drained stop is a clean exit 0.
-            forced = self._forced
             server.should_exit = True
-            server.force_exit = server.force_exit or forced
             wake = getattr(server, "wake", None)
             if callable(wake):
                 wake()

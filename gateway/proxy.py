@@ -24,6 +24,7 @@ import structlog
 
 from gateway.asgi import Receive, Scope, Send, header
 from gateway.backends import Backend
+from gateway.drain import CUT_GRACE
 from gateway.errors import Fault, GatewayError, ShuttingDown, sse_error_event
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.account import Accountant
@@ -84,14 +85,18 @@ class ProxyEndpoint:
         structlog.contextvars.bind_contextvars(request_id=rid)
         self.in_flight.inc()
         drain = self.drain
-        drain.active += 1
+        task = asyncio.current_task()
+        assert task is not None
+        drain.tasks.add(task)  # the drain waits for it, and cuts it when its deadline passes
         try:
-            if drain.draining:
-                raise ShuttingDown(
-                    "This gateway is shutting down; retry on another replica.",
-                    retry_after=drain.retry_after(),
-                )
-            await self._handle(scope, receive, send, ex, upstream_id, deadline)
+            try:
+                if drain.draining:
+                    raise _shutting_down(drain.retry_after())
+                await self._handle(scope, receive, send, ex, upstream_id, deadline)
+            finally:
+                # From here on the drain's cut no longer reaches this request: answering an error
+                # and settling the limits below are never interrupted by it.
+                drain.tasks.discard(task)
         except GatewayError as exc:
             ex.reason = exc.reason
             ex.fault = exc.fault
@@ -101,10 +106,14 @@ class ProxyEndpoint:
         except ClientGone:
             ex.disconnected = True
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not ex.disconnected or task is None:
+            if ex.disconnected:
+                task.uncancel()  # our own disconnect watcher cancelled us: a normal ending
+            elif drain.cutting:
+                task.uncancel()  # the drain is over: end the request cleanly
+                # Retry at once: the client's retry goes to another replica, this one is leaving.
+                await self._cut(send, ex, _shutting_down(1))
+            else:
                 raise
-            task.uncancel()  # our own disconnect watcher cancelled us: a normal ending
         except Exception as exc:  # a bug: log it once, answer a clean 500
             ex.reason = "internal"
             ex.error = type(exc).__name__
@@ -112,7 +121,6 @@ class ProxyEndpoint:
             await self._send_error(send, ex, GatewayError("Internal gateway error."))
         finally:
             self.in_flight.dec()
-            drain.active -= 1
             if ex.reservation is not NO_LIMITS:
                 await self.limiter.settle(ex.reservation, _tokens_used(ex, self.limiter))
             ex.finished = time.perf_counter()
@@ -263,6 +271,24 @@ class ProxyEndpoint:
             and self.retry_budget.withdraw()
         )
 
+    async def _cut(self, send: Send, ex: Exchange, exc: ShuttingDown) -> None:
+        """End a request the drain cut (its task was cancelled wherever it was waiting).
+
+        Every ASGI send writes whole SSE events or nothing (uvicorn writes after its flow-control
+        wait), so the final error event follows complete events. A response whose last bytes were
+        being written when the cut came (``completing``) gets nothing more: its status stands.
+        The client gets ``CUT_GRACE`` seconds to take the answer; one that does not read is left
+        to uvicorn, which closes the connection.
+        """
+        if ex.response_started and ex.completing:
+            return
+        ex.reason, ex.fault, ex.error = exc.reason, exc.fault, exc.message
+        try:
+            async with asyncio.timeout(CUT_GRACE):
+                await self._send_error(send, ex, exc)
+        except TimeoutError:
+            pass
+
     async def _send_error(self, send: Send, ex: Exchange, exc: GatewayError) -> None:
         if ex.disconnected:
             return
@@ -289,6 +315,10 @@ class ProxyEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _shutting_down(retry_after: int) -> ShuttingDown:
+    return ShuttingDown("This gateway is shutting down; retry on another replica.", retry_after=retry_after)
 
 
 def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
