@@ -27,7 +27,9 @@ def pool_of(
     trials: int = 1,
 ) -> BackendPool:
     """One healthy replica per (max_in_flight, served models)."""
-    settings = [BackendSettings(url=f"http://10.0.0.{i}:8000", max_in_flight=n) for i, (n, _) in enumerate(replicas)]
+    settings = [
+        BackendSettings(url=f"http://10.0.0.{i}:8000", max_in_flight=n) for i, (n, _) in enumerate(replicas)
+    ]
     pool = BackendPool(
         settings,
         ResilienceSettings(breaker_fail_max=fail_max, breaker_reset_seconds=reset, half_open_trials=trials),

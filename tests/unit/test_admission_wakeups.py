@@ -36,7 +36,7 @@ async def test_a_breakers_reset_time_passing_dispatches_the_queue() -> None:
 
 async def test_a_breaker_closed_by_the_health_poller_dispatches_the_queue() -> None:
     pool = pool_of((1, (M,)), (1, (M,)), reset=30.0)
-    a, b = pool.backends
+    a, _ = pool.backends
     adm = admission_for(pool)
     eject(a)
     busy = await start(adm, pool, M)
@@ -52,7 +52,7 @@ async def test_a_breaker_closed_by_the_health_poller_dispatches_the_queue() -> N
 
 async def test_a_trial_that_fails_rearms_the_wakeup_for_the_next_reset() -> None:
     pool = pool_of((1, (M,)), (1, (M,)), reset=0.2)
-    a, b = pool.backends
+    a, _ = pool.backends
     adm = admission_for(pool)
     eject(a)
     busy = await start(adm, pool, M)
@@ -75,7 +75,7 @@ async def test_a_half_open_replica_is_admitted_only_its_trial_requests() -> None
     """a (max_in_flight 4) lets one trial through; a second waiter must not be sent to a router
     that would refuse it (503 no_backend_available) but wait for the trial's outcome."""
     pool = pool_of((4, (M,)), (1, (M,)), reset=0.2, trials=1)
-    a, b = pool.backends
+    a, _ = pool.backends
     adm = admission_for(pool)
     eject(a)
     busy = await start(adm, pool, M)
@@ -95,7 +95,7 @@ async def test_a_half_open_replica_is_admitted_only_its_trial_requests() -> None
 
 async def test_requests_arriving_after_the_reset_time_queue_behind_the_trial() -> None:
     pool = pool_of((4, (M,)), (1, (M,)), reset=0.05, trials=1)
-    a, b = pool.backends
+    a, _ = pool.backends
     adm = admission_for(pool)
     eject(a)
     busy = await start(adm, pool, M)

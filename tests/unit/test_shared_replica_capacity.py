@@ -49,7 +49,7 @@ async def test_a_shared_replica_never_runs_more_than_its_max_in_flight() -> None
         running = [r for r in requests if r.routed and not r.task.done()]
         await running[0].done()
         served += 1
-        await until(lambda: sum(r.routed for r in requests) == served, "the next waiter dispatched")
+        await until(lambda n=served: sum(r.routed for r in requests) == n, "the next waiter dispatched")
         assert replica.outstanding <= 2
     for r in requests:
         await r.done()
