@@ -117,6 +117,27 @@ async def test_a_waiter_that_cannot_use_the_free_replica_does_not_block_one_that
     await waiting_b.done()
 
 
+async def test_a_replica_that_starts_serving_another_model_shares_its_slots_with_it() -> None:
+    """vLLM loads a LoRA adapter at runtime: the health poller sees r1 list b too (and calls
+    dispatch); from then on a and b share r1's slot."""
+    pool = pool_of((1, ("a",)), (1, ("b",)))
+    r1, r2 = pool.backends
+    adm = admission_for(pool)
+    on_r2 = await start(adm, pool, "b")  # b's pool exists, with r2 only
+    assert on_r2.backend is r2
+    r1.models = {"a": {"id": "a"}, "b": {"id": "b"}}
+    adm.dispatch()  # the health poller's call when a replica's models change
+    on_r1 = await start(adm, pool, "a")
+    assert on_r1.backend is r1
+    waiting_b = await start(adm, pool, "b")
+    assert (waiting_b.over, waiting_b.error) == (False, None)  # both replicas full: it waits
+    await on_r1.done()  # a's request ends: the b waiter may have r1's slot
+    await until(lambda: waiting_b.over, "b's waiter dispatched to r1")
+    assert (waiting_b.backend, waiting_b.error) == (r1, None)
+    await waiting_b.done()
+    await on_r2.done()
+
+
 async def test_pools_sharing_no_replica_do_not_hold_each_other_up() -> None:
     """A request of pool a admitted but not on a replica yet (between retries) leaves pool b alone."""
     pool = pool_of((1, ("a",)), (1, ("b",)))
