@@ -122,6 +122,9 @@ def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Ga
         settings.admission,
         {name: t.priority for name, t in settings.tiers.items() if t.priority is not None},
     )
+    for b in pool.backends:
+        if b.breaker is not None:  # a breaker reaching its reset time or closing frees capacity
+            b.breaker.on_available = admission.dispatch
     metrics = GatewayMetrics(pool, admission, multiprocess_dir)
     upstream = UpstreamClient(settings.timeouts)
     return Gateway(

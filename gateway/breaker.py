@@ -12,10 +12,15 @@ with no failure is a success (a 4xx proves the replica answers); anything else t
 breaker nothing. pybreaker's half-open state lets every caller through, so ``available()``
 limits trials to ``half_open_trials`` at once. Every state change is logged at WARNING
 with its cause.
+
+Capacity coming back is announced through ``on_available`` (the admission queue's dispatch):
+when the breaker closes or goes half-open, and at the reset time of an open one, from a timer
+armed when it opened, because pybreaker only moves to half-open lazily, on the next call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -58,12 +63,21 @@ class _TransitionLog(pybreaker.CircuitBreakerListener):
         owner.panic = False
         if new_state.name == OPEN:
             owner.opened_at = owner.clock()
+            owner._wake_after(owner._reset)
+        else:
+            # pybreaker tells listeners before its state storage changes: announce it once the
+            # state is readable, not from inside the transition.
+            owner._wake_after(0.0)
         owner.log.warning(
             "circuit breaker state changed",
             backend=cb.name,
             **{"from": old_state.name if old_state is not None else None, "to": new_state.name},
             cause=owner.cause,
         )
+
+
+def _nothing() -> None:
+    pass
 
 
 class ReplicaBreaker:
@@ -88,6 +102,9 @@ class ReplicaBreaker:
         self._reset = reset_seconds
         self._max_trials = half_open_trials
         self._trials = 0
+        # Called (on the event loop) when it may let requests in again; set by the app's wiring.
+        self.on_available: Callable[[], None] = _nothing
+        self._timer: asyncio.TimerHandle | None = None
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_seconds,
@@ -123,6 +140,38 @@ class ReplicaBreaker:
         if state == OPEN and self.seconds_until_trial() > 0:
             return False
         return self._trials < self._max_trials
+
+    def allowance(self) -> int | None:
+        """Requests it lets through now besides those running: None (no limit) while closed, 0
+        while open before the reset time or with every trial slot taken, else the trial slots left.
+        ``available()`` is ``allowance() != 0``."""
+        state = self._cb.current_state
+        if state == CLOSED:
+            return None
+        if state == OPEN and self.seconds_until_trial() > 0:
+            return 0
+        left = self._max_trials - self._trials
+        return left if left > 0 else 0
+
+    def _wake_after(self, delay: float) -> None:
+        """Call ``on_available`` after ``delay`` seconds (outside an event loop: never)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        wait = self.seconds_until_trial()
+        if wait > 0:
+            # The loop may run a timer up to its clock resolution early: not yet, look again.
+            self._wake_after(wait)
+            return
+        self.on_available()
 
     def reset(self, cause: str = "health checks passed") -> None:
         """Close the breaker: health checks proved the replica is back."""

@@ -109,6 +109,9 @@ class HealthPoller:
 
     def _apply(self, b: Backend, failure: str | None, models: dict[str, dict[str, Any]]) -> None:
         before = b.state
+        # A replica that starts or stops serving a model (vLLM loading a LoRA adapter) changes
+        # which models share its capacity: admission regroups them.
+        models_changed = bool(models) and models.keys() != b.models.keys()
         if failure is not None:
             b.vllm_waiting = b.vllm_running = b.kv_usage = 0.0
         if failure is None:
@@ -129,8 +132,9 @@ class HealthPoller:
             b.reason = failure
             if models:
                 b.models = models
-        if b.state is not before:
+        if b.state is not before or models_changed:
             self._on_change()  # e.g. let queued requests in now that a replica is ready
+        if b.state is not before:
             log = self._log.info if b.state is BackendState.HEALTHY else self._log.warning
             log(
                 "backend state changed",

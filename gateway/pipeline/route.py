@@ -79,6 +79,9 @@ def choose_backend(
     while open (``ReplicaBreaker.probe``), so a recovered pool serves again at its first
     success instead of refusing everything until the reset time. Raises NoBackendAvailable
     (with the seconds until a replica may serve as Retry-After) or ModelNotFound.
+
+    Admission (``admit.Admission._room``) counts the slots this would give, by the same rules:
+    keep the two in step, or admitted requests meet a 503 here.
     """
     best: Backend | None = None
     best_load = 0.0
