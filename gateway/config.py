@@ -137,6 +137,14 @@ class ValidationSettings(_Section):
     )
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
     max_stop_sequences: int = Field(16, ge=1, description="Most entries allowed in `stop`.")
+    max_prompts: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Most prompts in one /v1/completions request (a `prompt` list; vLLM generates for "
+            "each, and the token reservation counts every one)."
+        ),
+    )
 
 
 class TimeoutSettings(_Section):

@@ -5,10 +5,13 @@ Part of the one Settings tree (gateway/config.py); split out only to keep module
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
 
 
 class _Section(BaseModel):
@@ -59,7 +62,21 @@ class RoutingSettings(_Section):
     @field_validator("task_header", "affinity_header")
     @classmethod
     def _lower(cls, v: str) -> str:
+        if not v or not _TOKEN.fullmatch(v):
+            raise ValueError(f"`{v}` is not an HTTP header name (RFC 9110 token characters only)")
         return v.lower()
+
+    @model_validator(mode="after")
+    def _no_alias_cycles(self) -> RoutingSettings:
+        for start in self.aliases:
+            seen = {start}
+            name = self.aliases[start]
+            while name in self.aliases:
+                if name in seen:
+                    raise ValueError(f"aliases form a cycle through `{start}`")
+                seen.add(name)
+                name = self.aliases[name]
+        return self
 
 
 class ExternalSettings(_Section):
@@ -69,6 +86,15 @@ class ExternalSettings(_Section):
     base_url: str = Field(
         description="Base URL, e.g. https://api.openai.com/v1 or https://api.anthropic.com/v1."
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"`{v}` is not an http(s) URL")
+        return v
+
     anthropic_version: str = Field("2023-06-01", description="`anthropic-version` header (anthropic).")
     default_max_tokens: int = Field(
         1024, ge=1, description="max_tokens sent to Anthropic when the client set none (it is required)."

@@ -234,6 +234,48 @@ CASES = [
     Case("a-s-400", "anthropic", True, plain(400, b"bad", "text/plain"), 400, None),
     Case("a-s-stalls", "anthropic", True, sse(A_START, A_DELTA), 200, "idle_timeout", hang=True),
     Case("a-silent", "anthropic", False, b"", 504, "total_timeout", hang=True),
+    Case(
+        "a-huge-usage",
+        "anthropic",
+        False,
+        plain(200, {**A_MSG, "usage": {"input_tokens": 2**64 - 1, "output_tokens": 1}}),
+        502,
+        "upstream_invalid_response",
+    ),
+    Case(
+        "a-s-huge-usage",
+        "anthropic",
+        True,
+        sse(
+            A_START,
+            A_DELTA,
+            ev(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": 2**64 - 1},
+                }
+            ),
+        ),
+        200,
+        "upstream_invalid_event",
+    ),
+    Case(
+        "a-s-cr",
+        "anthropic",
+        True,
+        sse(A_START.replace(b"\n", b"\r"), A_DELTA.replace(b"\n", b"\r"), A_END.replace(b"\n", b"\r")),
+        200,
+        None,
+    ),
+    Case(
+        "a-s-endless-event",
+        "anthropic",
+        True,
+        sse(A_START, b"data: " + b"x" * (9 * 1024 * 1024)),
+        200,
+        "upstream_event_too_large",
+    ),
     # --- kind: openai, plain
     Case("o-ok", "openai", False, plain(200, O_MSG), 200, None),
     Case(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, python_m
 from tests.rawbackend import SSE_HEAD, RawBackend, answer, chunk
 from tests.test_limits import SECRET, token
 
@@ -240,3 +241,77 @@ def test_gzip_bodies_of_several_members_decode_and_trailing_bytes_do_not(plain_g
     )
     assert bad.status_code == 400
     assert bad.json()["error"]["code"] == "invalid_encoding"
+
+
+def test_every_prompt_of_a_completions_list_is_reserved(tmp_path: Path) -> None:
+    sim = Sim(None, "--ttft", "0.01", "--itl", "0.001")
+    gw = Gateway([sim.url], config=_config(tmp_path, {"tiers": {"tpm": {"tokens_per_minute": 100_000}}}))
+    try:
+        body = {"model": "tiny", "prompt": ["a"] * 50, "n": 2, "max_tokens": 100}
+        r = httpx.post(gw.v1 + "/completions", json=body, headers=_headers("arr", "arr"), timeout=10)
+        assert r.status_code == 200, r.text
+        # 50 prompts x 2 choices x 100 tokens are reserved, not 2 x 100.
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) <= 100_000 - 50 * 2 * 100
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"prompt": ["a"] * 1000}, "prompt"),
+        ({"best_of": 1000}, "best_of"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": 0}, "best_of"),
+    ],
+)
+def test_completions_sequence_counts_are_validated(
+    plain_gw: Gateway, extra: dict[str, Any], param: str
+) -> None:
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 2, **extra}
+    r = httpx.post(plain_gw.v1 + "/completions", json=body, headers=_headers("seq", "seq"), timeout=10)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param
+
+
+def test_an_unknown_model_card_is_an_invalid_request_error(plain_gw: Gateway) -> None:
+    r = httpx.get(plain_gw.v1 + "/models/nope", headers=_headers("card", "card"), timeout=10)
+    assert r.status_code == 404
+    assert (r.json()["error"]["type"], r.json()["error"]["code"]) == (
+        "invalid_request_error",
+        "model_not_found",
+    )
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"external": {"base_url": "ftp://x"}},
+        {"routing": {"aliases": {"a": "b", "b": "a"}}},
+        {"routing": {"task_header": "x task"}},
+    ],
+)
+def test_configs_that_cannot_work_are_refused_with_the_key_named(
+    tmp_path: Path, section: dict[str, Any]
+) -> None:
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"backends": [{"url": "http://127.0.0.1:9"}], **section}))
+    res = subprocess.run(
+        [*python_m("gateway"), "check-config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2, res.stderr
+    assert next(iter(section)) in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_content_capture_keeps_at_most_the_logged_size() -> None:
+    from gateway.pipeline.relay import _capture_events
+    from gateway.redact import MAX_LOGGED_CHARS
+
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 1000 + b'"}}]}\n\n'
+    into: list[str] = []
+    kept = _capture_events(event * 100, into, MAX_LOGGED_CHARS)
+    assert kept == MAX_LOGGED_CHARS == sum(map(len, into))
+    assert _capture_events(event, into, 0) == 0

@@ -76,6 +76,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]]
+    best_of: PositiveInt | None = None  # sequences generated per prompt (OpenAI: >= n)
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError, ModelNotFound, error_body
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -67,9 +67,7 @@ def build_router(gw: Gateway) -> APIRouter:
         for card in await visible(request):
             if card.get("id") == model_id:
                 return JSONBytes(card)
-        raise GatewayError(
-            f"The model `{model_id}` does not exist.", status=404, param="model", code="model_not_found"
-        )
+        raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
 
     @router.get("/live", summary="Liveness: the process is up")
     async def live() -> Response:

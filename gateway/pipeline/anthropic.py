@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.pipeline import backend_errors
 from gateway.pipeline.egress import ResponseStream
 from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.sse import EventTooLarge, SseSplitter
 
 INVALID = "upstream_invalid_response"  # error code: a provider's answer the gateway cannot read
 INVALID_EVENT = "upstream_invalid_event"
@@ -111,6 +112,14 @@ def _invalid(what: str, code: str = INVALID) -> UpstreamError:
     return UpstreamError(f"The external provider sent a malformed answer: {what}.", code=code)
 
 
+_MAX_TOKENS = 2**40  # a count beyond this is not a real one (and would overflow JSON encoders)
+
+
+def _id(value: Any, fallback: str) -> str:
+    """The provider's message id when it is a plain string, else the gateway's request id."""
+    return value if isinstance(value, str) and len(value) <= 256 else fallback
+
+
 def _tokens(usage: Any, key: str, code: str = INVALID) -> int | None:
     """A token count from Anthropic's ``usage`` (absent: None); wrong types are the provider's fault."""
     if usage is None:
@@ -118,7 +127,7 @@ def _tokens(usage: Any, key: str, code: str = INVALID) -> int | None:
     if not isinstance(usage, dict):
         raise _invalid("`usage` is not an object", code)
     n = usage.get(key)
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= _MAX_TOKENS):
         raise _invalid(f"`usage.{key}` is not a token count", code)
     return n
 
@@ -149,7 +158,7 @@ def from_message(raw: bytes, ex: Exchange) -> bytes:
     model = data.get("model")
     return orjson.dumps(
         {
-            "id": "chatcmpl-" + str(data.get("id", "")),
+            "id": "chatcmpl-" + _id(data.get("id"), ex.request_id),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model if isinstance(model, str) else None,
@@ -195,6 +204,7 @@ async def relay_anthropic(
     include_usage: bool,
     idle: float,
     total_deadline: float,
+    max_event_bytes: int = 8 * 1024 * 1024,
 ) -> None:
     """Relay an Anthropic answer as OpenAI's. Raises (before anything was sent) UpstreamError for a
     malformed or 5xx answer; after a stream started, failures end it with one SSE error event.
@@ -236,7 +246,7 @@ async def relay_anthropic(
     failure: GatewayError | None = None
     done = False
     try:
-        done = await _translate(resp, send, ex, include_usage, idle, total_deadline)
+        done = await _translate(resp, send, ex, include_usage, idle, total_deadline, max_event_bytes)
     except UpstreamError as exc:
         failure = exc
     except TimeoutError:
@@ -281,27 +291,41 @@ def _obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 async def _translate(
-    resp: ResponseStream, send: Send, ex: Exchange, include_usage: bool, idle: float, total: float
+    resp: ResponseStream,
+    send: Send,
+    ex: Exchange,
+    include_usage: bool,
+    idle: float,
+    total: float,
+    max_event_bytes: int,
 ) -> bool:
     """Anthropic SSE events in, OpenAI chunks out; True once message_stop was seen.
 
     Raises UpstreamError for an event that is not JSON, malformed, or an ``error`` event (the
     chunks translated before it are sent first); TimeoutError when nothing arrived for
-    ``idle`` seconds (or past ``total``, loop time).
+    ``idle`` seconds (or past ``total``, loop time). Events are cut by the WHATWG splitter
+    (any line ending, linear time, at most ``max_event_bytes`` held).
     """
     loop = asyncio.get_running_loop()
     t = _Translator(ex, include_usage)
-    buf = b""
+    split = SseSplitter(max_event_bytes)
     while True:
         async with asyncio.timeout_at(min(loop.time() + idle, total)):
             data = await resp.read_chunk()
         if not data:
             return False
-        buf += data.replace(b"\r\n", b"\n") if b"\r" in data else data
-        *events, buf = buf.split(b"\n\n")
+        try:
+            events = split.feed(data)
+        except EventTooLarge:
+            raise UpstreamError(
+                f"The external provider sent an SSE event longer than {max_event_bytes} bytes.",
+                code="upstream_event_too_large",
+            ) from None
+        if not events:
+            continue
         out: list[bytes] = []
         failure: UpstreamError | None = None
-        for event in events:
+        for event in events[:-2].split(b"\n\n"):  # canonical: "data: <payload>\n\n" each
             payload = next(
                 (line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")), None
             )
@@ -347,7 +371,9 @@ class _Translator:
         ex = self.ex
         if kind == "message_start":
             m = _obj(msg, "message")
-            self.rid, self.model = "chatcmpl-" + str(m.get("id", ex.request_id)), str(m.get("model", ""))
+            model = m.get("model")
+            self.rid = "chatcmpl-" + _id(m.get("id"), ex.request_id)
+            self.model = model if isinstance(model, str) else ""
             ex.prompt_tokens = _tokens(m.get("usage"), "input_tokens", INVALID_EVENT)
             return self._delta({"role": "assistant", "content": ""})
         if kind == "content_block_delta":

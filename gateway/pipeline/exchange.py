@@ -33,6 +33,7 @@ class Exchange:
     upstream_first: float | None = None  # ... when its first event (plain: its headers) arrived
     upstream_done: float | None = None  # ... when relaying it ended
     capture: list[str] | None = None  # completion text, only for teams with log_content
+    captured: int = 0  # characters in capture (kept up to MAX_LOGGED_CHARS)
     prompt_text: str | None = None
     limited: tuple[str, str] | None = None  # (kind, scope) of the limit that refused it
     priority: int = 0  # seconds from arrival to upstream response headers

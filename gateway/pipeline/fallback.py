@@ -153,6 +153,7 @@ class ExternalFallback:
                     include_usage=req.client_wants_usage,
                     idle=settings.timeouts.idle,
                     total_deadline=deadlines.total,
+                    max_event_bytes=settings.streaming.max_event_bytes,
                 )
                 finished = ex.reason in (None, "upstream_client_error")
             except TimeoutError:

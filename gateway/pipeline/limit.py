@@ -5,7 +5,10 @@ process) or in Redis (``redis://``, shared by every worker and replica).
 Requests and tokens per minute are fixed windows that start at their first
 hit; requests in flight are per-request leases that expire on their own
 (``timeouts.total`` + ``LEASE_GRACE``), so a lost release, a window ending or
-a Redis restart never leaves the count off. A request's counters are taken in
+a replayed correction never leaves the count off, and never below zero. A Redis
+restart without persistence forgets the leases of requests still running: for
+up to ``timeouts.total`` more may run than the limit (use AOF or a replica where
+that matters). A request's counters are taken in
 one atomic step (one Lua script on Redis), so two replicas racing for the last
 slot get different counts and only one passes, and a refused request leaves no
 trace in any counter.

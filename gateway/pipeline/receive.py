@@ -49,7 +49,9 @@ class ParsedRequest:
     # ChatCompletionRequest / CompletionRequest); 0 for embeddings (nothing is generated);
     # None when the client set none.
     max_tokens: int | None = None
-    n: int = 1  # choices generated (validated: 1..max_n)
+    # Sequences generated, which each may take max_tokens: choices (`n`, or completions'
+    # `best_of`, validated 1..max_n) times prompts (a completions `prompt` list, 1..max_prompts).
+    n: int = 1
 
 
 class UnsupportedMediaType(GatewayError):
@@ -150,6 +152,34 @@ async def _read_decoded(receive: Receive, limit: int, wbits: int) -> bytes:
     return b"".join(out)
 
 
+def _best_of(best_of: int | None, n: int | None, limits: ValidationSettings) -> int:
+    if best_of is None:
+        return 1
+    if best_of > limits.max_n:
+        raise InvalidRequest(
+            f"`best_of` is {best_of}; this gateway allows at most {limits.max_n}.",
+            param="best_of",
+            code="invalid_value",
+        )
+    if n is not None and best_of < n:
+        raise InvalidRequest("`best_of` must be at least `n`.", param="best_of", code="invalid_value")
+    return best_of
+
+
+def _prompts(prompt: Any, limits: ValidationSettings) -> int:
+    """How many prompts a completions request carries: a list of strings or of token-id lists
+    is one prompt per entry (vLLM generates for each); a string or one token-id list is one."""
+    if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        return 1
+    if len(prompt) > limits.max_prompts:
+        raise InvalidRequest(
+            f"`prompt` has {len(prompt)} prompts; this gateway allows at most {limits.max_prompts}.",
+            param="prompt",
+            code="invalid_value",
+        )
+    return len(prompt)
+
+
 class ClientGone(Exception):
     """The client disconnected before its request was fully read."""
 
@@ -222,5 +252,6 @@ def parse(endpoint: Endpoint, raw: bytes, limits: ValidationSettings) -> ParsedR
     model: str = body["model"]
     if endpoint.generates:
         max_tokens = field("max_completion_tokens") or field("max_tokens")
-        return ParsedRequest(endpoint, body, model, stream, wants_usage, max_tokens, n or 1)
+        sequences = max(n or 1, _best_of(field("best_of"), n, limits)) * _prompts(field("prompt"), limits)
+        return ParsedRequest(endpoint, body, model, stream, wants_usage, max_tokens, sequences)
     return ParsedRequest(endpoint, body, model, stream, wants_usage, 0, 1)

@@ -34,6 +34,7 @@ from gateway.pipeline import backend_errors
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.sse import EventTooLarge, SseSplitter
 from gateway.pipeline.upstream import UpstreamResponse
+from gateway.redact import MAX_LOGGED_CHARS
 
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
@@ -84,7 +85,7 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
             parsed = orjson.loads(body)
             _read_usage(ex, parsed.get("usage"))
             if ex.capture is not None:
-                _capture_choices(parsed.get("choices"), ex.capture)
+                _capture_choices(parsed.get("choices"), ex.capture, MAX_LOGGED_CHARS)
         except (orjson.JSONDecodeError, AttributeError):
             raise UpstreamError("The backend sent a response that is not JSON.") from None
         content_type = b"application/json"
@@ -261,8 +262,8 @@ async def relay_sse(
                     saw_done = True
                 if out:
                     ex.events += out.count(b"\n") >> 1  # canonical events: a line and a blank one
-                    if ex.capture is not None:
-                        _capture_events(out, ex.capture)
+                    if ex.capture is not None and ex.captured < MAX_LOGGED_CHARS:
+                        ex.captured += _capture_events(out, ex.capture, MAX_LOGGED_CHARS - ex.captured)
                     now = time.perf_counter()
                     if ex.ttft is None:
                         ex.ttft = now - ex.started
@@ -428,27 +429,36 @@ class _Watchdog:
         self.handle = self.loop.call_at(min(due, now + self.step), self._check)
 
 
-def _capture_choices(choices: Any, into: list[str]) -> None:
-    """Completion text of the first choice (message, delta or text), for content logging."""
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return
+def _capture_choices(choices: Any, into: list[str], room: int) -> int:
+    """Completion text of the first choice (message, delta or text), for content logging: at most
+    ``room`` characters are kept (what is logged is cut to MAX_LOGGED_CHARS anyway, and a long
+    stream must not grow the gateway's memory). Returns the characters kept."""
+    if room <= 0 or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return 0
     c = choices[0]
     if "text" in c:
         part = c["text"]
     else:
         holder = c.get("message") or c.get("delta")
         part = holder.get("content") if isinstance(holder, dict) else None
-    if isinstance(part, str):
-        into.append(part)
+    if not isinstance(part, str):
+        return 0
+    part = part[:room]
+    into.append(part)
+    return len(part)
 
 
-def _capture_events(out: bytes, into: list[str]) -> None:
+def _capture_events(out: bytes, into: list[str], room: int) -> int:
+    kept = 0
     for event in out.split(b"\n\n"):
+        if kept >= room:
+            break
         if event.startswith(b"data: {"):
             try:
-                _capture_choices(orjson.loads(event[6:]).get("choices"), into)
+                kept += _capture_choices(orjson.loads(event[6:]).get("choices"), into, room - kept)
             except (orjson.JSONDecodeError, AttributeError):
                 continue
+    return kept
 
 
 def _event_at(out: bytes, at: int) -> tuple[int, int]:
