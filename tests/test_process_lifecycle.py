@@ -53,6 +53,11 @@ def test_sigterm_with_several_workers_is_a_clean_exit_of_every_worker() -> None:
     sim = Sim()
     gw = Gateway([sim.url], "--workers", "2")
     try:
+        # /ready answered by one worker says nothing of the other: wait until both have started.
+        deadline = time.monotonic() + 30
+        while events(gw.proc.output()).count("gateway started") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert events(gw.proc.output()).count("gateway started") == 2
         gw.proc.proc.send_signal(signal.SIGTERM)
         assert gw.proc.proc.wait(60) == 0
         seen = events(gw.proc.output())

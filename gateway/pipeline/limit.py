@@ -255,12 +255,12 @@ class RateLimiter:
         wait = min(WINDOW, max(0.0, ttl + self._ttl_slack))
         per = "requests" if c.kind == "requests" else "tokens"
         if c.kind == "tokens" and c.cost > c.limit:
-            # Retrying cannot help: no Retry-After, and the budget is reported as it stands.
+            # Retrying cannot help: no Retry-After, and the budget is reported as it stands. Still
+            # OpenAI's 429 rate_limit_exceeded, as its "Request too large ... (TPM)" answer is.
             err = RateLimited(
                 f"This request needs about {c.cost} tokens, more than the {c.scope}'s whole budget of "
                 f"{c.limit} tokens per minute; lower max_tokens.",
-                param="max_tokens",
-                code="request_too_large",
+                param=per,
             )
             err.limit = (c.kind, c.scope)
             if c.scope == "principal":
