@@ -115,7 +115,7 @@ class ProxyEndpoint:
             else:
                 raise
         except Exception as exc:  # a bug: log it once, answer a clean 500
-            ex.reason = "internal"
+            ex.reason, ex.fault = "internal", Fault.GATEWAY
             ex.error = type(exc).__name__
             self.log.exception("internal error")
             await self._send_error(send, ex, GatewayError("Internal gateway error."))
