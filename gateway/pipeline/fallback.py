@@ -35,7 +35,6 @@ from gateway.errors import (
     TotalTimeout,
     UpstreamError,
     UpstreamTimeout,
-    error_body,
 )
 from gateway.pipeline import anthropic
 from gateway.pipeline.admit import QueueFull, QueueTimeout
@@ -43,7 +42,7 @@ from gateway.pipeline.attempt import Deadlines, attempt, on_backend
 from gateway.pipeline.egress import EgressClient, ResponseStream, choose_proxy, tls_context
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
-from gateway.pipeline.relay import gateway_headers, upstream_message
+from gateway.pipeline.relay import gateway_headers
 from gateway.pipeline.route import RoutePlan
 from gateway.pipeline.sse import EventTooLarge, SseSplitter
 from gateway.pipeline.upstream import UpstreamClient
@@ -218,12 +217,7 @@ class _CheckedAnswer:
         raw = await self._resp.read()
         if self.status == 200:
             _check_plain(raw, self._list_key)
-        elif 400 <= self.status < 500 and not _openai_error(raw):
-            # Passed on to the client (the request's fault), so in OpenAI's shape: a provider's
-            # HTML or plain-text 4xx page is not forwarded as it is.
-            message = upstream_message(raw) or f"The external provider answered {self.status}."
-            type_ = "not_found_error" if self.status == 404 else "invalid_request_error"
-            raw = error_body(message, type_, None, None)
+        # Any other answer is put in OpenAI's shape by the relay (relay.upstream_failure).
         return raw
 
     async def read_chunk(self) -> bytes:
@@ -279,14 +273,6 @@ def _good_events(out: bytes) -> int:
                     return at
         at += len(event) + 2
     return len(out)
-
-
-def _openai_error(raw: bytes) -> bool:
-    try:
-        err = orjson.loads(raw).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(err, dict) and isinstance(err.get("message"), str)
 
 
 def _check_plain(raw: bytes, list_key: str) -> None:
