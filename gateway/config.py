@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from gateway.config_auth import AuthSettings, LimitValues, RateLimitSettings, TeamSettings
 from gateway.config_routing import ExternalSettings, RoutingSettings
+from gateway.jobs.config import JobsSettings
 
 DEFAULT_BACKEND = "http://127.0.0.1:8000"
 
@@ -334,6 +335,10 @@ class Settings(BaseSettings):
         default_factory=dict, description="Teams: allowed models, team-wide limits, tier overrides."
     )
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    jobs: JobsSettings = Field(
+        default_factory=JobsSettings,
+        description="Async jobs: Files and Batch APIs, `Prefer: respond-async` (docs/jobs.md).",
+    )
 
     @model_validator(mode="after")
     def _secure_by_default(self) -> Settings:

@@ -18,6 +18,7 @@ fi
 simlog=$(mktemp "${TMPDIR:-/tmp}/llm-gateway-sim.XXXXXX")
 sim=""
 gw=""
+# shellcheck disable=SC2329 # invoked by the EXIT trap below
 cleanup() {
   [ -n "$gw" ] && kill "$gw" 2>/dev/null || true
   [ -n "$sim" ] && kill "$sim" 2>/dev/null || true
