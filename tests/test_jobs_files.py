@@ -361,3 +361,29 @@ async def test_local_store_refuses_path_keys(tmp_path: Path) -> None:
     for key in ("../x", "a/b", ".hidden", ""):
         with pytest.raises(ValueError):
             await store.write(key, chunks_of(b"x"))
+
+
+async def test_receive_then_commit_checks_the_late_purpose(files: Files, tmp_path: Path) -> None:
+    received = await files.receive(owner(), chunks_of(b"\xff\n"))  # purpose not known yet
+    assert received.bytes == 2
+    with pytest.raises(InvalidRequest) as info:
+        await files.commit(received, "x.jsonl", "batch")
+    assert info.value.code == "invalid_file"
+    assert list((tmp_path / "store").iterdir()) == []
+    received = await files.receive(owner(), chunks_of(b"{}\n" * 6))
+    with pytest.raises(InvalidRequest) as info:
+        await files.commit(received, "x.jsonl", "batch")
+    assert info.value.code == "too_many_lines"
+    received = await files.receive(owner(), chunks_of(b"\xff\n"))
+    record = await files.commit(received, "x.bin", "user_data", expires_after=3600)
+    assert await files.get(owner(), record["id"]) == record
+    assert (
+        await files.redis.zscore(f"{files.prefix}files:expiry", f"{owner()}:{record['id']}")
+        == record["expires_at"]
+    )
+
+
+async def test_uncommitted_upload_is_reaped(files: Files, tmp_path: Path) -> None:
+    received = await files.receive(owner(), chunks_of(b"{}\n"))
+    assert await files.reap(now=received.created_us / 1e6 + 3601) == 1
+    assert list((tmp_path / "store").iterdir()) == []

@@ -20,8 +20,10 @@ import builtins
 import codecs
 import hashlib
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import orjson
@@ -56,12 +58,21 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _check_expires_after(seconds: int | None) -> None:
+    if seconds is not None and not MIN_EXPIRES_AFTER <= seconds <= MAX_EXPIRES_AFTER:
+        raise InvalidRequest(
+            f"`expires_after[seconds]` must be between {MIN_EXPIRES_AFTER} and {MAX_EXPIRES_AFTER}.",
+            param="expires_after",
+        )
+
+
 def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
 
 
 class _UploadCheck:
-    """Counts and checks an upload as it streams: bytes, and for batch input lines and UTF-8."""
+    """Counts and checks an upload as it streams: bytes (refused past ``max_bytes``), lines and
+    UTF-8 validity (measured always; refused as it streams when ``max_lines`` is given)."""
 
     def __init__(self, max_bytes: int, max_lines: int | None) -> None:
         self.max_bytes = max_bytes
@@ -69,7 +80,8 @@ class _UploadCheck:
         self.bytes = 0
         self.newlines = 0
         self.last = b""
-        self._utf8 = codecs.getincrementaldecoder("utf-8")() if max_lines is not None else None
+        self.utf8 = True
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
 
     async def wrap(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
@@ -80,15 +92,15 @@ class _UploadCheck:
                 raise PayloadTooLarge(
                     f"The file exceeds the largest upload allowed here, {self.max_bytes} bytes.", param="file"
                 )
-            if self._utf8 is not None:
-                self._decode(chunk, final=False)
-                self.newlines += chunk.count(b"\n")
-                self.last = chunk[-1:]
-                self._check_lines()
+            self._decode(chunk, final=False)
+            self.newlines += chunk.count(b"\n")
+            self.last = chunk[-1:]
+            if self.max_lines is not None:
+                self.check_batch(self.max_lines)
             yield chunk
-        if self._utf8 is not None:
-            self._decode(b"", final=True)
-            self._check_lines()
+        self._decode(b"", final=True)
+        if self.max_lines is not None:
+            self.check_batch(self.max_lines)
 
     @property
     def lines(self) -> int:
@@ -96,21 +108,37 @@ class _UploadCheck:
         return self.newlines + (1 if self.last not in (b"", b"\n") else 0)
 
     def _decode(self, chunk: bytes, final: bool) -> None:
-        assert self._utf8 is not None
+        if not self.utf8:
+            return
         try:
-            self._utf8.decode(chunk, final)
+            self._decoder.decode(chunk, final)
         except UnicodeDecodeError:
+            self.utf8 = False
+
+    def check_batch(self, max_lines: int) -> None:
+        """Raise ``InvalidRequest`` if what was seen cannot be a batch input file."""
+        if not self.utf8:
             raise InvalidRequest(
                 "A batch input file must be UTF-8 encoded JSON Lines.", param="file", code="invalid_file"
-            ) from None
-
-    def _check_lines(self) -> None:
-        if self.max_lines is not None and self.lines > self.max_lines:
-            raise InvalidRequest(
-                f"A batch input file may have at most {self.max_lines} lines.",
-                param="file",
-                code="too_many_lines",
             )
+        if self.lines > max_lines:
+            raise InvalidRequest(
+                f"A batch input file may have at most {max_lines} lines.", param="file", code="too_many_lines"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An upload's bytes in the store, not yet a file (:meth:`Files.commit` makes it one)."""
+
+    owner: str
+    file_id: str
+    created_us: int  # microseconds since the epoch
+    check: _UploadCheck
+
+    @property
+    def bytes(self) -> int:
+        return self.check.bytes
 
 
 async def _with_newlines(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -162,54 +190,82 @@ class Files:
         (gateway/jobs/batch_input.py).
 
         Raises ``PayloadTooLarge`` (413) past ``jobs.max_file_bytes`` and ``InvalidRequest``
-        (400, ``param: "file"``, code ``invalid_file`` or ``too_many_lines``); nothing is kept
-        then. Whatever ``chunks`` raises (a client gone mid-upload) propagates, also keeping
-        nothing.
+        (400, ``param: "file"``, code ``invalid_file`` or ``too_many_lines``; ``param:
+        "expires_after"``); nothing is kept then. Whatever ``chunks`` raises (a client gone
+        mid-upload) propagates, also keeping nothing.
         """
-        if expires_after is not None and not MIN_EXPIRES_AFTER <= expires_after <= MAX_EXPIRES_AFTER:
-            raise InvalidRequest(
-                f"`expires_after[seconds]` must be between {MIN_EXPIRES_AFTER} and {MAX_EXPIRES_AFTER}.",
-                param="expires_after",
-            )
-        check = _UploadCheck(
-            self.settings.max_file_bytes, self.settings.max_file_lines if purpose == "batch" else None
-        )
-        return await self._store(owner, filename, purpose, check.wrap(chunks), expires_after)
+        _check_expires_after(expires_after)
+        received = await self.receive(owner, chunks, purpose=purpose)
+        return await self.commit(received, filename, purpose, expires_after=expires_after)
+
+    async def receive(
+        self, owner: str, chunks: AsyncIterator[bytes], *, purpose: str | None = None
+    ) -> Received:
+        """First half of :meth:`create`, for a form whose ``purpose`` may come after the file:
+        stream the bytes to the store, measuring them; the purpose's checks run now if
+        ``purpose`` is given, else in :meth:`commit`. Until committed the bytes are no file
+        (and the reaper removes them after an hour). Raises as :meth:`create`."""
+        max_lines = self.settings.max_file_lines if purpose == "batch" else None
+        check = _UploadCheck(self.settings.max_file_bytes, max_lines)
+        return await self._receive(owner, check.wrap(chunks), check, MIN_EXPIRES_AFTER)
+
+    async def commit(
+        self, received: Received, filename: str, purpose: str, *, expires_after: int | None = None
+    ) -> dict[str, Any]:
+        """Second half of :meth:`create`: check what :meth:`receive` measured against the
+        purpose and record the file; returns its File object. On ``InvalidRequest`` (as in
+        :meth:`create`) the bytes are removed."""
+        try:
+            _check_expires_after(expires_after)
+            if purpose == "batch":
+                received.check.check_batch(self.settings.max_file_lines)
+        except InvalidRequest:
+            await self.discard(received)
+            raise
+        return await self._record(received, filename, purpose, expires_after)
+
+    async def discard(self, received: Received) -> None:
+        """Remove the bytes of an upload that will not be committed."""
+        await self._forget(f"{received.owner}:{received.file_id}")
 
     async def create_output(
         self, owner: str, filename: str, purpose: str, lines: AsyncIterator[bytes]
     ) -> dict[str, Any]:
         """Store a produced file (``batch_output``, ``batch_error``): each of ``lines`` (bytes
         without a newline) followed by ``\\n``. Kept for ``jobs.retention``; no size checks."""
-        return await self._store(owner, filename, purpose, _with_newlines(lines), None)
-
-    async def _store(
-        self,
-        owner: str,
-        filename: str,
-        purpose: str,
-        chunks: AsyncIterator[bytes],
-        expires_after: int | None,
-    ) -> dict[str, Any]:
-        file_id = new_file_id()
-        # Registered for the reaper before any byte is stored: bytes of a process that dies
-        # mid-write (a finished temporary file renamed just before) are still found and removed.
-        created_us = time.time_ns() // 1000
-        created_at = created_us // 1_000_000
-        expires_at = created_at + (
-            expires_after if expires_after is not None else int(self.settings.retention)
+        check = _UploadCheck(sys.maxsize, None)
+        received = await self._receive(
+            owner, check.wrap(_with_newlines(lines)), check, int(self.settings.retention)
         )
+        return await self._record(received, filename, purpose, None)
+
+    async def _receive(
+        self, owner: str, chunks: AsyncIterator[bytes], check: _UploadCheck, keep: int
+    ) -> Received:
+        file_id = new_file_id()
+        created_us = time.time_ns() // 1000
+        # Registered for the reaper before any byte is stored: the bytes of a process that dies
+        # before the record is written are still found and removed (after ``keep`` seconds).
         member = f"{owner}:{file_id}"
-        await self.redis.zadd(self._expiry_key, {member: expires_at})
+        await self.redis.zadd(self._expiry_key, {member: created_us // 1_000_000 + keep})
         try:
-            size = await self.store.write(file_id, chunks)
+            await self.store.write(file_id, chunks)
         except BaseException:
             await asyncio.shield(self._forget(member))
             raise
+        return Received(owner, file_id, created_us, check)
+
+    async def _record(
+        self, received: Received, filename: str, purpose: str, expires_after: int | None
+    ) -> dict[str, Any]:
+        owner, file_id = received.owner, received.file_id
+        created_at = received.created_us // 1_000_000
+        keep = expires_after if expires_after is not None else int(self.settings.retention)
+        expires_at = created_at + keep
         record = {
             "id": file_id,
             "object": "file",
-            "bytes": size,
+            "bytes": received.bytes,
             "created_at": created_at,
             "filename": filename,
             "purpose": purpose,
@@ -220,9 +276,10 @@ class Files:
         stored = {**record, "owner": owner}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._record_key(file_id), orjson.dumps(stored), exat=expires_at)
-            pipe.zadd(self._index_key(owner), {file_id: created_us})
+            pipe.zadd(self._index_key(owner), {file_id: received.created_us})
+            pipe.zadd(self._expiry_key, {f"{owner}:{file_id}": expires_at})
             await pipe.execute()
-        log.info("file_stored", file_id=file_id, purpose=purpose, bytes=size)
+        log.info("file_stored", file_id=file_id, purpose=purpose, bytes=received.bytes)
         return record
 
     async def _forget(self, member: str) -> None:
