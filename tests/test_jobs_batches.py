@@ -53,7 +53,11 @@ def test_batch_flow_with_the_sdk(gw: tuple[Gateway, str]) -> None:
     done = run_batch(c, chat_lines(25), metadata={"job": "nightly"})
     assert done.status == "completed", done
     assert done.request_counts is not None
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (25, 25, 0)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+        25,
+        25,
+        0,
+    )
     assert done.metadata == {"job": "nightly"}
     assert done.in_progress_at and done.finalizing_at and done.completed_at
     assert done.output_file_id and not done.error_file_id
@@ -119,7 +123,9 @@ def test_others_get_404_on_batches_and_files(gw: tuple[Gateway, str]) -> None:
         lambda: b.batches.cancel(batch.id),
         lambda: b.files.retrieve(f.id),
         lambda: b.files.content(f.id),
-        lambda: b.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
+        lambda: b.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ),
     ):
         with pytest.raises(openai.NotFoundError) as info:
             call()

@@ -39,7 +39,9 @@ def test_replica_sigkilled_mid_batch_loses_nothing(tmp_path: Path) -> None:
     try:
         ca = client(a)
         f = ca.files.create(file=("in.jsonl", chat_lines(500, max_tokens=6)), purpose="batch")
-        batch = ca.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        batch = ca.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         poll(
             lambda: ca.batches.retrieve(batch.id),
             lambda x: x.request_counts is not None and x.request_counts.completed >= 100,

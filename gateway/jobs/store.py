@@ -111,13 +111,13 @@ class JobStore:
 
     # records
     async def create(self, kind: str, rid: str, doc: dict[str, Any], status: str, **fields: Any) -> None:
-        now = int(time.time())
+        order = time.time_ns() // 1000  # µs: orders records created within one second
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(
             self.key(kind, rid),
             mapping={"doc": orjson.dumps(doc), "status": status, **{k: _enc(v) for k, v in fields.items()}},
         )
-        pipe.zadd(self.index_key(kind, doc["owner"]), {rid: now})
+        pipe.zadd(self.index_key(kind, doc["owner"]), {rid: order})
         pipe.sadd(self.active_key(kind), rid)
         await pipe.execute()
 
