@@ -327,7 +327,7 @@ class Files:
             rank = await (self.redis.zrevrank(index, after) if desc else self.redis.zrank(index, after))
             if rank is None:
                 raise InvalidRequest(f"No file `{after}` to list after.", param="after")
-            start = int(cast(int, rank)) + 1
+            start = cast(int, rank) + 1
         found: builtins.list[dict[str, Any]] = []
         while len(found) <= limit:
             ids = [_text(i) for i in await self.redis.zrange(index, start, start + _PAGE - 1, desc=desc)]
