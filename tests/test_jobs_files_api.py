@@ -32,6 +32,7 @@ class FilesServer:
     def __init__(self, tmp: Path, **jobs: Any) -> None:
         self.prefix = f"test:files-api:{secrets.token_hex(6)}:"
         self.store = tmp / "store"
+        self.store.mkdir()
         self.port = free_port()
         settings = {
             "auth": {
@@ -336,3 +337,35 @@ def test_200_mib_upload_and_download_keep_server_memory_flat(big: FilesServer, t
     assert after_upload - before < 64 * MIB
     assert after_download - before < 64 * MIB
     client.files.delete(created.id)
+
+
+def test_client_gone_mid_upload_keeps_nothing(small: FilesServer) -> None:
+    import socket
+    import time
+
+    files_before = set(small.store.iterdir())
+    boundary = "cut"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    ).encode()
+    with socket.create_connection(("127.0.0.1", small.port)) as sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nhost: x\r\n"
+            + f"authorization: Bearer {KEY_ALICE}\r\n".encode()
+            + f"content-type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + b"content-length: 900000\r\n\r\n"
+            + head
+            + b"x" * 300_000
+        )
+        # the server is inside the upload once its temporary file appears
+        deadline = time.monotonic() + 10
+        while not [p for p in small.store.iterdir() if p.name.startswith(".tmp")]:
+            assert time.monotonic() < deadline, "the upload never started writing"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while set(small.store.iterdir()) != files_before:
+        assert time.monotonic() < deadline, f"left behind: {set(small.store.iterdir()) - files_before}"
+        time.sleep(0.01)
+    assert small.proc.alive()
+    assert small.client().files.list().data is not None

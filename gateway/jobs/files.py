@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import codecs
 import hashlib
 import secrets
 import sys
@@ -31,9 +30,10 @@ import redis.asyncio as aioredis
 import structlog
 
 from gateway.auth.principal import Principal
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest
 from gateway.jobs.config import JobsSettings
 from gateway.jobs.filestore import FileStore
+from gateway.jobs.upload_check import UploadCheck
 
 log = structlog.get_logger("gateway.jobs.files")
 
@@ -70,63 +70,6 @@ def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
 
 
-class _UploadCheck:
-    """Counts and checks an upload as it streams: bytes (refused past ``max_bytes``), lines and
-    UTF-8 validity (measured always; refused as it streams when ``max_lines`` is given)."""
-
-    def __init__(self, max_bytes: int, max_lines: int | None) -> None:
-        self.max_bytes = max_bytes
-        self.max_lines = max_lines
-        self.bytes = 0
-        self.newlines = 0
-        self.last = b""
-        self.utf8 = True
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-
-    async def wrap(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            self.bytes += len(chunk)
-            if self.bytes > self.max_bytes:
-                raise PayloadTooLarge(
-                    f"The file exceeds the largest upload allowed here, {self.max_bytes} bytes.", param="file"
-                )
-            self._decode(chunk, final=False)
-            self.newlines += chunk.count(b"\n")
-            self.last = chunk[-1:]
-            if self.max_lines is not None:
-                self.check_batch(self.max_lines)
-            yield chunk
-        self._decode(b"", final=True)
-        if self.max_lines is not None:
-            self.check_batch(self.max_lines)
-
-    @property
-    def lines(self) -> int:
-        """Lines as ``wc -l`` counts them, plus an unterminated last one."""
-        return self.newlines + (1 if self.last not in (b"", b"\n") else 0)
-
-    def _decode(self, chunk: bytes, final: bool) -> None:
-        if not self.utf8:
-            return
-        try:
-            self._decoder.decode(chunk, final)
-        except UnicodeDecodeError:
-            self.utf8 = False
-
-    def check_batch(self, max_lines: int) -> None:
-        """Raise ``InvalidRequest`` if what was seen cannot be a batch input file."""
-        if not self.utf8:
-            raise InvalidRequest(
-                "A batch input file must be UTF-8 encoded JSON Lines.", param="file", code="invalid_file"
-            )
-        if self.lines > max_lines:
-            raise InvalidRequest(
-                f"A batch input file may have at most {max_lines} lines.", param="file", code="too_many_lines"
-            )
-
-
 @dataclass(frozen=True, slots=True)
 class Received:
     """An upload's bytes in the store, not yet a file (:meth:`Files.commit` makes it one)."""
@@ -134,7 +77,7 @@ class Received:
     owner: str
     file_id: str
     created_us: int  # microseconds since the epoch
-    check: _UploadCheck
+    check: UploadCheck
 
     @property
     def bytes(self) -> int:
@@ -206,7 +149,7 @@ class Files:
         ``purpose`` is given, else in :meth:`commit`. Until committed the bytes are no file
         (and the reaper removes them after an hour). Raises as :meth:`create`."""
         max_lines = self.settings.max_file_lines if purpose == "batch" else None
-        check = _UploadCheck(self.settings.max_file_bytes, max_lines)
+        check = UploadCheck(self.settings.max_file_bytes, max_lines)
         return await self._receive(owner, check.wrap(chunks), check, MIN_EXPIRES_AFTER)
 
     async def commit(
@@ -233,14 +176,14 @@ class Files:
     ) -> dict[str, Any]:
         """Store a produced file (``batch_output``, ``batch_error``): each of ``lines`` (bytes
         without a newline) followed by ``\\n``. Kept for ``jobs.retention``; no size checks."""
-        check = _UploadCheck(sys.maxsize, None)
+        check = UploadCheck(sys.maxsize, None)
         received = await self._receive(
             owner, check.wrap(_with_newlines(lines)), check, int(self.settings.retention)
         )
         return await self._record(received, filename, purpose, None)
 
     async def _receive(
-        self, owner: str, chunks: AsyncIterator[bytes], check: _UploadCheck, keep: int
+        self, owner: str, chunks: AsyncIterator[bytes], check: UploadCheck, keep: int
     ) -> Received:
         file_id = new_file_id()
         created_us = time.time_ns() // 1000
@@ -327,7 +270,7 @@ class Files:
             rank = await (self.redis.zrevrank(index, after) if desc else self.redis.zrank(index, after))
             if rank is None:
                 raise InvalidRequest(f"No file `{after}` to list after.", param="after")
-            start = int(cast(int, rank)) + 1
+            start = cast(int, rank) + 1
         found: builtins.list[dict[str, Any]] = []
         while len(found) <= limit:
             ids = [_text(i) for i in await self.redis.zrange(index, start, start + _PAGE - 1, desc=desc)]
