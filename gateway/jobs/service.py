@@ -122,6 +122,15 @@ class Jobs:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await self.r.ping()
+        except (RedisError, OSError, TimeoutError):
+            self.log.warning(
+                "jobs: the queue's Redis cannot be reached; /v1/files, /v1/batches and async "
+                "requests answer 503 until it can (interactive requests are not affected)",
+                queue=_redacted(self.s.queue),
+            )
         for i in range(self.s.concurrency):
             self._tasks.append(asyncio.create_task(self._worker(i), name=f"jobs-worker-{i}"))
         self._tasks.append(asyncio.create_task(self._sweeper(), name="jobs-sweeper"))
@@ -502,6 +511,13 @@ class Jobs:
             )
         endpoint = self.endpoints[doc["endpoint"]]
         principal = principal_from(doc["principal"])
+        if principal.via == "api_key":
+            # Checked again as it runs: the key may have been revoked or its allowance changed.
+            now_p = self.gw.auth.api_keys.current(principal.subject, principal.team)
+            if now_p is None:
+                await self._finish_refused(entry, kind, rid)
+                return
+            principal = now_p
         if self.s.tier is not None:  # job lines are charged under the jobs tier
             principal = dataclasses.replace(principal, tier=self.s.tier)
         await self.store.running(kind, rid, cid, True)
@@ -542,6 +558,34 @@ class Jobs:
         self.metrics.lines.labels(outcome_label).inc()
         if outcome_label == "dead_lettered":
             await self.queue.dead_letter(entry, result_reason(line_json))
+        await self.queue.ack(entry)
+        if kind == "batch":
+            await self._maybe_finalize(rid)
+
+    async def _finish_refused(self, entry: Entry, kind: str, rid: str) -> None:
+        """The submitter's API key is gone: the line is answered 401, as a request would be."""
+        line_id = f"batch_req_{secrets.token_hex(12)}"
+        err = {
+            "error": {
+                "message": "The API key that submitted this job is no longer valid.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+        response = {"status_code": 401, "request_id": line_id, "body": err}
+        if kind == "batch":
+            await self.store.put_result(rid, entry.cid, _line(line_id, entry.cid, response, None), False)
+        else:
+            await self.store.transition(
+                "job",
+                rid,
+                ("queued", "in_progress"),
+                "completed",
+                completed_at=int(time.time()),
+                result=response,
+            )
+        self.metrics.lines.labels("failed").inc()
         await self.queue.ack(entry)
         if kind == "batch":
             await self._maybe_finalize(rid)
@@ -830,6 +874,15 @@ class Jobs:
             pending[model], running[model] = waiting, held
             oldest[model] = max(0.0, now - first) if first is not None and waiting else 0.0
         snap.pending, snap.running, snap.oldest = pending, running, oldest
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, _cred = head.partition("://")
+    return f"{scheme}://***@{tail}"
 
 
 def _line(line_id: str, cid: str, response: dict[str, Any] | None, error: dict[str, Any] | None) -> bytes:
