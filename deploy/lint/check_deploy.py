@@ -49,7 +49,7 @@ ECS_TEMPLATE = ROOT / "deploy" / "ecs" / "llm-gateway.yaml"
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARDS = ROOT / "dashboards"
 VLLM_METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32.0-cpu" / "metrics.txt"
-GATEWAY_METRICS_SOURCE = ROOT / "gateway" / "metrics.py"
+GATEWAY_METRICS_SOURCES = (ROOT / "gateway" / "metrics.py", ROOT / "gateway" / "jobs" / "metrics.py")
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DRAIN_SECONDS = 30.0
 
@@ -563,9 +563,19 @@ def ecs_rules(
     )
     f.check(svc.get("healthCheckGracePeriodSeconds", 0) >= 900, "service health-check grace < 900 s")
     ttc = scaling.get("TargetTrackingScalingPolicyConfiguration", {})
-    metric = ttc.get("CustomizedMetricSpecification", {}).get("MetricName", "")
+    spec = ttc.get("CustomizedMetricSpecification", {})
+    # One metric, or metric math whose inputs are (the stat of each query)
+    names = (
+        [spec.get("MetricName", "")]
+        if "MetricName" in spec
+        else [
+            q.get("MetricStat", {}).get("Metric", {}).get("MetricName", "") for q in spec.get("Metrics", [])
+        ]
+    )
+    metric = ",".join(n for n in names if n)
     f.check(
-        "queue" in metric or "requests_waiting" in metric, f"scaling metric {metric!r} is not queue depth"
+        any("queue" in n or "requests_waiting" in n or "jobs_pending" in n for n in names),
+        f"scaling metric {metric!r} is not queue depth",
     )
     f.check("PredefinedMetricSpecification" not in ttc, "scaling must not use a predefined (CPU) metric")
     f.check(ttc.get("ScaleInCooldown", 0) >= 600, "ScaleInCooldown < 600 s")
@@ -749,7 +759,7 @@ def dashboard_exprs(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def exported_metric_names() -> set[str]:
-    source = GATEWAY_METRICS_SOURCE.read_text()
+    source = "\n".join(p.read_text() for p in GATEWAY_METRICS_SOURCES)
     names = set(re.findall(r'"(gateway_[a-z_]+)"', source))
     # Families named in a loop: f"gateway_backend_{name}" ... for name in ("a", "b", ...)
     for prefix, var in re.findall(r'f"(gateway_[a-z_]*)\{(\w+)\}"', source):
