@@ -119,6 +119,9 @@ class Jobs:
         self._models: list[str] = []
         self._models_at = 0.0
         self._status_cache: dict[str, tuple[float, str | None]] = {}
+        self._docs: dict[str, dict[str, Any]] = {}
+        self._totals: dict[str, int] = {}
+        self._reclaimed_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -442,7 +445,7 @@ class Jobs:
                 continue
             self.metrics.deliveries.labels(how).inc()
             try:
-                await self._run(entry)
+                await self._run(entry, how == "reclaimed")
             except (RedisError, OSError) as exc:
                 # The line stays pending: reclaimed after the visibility timeout.
                 self.log.warning("job line interrupted by the queue", cause=type(exc).__name__)
@@ -470,9 +473,13 @@ class Jobs:
                 return None, ""
             if not adm.has_room(model):
                 continue
-            entry = await self.queue.reclaim(model, self.consumer, self.s.visibility_timeout)
-            if entry is not None:
-                return entry, "reclaimed"
+            # Lines of vanished workers: looked for at most once a second per model and replica.
+            if now - self._reclaimed_at.get(model, 0.0) > 1.0:
+                self._reclaimed_at[model] = now
+                entry = await self.queue.reclaim(model, self.consumer, self.s.visibility_timeout)
+                if entry is not None:
+                    self._reclaimed_at[model] = 0.0  # there may be more
+                    return entry, "reclaimed"
             entry = await self.queue.take(model, self.consumer)
             if entry is not None:
                 return entry, "first"
@@ -489,22 +496,27 @@ class Jobs:
         self._status_cache[rid] = (now, status)
         return status
 
-    async def _run(self, entry: Entry) -> None:
+    async def _run(self, entry: Entry, redelivered: bool = False) -> None:
         kind, rid, cid = entry.kind, entry.job, entry.cid
         status = await self._status(kind, rid)
         runnable = ("in_progress",) if kind == "batch" else ("queued", "in_progress")
         if status not in runnable:
             await self.queue.ack(entry)  # gone, cancelled, expired or finished: not run
             return
-        if kind == "batch" and await self.store.has_result(rid, cid):
+        if kind == "batch" and redelivered and await self.store.has_result(rid, cid):
             await self.queue.ack(entry)  # delivered again after its result was written
             await self._maybe_finalize(rid)
             return
-        got = await self.store.load(kind, rid)
-        if got is None:
-            await self.queue.ack(entry)
-            return
-        doc, _ = got
+        doc = self._docs.get(rid)
+        if doc is None:
+            got = await self.store.load(kind, rid)
+            if got is None:
+                await self.queue.ack(entry)
+                return
+            doc = got[0]
+            if len(self._docs) > 10_000:
+                self._docs.clear()
+            self._docs[rid] = doc  # what never changes of a batch or job
         if kind == "job":
             await self.store.transition(
                 "job", rid, ("queued",), "in_progress", in_progress_at=int(time.time())
@@ -520,22 +532,23 @@ class Jobs:
             principal = now_p
         if self.s.tier is not None:  # job lines are charged under the jobs tier
             principal = dataclasses.replace(principal, tier=self.s.tier)
-        await self.store.running(kind, rid, cid, True)
+        delivery = await self.store.start_line(kind, rid, cid)
         renew = asyncio.create_task(self._renew(entry, kind, rid, cid))
         try:
-            outcome = await self._attempts(entry, kind, rid, doc, endpoint, principal)
+            outcome = await self._attempts(entry, kind, rid, doc, endpoint, principal, delivery)
         finally:
             renew.cancel()
             with contextlib.suppress(BaseException):
                 await renew
+        if outcome is None:
             with contextlib.suppress(RedisError, OSError):
                 await self.store.running(kind, rid, cid, False)
-        if outcome is None:
             return  # left pending (shutting down): another replica takes it
         ok, line_json, outcome_label = outcome
         if kind == "batch":
-            await self.store.put_result(rid, cid, line_json, ok)
+            await self.store.finish_line(rid, cid, line_json, ok)
         else:
+            await self.store.running(kind, rid, cid, False)
             result = orjson.loads(line_json)
             if outcome_label == "dead_lettered":
                 await self.store.transition(
@@ -606,10 +619,12 @@ class Jobs:
         doc: dict[str, Any],
         endpoint: ProxyEndpoint,
         principal: Principal,
+        delivery: int,
     ) -> tuple[bool, bytes, str] | None:
-        """Run the line until it has an answer to keep: (ok, result line, outcome) or None."""
+        """Run the line until it has an answer to keep: (ok, result line, outcome) or None.
+
+        ``delivery``: how many times the line was delivered, this time included."""
         line_id = f"batch_req_{secrets.token_hex(12)}"
-        delivery = await self.store.attempt(kind, rid, entry.cid)
         last: tuple[int, Any, str | None] = (0, None, None)
         wait = 0.5
         while True:
@@ -684,6 +699,11 @@ class Jobs:
 
     # ------------------------------------------------------------------ finishing
     async def _maybe_finalize(self, bid: str, expired: bool = False) -> None:
+        total_known = self._totals.get(bid)
+        if total_known is not None and not expired:
+            done, failed = await self.store.counts(bid)
+            if done + failed < total_known:
+                return  # the common case: one round trip
         got = await self.store.load("batch", bid)
         if got is None:
             return
@@ -692,6 +712,10 @@ class Jobs:
         total = field_int(f, "total") or 0
         if status not in ("in_progress", "finalizing"):
             return
+        if status == "in_progress" and total:
+            if len(self._totals) > 10_000:
+                self._totals.clear()
+            self._totals[bid] = total  # fixed once in progress
         done, failed = await self.store.counts(bid)
         if not expired and done + failed < total:
             return

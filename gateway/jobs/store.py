@@ -200,6 +200,21 @@ class JobStore:
         async for k, v in self.r.hscan_iter(key, count=500):
             yield (k.decode() if isinstance(k, bytes) else k), v
 
+    async def start_line(self, kind: str, rid: str, cid: str) -> int:
+        """Count a delivery and mark the line running, in one round trip; returns the count."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(self.attempts_key(kind, rid), cid, 1)
+        pipe.zadd(self.running_key(kind, rid), {cid: time.time()})
+        count, _ = await pipe.execute()
+        return int(count)
+
+    async def finish_line(self, batch_id: str, cid: str, line: bytes, ok: bool) -> None:
+        """Write a batch line's result once (``HSETNX``) and unmark it running, in one round trip."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(self.out_key(batch_id) if ok else self.err_key(batch_id), cid, line)
+        pipe.zrem(self.running_key("batch", batch_id), cid)
+        await pipe.execute()
+
     async def attempt(self, kind: str, rid: str, cid: str) -> int:
         """Count a delivery of a line; returns how many it has had, this one included."""
         return int(await self.r.hincrby(self.attempts_key(kind, rid), cid, 1))
