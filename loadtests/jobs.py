@@ -17,6 +17,7 @@ Results: loadtests/results/jobs-*.json and a Markdown summary on stdout.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import secrets
 import sys
@@ -113,7 +114,33 @@ def start_batch(client: openai.OpenAI, n: int, max_tokens: int) -> str:
     return b.id
 
 
+async def closed_loop(url: str, concurrency: int, n: int, max_tokens: int) -> float:
+    """Requests/s of ``n`` synchronous requests sent by ``concurrency`` clients, each sending its
+    next one as soon as it has an answer: the pool's capacity as interactive traffic sees it."""
+    body = orjson.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "line"}], "max_tokens": max_tokens}
+    )
+    left = n
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        connector=aiohttp.TCPConnector(limit=0),
+    ) as session:
+
+        async def client() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url + "/v1/chat/completions", data=body) as resp:
+                    await resp.read()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return n / (time.perf_counter() - t0)
+
+
 def run_batch(stack: Stack, n: int, max_tokens: int, capacity: int) -> dict[str, Any]:
+    reference = uvloop.run(closed_loop(stack.url, capacity, min(n, 3000), max_tokens))
+    log(f"synchronous requests at {capacity} concurrent: {reference:.1f}/s")
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key=KEY, max_retries=2)
     rss_start = tree_rss(stack.gw.pid)["total"]
     cpu0 = tree_cpu(stack.gw.pid).exact
@@ -139,6 +166,7 @@ def run_batch(stack: Stack, n: int, max_tokens: int, capacity: int) -> dict[str,
         "wall_s": round(wall, 1),
         "lines_per_s": round(n / wall, 1),
         "capacity": capacity,
+        "sync_reference_per_s": round(reference, 1),
         "mean_running": round(sum(running) / max(1, len(running)), 1),
         "gateway_cpu_ms_per_line": round(cpu / n * 1000, 2),
         "gateway_cpu_share": round(cpu / wall, 2),
@@ -202,7 +230,9 @@ def render(report: dict[str, Any]) -> str:
         out += [
             f"Batch of {b['lines']:,} lines: {b['status']} ({b['completed']} completed, "
             f"{b['failed']} failed) in "
-            f"{b['wall_s']} s = {b['lines_per_s']} lines/s; {b['mean_running']} lines running on average "
+            f"{b['wall_s']} s = {b['lines_per_s']} lines/s (synchronous requests with {b['capacity']} "
+            f"clients back to back: {b['sync_reference_per_s']}/s); {b['mean_running']} lines running "
+            "on average "
             f"for a pool capacity of {b['capacity']}; gateway CPU {b['gateway_cpu_ms_per_line']} ms per line "
             f"({b['gateway_cpu_share']} of a core); gateway RSS {r['start'] / 1024:.0f} MiB at start, "
             f"{r['peak'] / 1024:.0f} MiB peak, {r['end'] / 1024:.0f} MiB at the end.",
