@@ -1,13 +1,28 @@
-"""``llm-gateway``: serve the gateway, run the vLLM simulator, check a config file."""
+"""``llm-gateway``: serve the gateway, run the vLLM simulator, check a config file.
+
+Each subcommand is registered by one ``register_*(sub)`` call in :func:`build_parser`; a
+subcommand living in another module adds itself the same way (``module.register(sub)``), and
+gets this module's help formatter through the subparsers' parser class.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, settings_to_json
+
+if TYPE_CHECKING:
+    # What ``ArgumentParser.add_subparsers`` returns; argparse names the class privately.
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+DESCRIPTION = (
+    "An OpenAI-compatible gateway in front of vLLM: serve it, run the bundled vLLM simulator, "
+    "check a config file, mint a development token."
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -135,10 +150,42 @@ def _sim(args: argparse.Namespace) -> int:
     return run_simulator(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _version(_: argparse.Namespace) -> int:
+    print(f"llm-gateway {__version__}")
+    return 0
 
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none worth showing or says it.
+
+    Like argparse.ArgumentDefaultsHelpFormatter, but silent for ``None``, ``False`` (flags) and
+    empty lists, which would print as "(default: None)".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is argparse.SUPPRESS
+            or default is None
+            or default is False
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose help shows defaults; subparsers made by ``add_parser`` inherit it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def register_serve(sub: Subcommands) -> None:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="YAML config file")
     serve.add_argument(
@@ -156,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
+
+def register_token(sub: Subcommands) -> None:
     token = sub.add_parser("token", help="print a development JWT signed with the config's HS* secret")
     token.add_argument("--config", required=True)
     token.add_argument("--sub", required=True, help="subject")
@@ -164,15 +213,36 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     token.set_defaults(func=_token)
 
+
+def register_check_config(sub: Subcommands) -> None:
     check = sub.add_parser("check-config", help="validate a config file and print what it means")
     check.add_argument("file")
     check.set_defaults(func=_check_config)
 
+
+def register_sim(sub: Subcommands) -> None:
     from gateway.sim.options import add_sim_arguments
 
     sim = sub.add_parser("sim", help="run the vLLM simulator (no GPU needed)")
     add_sim_arguments(sim)
     sim.set_defaults(func=_sim)
+
+
+def register_version(sub: Subcommands) -> None:
+    version = sub.add_parser("version", help="print the version and exit")
+    version.set_defaults(func=_version)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="llm-gateway", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Typed as plain ArgumentParser subcommands, so a register(sub) elsewhere needs no Parser.
+    sub = cast("Subcommands", parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    register_serve(sub)
+    register_sim(sub)
+    register_check_config(sub)
+    register_token(sub)
+    register_version(sub)
     return parser
 
 
