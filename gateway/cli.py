@@ -136,12 +136,31 @@ def _token(args: argparse.Namespace) -> int:
     if settings.auth.jwt is None:
         print("the config has no auth.jwt section", file=sys.stderr)
         return 2
+    refusal = _token_refusal(settings, args.tier, args.ttl)
+    if refusal is not None:
+        print(f"refusing to sign a token the gateway would not accept: {refusal}", file=sys.stderr)
+        return 2
     try:
         print(issue_token(settings.auth.jwt, args.sub, args.team, args.tier, args.ttl))
     except (ValueError, StopIteration) as exc:
         print(f"cannot sign a token: {exc or 'no HS* algorithm configured'}", file=sys.stderr)
         return 2
     return 0
+
+
+def _token_refusal(settings: Settings, tier: str | None, ttl: int) -> str | None:
+    """Why the gateway configured by ``settings`` would refuse such a token, or None.
+
+    Mirrors the gateway's own checks: a tier outside a non-empty ``tiers`` is answered 403
+    ``unknown_tier`` (gateway/pipeline/authenticate.py), and a token whose ``exp`` is not in the
+    future is expired on arrival.
+    """
+    if ttl <= 0:
+        return f"--ttl {ttl}: a token must expire in the future (give seconds > 0)"
+    if tier is not None and settings.tiers and tier not in settings.tiers:
+        known = ", ".join(sorted(settings.tiers))
+        return f"--tier {tier}: no such tier in the config's `tiers` ({known}); requests would get 403"
+    return None
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -206,11 +225,11 @@ def register_serve(sub: Subcommands) -> None:
 
 def register_token(sub: Subcommands) -> None:
     token = sub.add_parser("token", help="print a development JWT signed with the config's HS* secret")
-    token.add_argument("--config", required=True)
-    token.add_argument("--sub", required=True, help="subject")
-    token.add_argument("--team")
-    token.add_argument("--tier")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.add_argument("--config", required=True, help="YAML config file with an auth.jwt section")
+    token.add_argument("--sub", required=True, help="subject (the principal's name)")
+    token.add_argument("--team", help="team claim (none by default)")
+    token.add_argument("--tier", help="tier claim; one of the config's tiers when it defines any")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (> 0)")
     token.set_defaults(func=_token)
 
 

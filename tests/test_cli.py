@@ -56,3 +56,39 @@ def test_health_reports_the_version(sim: Sim) -> None:
     finally:
         gw.stop()
     assert body["version"] == __version__
+
+
+# ---------------------------------------------------------------- token
+
+
+def token(*extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "token",
+        "--config",
+        "examples/auth-limits.yaml",
+        "--sub",
+        "alice",
+        *extra,
+        env={"GATEWAY_JWT_SECRET": "a-test-secret"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (("--tier", "gold"), "--tier gold: no such tier in the config's `tiers` (batch, interactive)"),
+        (("--ttl", "-60"), "--ttl -60: a token must expire in the future"),
+        (("--ttl", "0"), "--ttl 0: a token must expire in the future"),
+    ],
+)
+def test_token_refuses_what_the_gateway_would_refuse(extra: tuple[str, ...], why: str) -> None:
+    p = token(*extra)
+    assert p.returncode == 2, p.stdout
+    assert p.stdout == ""
+    assert why in p.stderr
+
+
+def test_token_signs_a_configured_tier() -> None:
+    p = token("--tier", "batch", "--ttl", "60")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().count(".") == 2
