@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, settings_to_json
+from gateway.config_check import Loc, describe, explain, unset_secret_vars
 
 if TYPE_CHECKING:
     # What ``ArgumentParser.add_subparsers`` returns; argparse names the class privately.
@@ -25,29 +26,54 @@ DESCRIPTION = (
 )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import METRICS_DIR_ENV, SETTINGS_ENV, create_app
-    from gateway.server import ListenerLimits, QuietServer, http_protocol
-
+def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[Loc, str]]:
+    """The settings the ``serve`` flags override, and which flag set which settings path."""
     overrides: dict[str, Any] = {}
+    flags: dict[Loc, str] = {}
     server: dict[str, Any] = {}
     for key in ("host", "port", "workers"):
         value = getattr(args, key)
         if value is not None:
             server[key] = value
+            flags[("server", key)] = f"--{key}"
     if args.allow_unauthenticated:
         server["allow_unauthenticated"] = True
+        flags[("server", "allow_unauthenticated")] = "--allow-unauthenticated"
     if server:
         overrides["server"] = server
     if args.backend:
         overrides["backends"] = args.backend
+        flags[("backends",)] = "--backend"
+    return overrides, flags
+
+
+def _load(args: argparse.Namespace, config: str | None) -> Settings | None:
+    """The settings ``serve`` would run with, or None after printing why they are invalid."""
+    overrides, flags = _overrides(args)
     try:
-        settings = load_settings(args.config, **overrides)
+        return load_settings(config, **overrides)
     except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+        where = f" in {config}" if config else ""
+        print(f"configuration error{where}:\n{explain(exc, os.environ, flags)}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _load(args, args.config)
+    if settings is None:
         return 2
+    if args.print_config:
+        print(describe(settings), end="")
+        return 0
+    return _run(settings)
+
+
+def _run(settings: Settings) -> int:
+    import uvicorn
+
+    from gateway.app import METRICS_DIR_ENV, SETTINGS_ENV, create_app
+    from gateway.server import ListenerLimits, QuietServer, http_protocol
+
     s = settings.server
     common: dict[str, Any] = {
         "host": s.host,
@@ -104,25 +130,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `check-config` puts in a secret variable it finds unset, to check everything else.
+_PLACEHOLDER = "check-config-placeholder-not-a-secret"
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.app import check_startup
 
+    if args.file is not None and args.config is not None and args.file != args.config:
+        print(f"two config files given: {args.file} and --config {args.config}", file=sys.stderr)
+        return 2
+    config = args.config or args.file
+    label = config or "defaults and GATEWAY_* environment"
+    settings = _load(args, config)
+    if settings is None:
+        return 2
+    unset = unset_secret_vars(settings, os.environ)
+    if unset and args.require_secrets:
+        lines = [f"{v.env} (named by {v.key}) is not set" for v in unset]
+        print(f"configuration error ({label}): secrets missing\n" + "\n".join(lines), file=sys.stderr)
+        return 2
+    # serve reads these variables while it builds the gateway; a placeholder lets everything else
+    # be checked without the secret. This process ends right after.
+    for v in unset:
+        os.environ[v.env] = _PLACEHOLDER
     try:
-        settings = load_settings(args.file)
         check_startup(settings)
     except ConfigError as exc:
-        print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
+        print(f"configuration error ({label}):\n{exc}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK")
-    print(_describe(settings))
+    for v in unset:
+        print(
+            f"warning: {v.env} (named by {v.key}) is not set here; checked with a placeholder. "
+            "serve needs it (check-config --require-secrets makes this an error)",
+            file=sys.stderr,
+        )
+    missing = ", ".join(v.env for v in unset)
+    print(f"{label}: OK" + (f" (not set here: {missing})" if unset else ""))
+    print(describe(settings), end="")
     return 0
-
-
-def _describe(settings: Settings) -> str:
-    import yaml
-
-    data = settings.model_dump(mode="json")  # secrets print as '**********'
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -204,21 +250,40 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def register_serve(sub: Subcommands) -> None:
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="YAML config file")
-    serve.add_argument(
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that decide the settings: ``serve``'s, shared by ``check-config``."""
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML config file (none: defaults and GATEWAY_* variables)"
+    )
+    p.add_argument(
         "--backend",
         action="append",
+        metavar="URL",
         help="vLLM base URL (repeatable); overrides the config file and GATEWAY_BACKENDS",
     )
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8080)")
-    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
-    serve.add_argument(
+    p.add_argument("--host", help="listen address; overrides server.host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port; overrides server.port (default 8080)")
+    p.add_argument(
+        "--workers", type=int, help="uvicorn worker processes; overrides server.workers (default 1)"
+    )
+    p.add_argument(
         "--allow-unauthenticated",
         action="store_true",
         help="serve without auth on a non-loopback address (otherwise refused)",
+    )
+
+
+def register_serve(sub: Subcommands) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Settings: flags over GATEWAY_* variables over the config file.",
+    )
+    add_config_arguments(serve)
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings (secrets masked) and exit instead of serving",
     )
     serve.set_defaults(func=_serve)
 
@@ -234,8 +299,25 @@ def register_token(sub: Subcommands) -> None:
 
 
 def register_check_config(sub: Subcommands) -> None:
-    check = sub.add_parser("check-config", help="validate a config file and print what it means")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print what serve would run with",
+        description=(
+            "Validate the settings serve would run with (same flags), build every part of the "
+            "gateway without listening, and print the effective settings with secrets masked. "
+            "Exit 0 when serve would start, 2 naming the bad key, flag or GATEWAY_* variable "
+            "otherwise. A secret the config names by environment variable (auth.jwt.secret_env, "
+            "external.api_key_env) that is unset here is a warning, so CI can check configs "
+            "without secrets; --require-secrets makes it an error (run it where serve runs)."
+        ),
+    )
+    check.add_argument("file", nargs="?", help="YAML config file (same as --config)")
+    add_config_arguments(check)
+    check.add_argument(
+        "--require-secrets",
+        action="store_true",
+        help="an unset secret variable is an error, not a warning",
+    )
     check.set_defaults(func=_check_config)
 
 
