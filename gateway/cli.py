@@ -236,6 +236,7 @@ class HelpFormatter(argparse.HelpFormatter):
             or default is None
             or default is False
             or default == []
+            or default == ""
             or not action.option_strings
         ):
             return text
@@ -324,7 +325,15 @@ def register_check_config(sub: Subcommands) -> None:
 def register_sim(sub: Subcommands) -> None:
     from gateway.sim.options import add_sim_arguments
 
-    sim = sub.add_parser("sim", help="run the vLLM simulator (no GPU needed)")
+    sim = sub.add_parser(
+        "sim",
+        help="run the vLLM simulator (no GPU needed)",
+        description=(
+            "A vLLM OpenAI server stand-in for development and tests: /v1/models, chat, completions, "
+            "embeddings, /health, /metrics, with timing and faults set below (or at run time with "
+            "POST /sim/control). Prints a JSON line when it listens."
+        ),
+    )
     add_sim_arguments(sim)
     sim.set_defaults(func=_sim)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import tomllib
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from gateway import __version__
+from gateway.cli import build_parser
 from tests.procs import ROOT, Gateway, Sim, python_m
 
 
@@ -230,3 +232,48 @@ def test_serve_print_config_masks_secrets_and_exits(tmp_path: Path) -> None:
     assert "api_key: '**********'\n" in p.stdout
     for secret in ("jwt-s3cret-value", "backend-s3cret", "redis-s3cret"):
         assert secret not in p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------- help text
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_top_level_help_has_no_markup() -> None:
+    p = run_cli("--help")
+    assert p.returncode == 0
+    assert "`" not in p.stdout
+    for name in subcommands():
+        assert name in p.stdout
+
+
+@pytest.mark.parametrize("command", sorted(subcommands()))
+def test_every_option_has_a_help_line_and_shows_its_default(command: str) -> None:
+    parser = subcommands()[command]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command} {action.option_strings[0]}: no help"
+        shown = formatter._get_help_string(action)
+        assert shown is not None
+        if action.default not in (None, False, [], "", argparse.SUPPRESS):
+            assert str(action.default) in shown % {"default": action.default}, (command, action.dest)
+
+
+def test_sim_help_shows_the_defaults() -> None:
+    p = run_cli("sim", "--help")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    for option, default in [
+        ("--host HOST listen address", "127.0.0.1"),
+        ("--port PORT listen port", "8000"),
+        ("--max-model-len MAX_MODEL_LEN context length in tokens", "512"),
+        ("--seed SEED seed of the --error-rate draws", "0"),
+        ("--ttft TTFT seconds to first token", "0.05"),
+    ]:
+        assert option in text
+        assert f"(default: {default})" in text.split(option, 1)[1].split(" --", 1)[0], option
