@@ -8,6 +8,7 @@ gets this module's help formatter through the subparsers' parser class.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING, Any, cast
@@ -155,14 +156,17 @@ def _check_config(args: argparse.Namespace) -> int:
     for v in unset:
         os.environ[v.env] = _PLACEHOLDER
     try:
-        check_startup(settings)
+        # What the parts log while they are built goes with the warnings: stdout stays the
+        # verdict and the settings (YAML), for a CI job or a diff to read.
+        with contextlib.redirect_stdout(sys.stderr):
+            check_startup(settings)
     except ConfigError as exc:
         print(f"configuration error ({label}):\n{exc}", file=sys.stderr)
         return 2
     for v in unset:
         print(
             f"warning: {v.env} (named by {v.key}) is not set here; checked with a placeholder. "
-            "serve needs it (check-config --require-secrets makes this an error)",
+            "Set it where serve runs (check-config --require-secrets makes this an error)",
             file=sys.stderr,
         )
     missing = ", ".join(v.env for v in unset)
