@@ -55,7 +55,7 @@ e2e-vllm: install
 	.venv-vllm/bin/python scripts/vllm/make_tiny_model.py .cache/tiny-llama
 	E2E_VLLM_REQUIRED=1 $(BIN)/pytest -q tests/e2e_vllm
 
-## Deployment files: hadolint, Compose schema, cfn-lint, checkov, botocore, kubernetes-validate, shellcheck.
+## Deployment files: hadolint, Compose schema, cfn-lint, checkov, botocore, kubernetes-validate (manifests and the rendered Helm chart), shellcheck.
 lint-deploy: install
 	bash scripts/lint-deploy.sh
 
