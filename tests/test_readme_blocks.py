@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,13 +132,31 @@ def run_block(block: Block, cwd: Path, gateway_port: int, sim_port: int) -> subp
         timed_out = True
         out, err = "", f"the block did not finish within {TIMEOUT} s"
     finally:
-        # The block's background jobs are in its session's process group (ours, started here).
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
+        stop_group(proc)
     return subprocess.CompletedProcess(args, -1 if timed_out else proc.returncode, out, err)
+
+
+def stop_group(proc: subprocess.Popen[str], timeout: float = 15) -> None:
+    """SIGTERM the block's process group (its background jobs; started here), wait until it is gone.
+
+    Raises:
+        AssertionError: something in the group outlived SIGTERM by ``timeout`` seconds (then killed).
+    """
+    pgid = proc.pid  # the block's shell leads its own session and process group
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the shell itself, or its zombie keeps the group alive
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"the block's background processes outlived SIGTERM by {timeout} s")
 
 
 def logs(cwd: Path) -> str:
