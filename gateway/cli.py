@@ -181,7 +181,7 @@ def _token(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+        print(f"configuration error in {args.config}:\n{explain(exc, os.environ, {})}", file=sys.stderr)
         return 2
     if settings.auth.jwt is None:
         print("the config has no auth.jwt section", file=sys.stderr)
