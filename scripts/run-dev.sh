@@ -46,9 +46,24 @@ if ! grep -q '"simulator listening"' "$simlog"; then
   echo "error: the vLLM simulator did not start listening on 127.0.0.1:$SIM_PORT within 30 s" >&2
   exit 1
 fi
-echo "vLLM simulator on http://127.0.0.1:$SIM_PORT (pid $sim); gateway on http://127.0.0.1:$PORT"
+echo "vLLM simulator on http://127.0.0.1:$SIM_PORT (pid $sim); starting the gateway on http://127.0.0.1:$PORT"
 "$BIN/llm-gateway" serve --port "$PORT" --backend "http://127.0.0.1:$SIM_PORT" &
 gw=$!
+# Say when it is ready, as a person waits for: /ready is 200 once the simulator is polled healthy.
+for _ in $(seq 1 300); do
+  if ! kill -0 "$gw" 2>/dev/null; then
+    break
+  fi
+  if "$BIN/python" -c "import sys, urllib.request
+try:
+    sys.exit(urllib.request.urlopen('http://127.0.0.1:$PORT/ready', timeout=1).status != 200)
+except OSError:
+    sys.exit(1)" 2>/dev/null; then
+    echo "ready: OpenAI base_url http://127.0.0.1:$PORT/v1 (probes /live /ready /health, /metrics); Ctrl-C stops both"
+    break
+  fi
+  sleep 0.1
+done
 status=0
 wait "$gw" || status=$?
 gw=""
