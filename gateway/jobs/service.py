@@ -719,6 +719,8 @@ class Jobs:
         done, failed = await self.store.counts(bid)
         if not expired and done + failed < total:
             return
+        if expired and done + failed >= total:
+            expired = False  # every line has its result: completed, even if late
         lock = f"{self.s.key_prefix}batch:{bid}:finalize"
         if not await self.r.set(lock, self.consumer, nx=True, ex=_FINALIZE_LOCK_SECONDS):
             return
@@ -740,24 +742,28 @@ class Jobs:
             out_id = out["id"]
         if expired:
             # Lines never run are reported as expired (OpenAI: "batch_expired"), in the input's order.
-            async for _n, cid, _body in iter_batch_requests(self.files, doc["input_file_id"]):
-                if not await self.store.has_result(bid, cid):
-                    await self.store.put_result(
-                        bid,
-                        cid,
-                        _line(
-                            f"batch_req_{secrets.token_hex(12)}",
+            try:
+                async for _n, cid, _body in iter_batch_requests(self.files, doc["input_file_id"]):
+                    if not await self.store.has_result(bid, cid):
+                        await self.store.put_result(
+                            bid,
                             cid,
-                            None,
-                            {
-                                "code": "batch_expired",
-                                "message": "This request was not executed before the completion window "
-                                "expired.",
-                            },
-                        ),
-                        False,
-                    )
-                    self.metrics.lines.labels("expired").inc()
+                            _line(
+                                f"batch_req_{secrets.token_hex(12)}",
+                                cid,
+                                None,
+                                {
+                                    "code": "batch_expired",
+                                    "message": "This request was not executed before the completion window "
+                                    "expired.",
+                                },
+                            ),
+                            False,
+                        )
+                        self.metrics.lines.labels("expired").inc()
+            except FileNotFoundError:
+                # The input file was deleted: its unrun lines cannot be listed, the batch still ends.
+                self.log.warning("expired batch's input file is gone; unrun lines not listed", batch=bid)
         if await self.r.hlen(self.store.err_key(bid)):
             err = await self.files.create_output(
                 owner, f"{bid}_error.jsonl", "batch_output", self._lines(self.store.err_key(bid))
@@ -866,7 +872,8 @@ class Jobs:
                 if now > doc["expires_at"]:
                     await self.store.transition("batch", bid, ("validating",), "expired", expired_at=int(now))
             elif status in ("in_progress", "finalizing"):
-                if now > doc["expires_at"] and status == "in_progress":
+                if now > doc["expires_at"]:
+                    # Also a finalize of an expiring batch left half done (its replica died).
                     self._status_cache.pop(bid, None)
                     await self._maybe_finalize(bid, expired=True)
                 else:
