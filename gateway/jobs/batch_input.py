@@ -32,7 +32,11 @@ def _error(code: str, message: str, param: str | None, line: int | None) -> dict
 
 
 def _check_line(
-    number: int, raw: bytes, endpoint: str, check_model: Callable[[str], str | None], seen: set[str]
+    number: int,
+    raw: bytes,
+    endpoint: str,
+    check_model: Callable[[str, dict[str, Any]], str | None],
+    seen: set[str],
 ) -> dict[str, Any] | None:
     """The first thing wrong with one line, or ``None``; adds its ``custom_id`` to ``seen``."""
     try:
@@ -66,7 +70,7 @@ def _check_line(
         return _error(
             "stream_not_supported", "Batch requests cannot stream: drop `stream`.", "body.stream", number
         )
-    refusal = check_model(model)
+    refusal = check_model(model, body)
     if refusal is not None:
         return _error("model_not_allowed", refusal, "body.model", number)
     return None
@@ -76,17 +80,19 @@ async def validate_batch_input(
     files: Files,
     file_id: str,
     endpoint: str,
-    check_model: Callable[[str], str | None],
+    check_model: Callable[[str, dict[str, Any]], str | None],
     max_lines: int,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Check every line of ``file_id`` as a request to ``endpoint`` (``/v1/chat/completions``...).
 
-    ``check_model(model)`` returns why the submitter may not use ``model`` (a message), or
-    ``None``; it is called once per line. Returns ``(request lines, errors)``: the number of
-    non-blank lines and OpenAI batch errors ``{"code", "message", "param", "line"}`` (one per
-    invalid line, the first problem found; the first :data:`MAX_REPORTED_ERRORS`; ``line`` is
-    ``None`` for ``empty_file``). The batch is valid iff ``errors`` is empty. More than
-    ``max_lines`` request lines: one ``too_many_lines`` error and the count stops there.
+    ``check_model(model, body)`` returns why the submitter may not have the line run (a
+    message), or ``None``; it is called once per line, with the line's ``body`` so that the
+    model its task route and aliases resolve to is the one checked. Returns ``(request lines,
+    errors)``: the number of non-blank lines and OpenAI batch errors ``{"code", "message",
+    "param", "line"}`` (one per invalid line, the first problem found; the first
+    :data:`MAX_REPORTED_ERRORS`; ``line`` is ``None`` for ``empty_file``). The batch is valid
+    iff ``errors`` is empty. More than ``max_lines`` request lines: one ``too_many_lines``
+    error and the count stops there.
 
     Memory: the file streams; the ``custom_id`` set holds at most ``max_lines`` strings
     (50,000 ids of ~40 bytes are about 5 MB with set overhead). Ownership of ``file_id`` is

@@ -274,13 +274,29 @@ class Jobs:
         out["metadata"] = doc.get("metadata")
         return out
 
-    def _check_model(self, principal: Principal) -> Callable[[str], str | None]:
+    def _served(self, body: dict[str, Any], task_type: str | None = None) -> str:
+        """The model that will answer a job line, resolved as ``Router.plan`` does: its task route
+        (the body's task field, else the job's task header), then aliases. Raises
+        ``InvalidRequest`` when the task field is not a string."""
+        model = body.get("model")
+        headers = []
+        if task_type is not None:
+            headers.append((self.gw.settings.routing.task_header.encode(), task_type.encode("latin-1")))
+        scope = {"type": "http", "headers": headers}
+        return self.gw.router.plan(scope, dict(body), model if isinstance(model, str) else "-").model
+
+    def _check_model(self, principal: Principal) -> Callable[[str, dict[str, Any]], str | None]:
         gw = self.gw
 
-        def check(model: str) -> str | None:
-            served = gw.settings.routing.aliases.get(model, model)
+        def check(model: str, body: dict[str, Any]) -> str | None:
+            try:
+                served = self._served(body)
+            except InvalidRequest as exc:
+                return exc.message
             if not gw.auth.may_use(principal, served):
-                return f"You may not use the model `{model}`."
+                if served == model:
+                    return f"You may not use the model `{model}`."
+                return f"The model `{model}` is served by `{served}` here, which you may not use."
             return None
 
         return check
@@ -312,7 +328,6 @@ class Jobs:
                     errors={"object": "list", "data": errors[:1000]},
                 )
                 return
-            aliases = self.gw.settings.routing.aliases
             chunk: dict[str, list[dict[str, Any]]] = {}
             queued = 0
 
@@ -322,8 +337,7 @@ class Jobs:
                 chunk.clear()
 
             async for line, cid, body in iter_batch_requests(self.files, doc["input_file_id"]):
-                model = body.get("model")
-                served = aliases.get(model, model) if isinstance(model, str) else "-"
+                served = self._served(body)
                 chunk.setdefault(served, []).append(
                     {
                         "kind": "batch",
@@ -377,7 +391,8 @@ class Jobs:
                             return self._render_job(*got), False
                         await asyncio.sleep(0.02)
         now = int(time.time())
-        served = self.gw.settings.routing.aliases.get(model, model)
+        parsed = orjson.loads(raw)
+        served = self._served(parsed if isinstance(parsed, dict) else {"model": model}, task_type)
         doc = {
             "id": jid,
             "endpoint": endpoint,
