@@ -110,5 +110,39 @@ def test_a_batch_whose_input_file_was_deleted_still_expires(tmp_path: Path) -> N
         g.stop()
 
 
-def _unused() -> None:  # keep imports used while the file grows
-    _ = redis
+def test_a_line_larger_than_a_request_may_be_fails_at_validation(tmp_path: Path) -> None:
+    """A huge line is bad input: refused at validation with its line number, nothing enqueued.
+
+    A synchronous request of that size is refused 413 (``server.max_body_bytes``); a batch
+    line of that size must not be accepted, stored in the queue and only then refused.
+    """
+    sim = Sim(None, "--model", "tiny")
+    path, prefix = jobs_config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["server"] = {"max_body_bytes": 4096}
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway([sim.url], config=path)
+    try:
+        big = {
+            "custom_id": "huge",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x" * 20_000}],
+                "max_tokens": 2,
+            },
+        }
+        data = chat_lines(1) + orjson.dumps(big) + b"\n"
+        c = openai.OpenAI(base_url=g.v1, api_key=ALICE, max_retries=0)
+        f = c.files.create(file=("in.jsonl", data), purpose="batch")
+        b = _batch(g, ALICE, f.id)
+        done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 60, "terminal")
+        assert done["status"] == "failed", done
+        assert [e["line"] for e in done["errors"]["data"]] == [2], done["errors"]
+        r = redis.Redis()
+        assert not any(r.xlen(k) for k in r.scan_iter(f"{prefix}q:*")), "lines were enqueued"
+        assert sim.stats()["received"] == 0
+    finally:
+        g.stop()
+        sim.stop()
