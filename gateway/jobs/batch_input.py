@@ -11,7 +11,7 @@ line with its 1-based number, in OpenAI's batch error shape ``{"code", "message"
 
 Error codes: ``empty_file``, ``too_many_lines``, ``invalid_json_line``, ``invalid_custom_id``,
 ``duplicate_custom_id``, ``invalid_method``, ``invalid_url``, ``invalid_body``,
-``missing_model``, ``stream_not_supported``, ``model_not_allowed``.
+``missing_model``, ``stream_not_supported``, ``model_not_allowed``, ``line_too_large``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,16 @@ def _check_line(
     endpoint: str,
     check_model: Callable[[str, dict[str, Any]], str | None],
     seen: set[str],
+    max_line_bytes: int | None = None,
 ) -> dict[str, Any] | None:
     """The first thing wrong with one line, or ``None``; adds its ``custom_id`` to ``seen``."""
+    if max_line_bytes is not None and len(raw) > max_line_bytes:
+        return _error(
+            "line_too_large",
+            f"This line is larger than a request may be here ({max_line_bytes} bytes).",
+            None,
+            number,
+        )
     try:
         item = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -82,6 +90,7 @@ async def validate_batch_input(
     endpoint: str,
     check_model: Callable[[str, dict[str, Any]], str | None],
     max_lines: int,
+    max_line_bytes: int | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Check every line of ``file_id`` as a request to ``endpoint`` (``/v1/chat/completions``...).
 
@@ -92,7 +101,8 @@ async def validate_batch_input(
     "param", "line"}`` (one per invalid line, the first problem found; the first
     :data:`MAX_REPORTED_ERRORS`; ``line`` is ``None`` for ``empty_file``). The batch is valid
     iff ``errors`` is empty. More than ``max_lines`` request lines: one ``too_many_lines``
-    error and the count stops there.
+    error and the count stops there. A line longer than ``max_line_bytes`` (the largest
+    request body, ``server.max_body_bytes``) is ``line_too_large``.
 
     Memory: the file streams; the ``custom_id`` set holds at most ``max_lines`` strings
     (50,000 ids of ~40 bytes are about 5 MB with set overhead). Ownership of ``file_id`` is
@@ -110,7 +120,7 @@ async def validate_batch_input(
             )
             count -= 1
             break
-        error = _check_line(number, raw, endpoint, check_model, seen)
+        error = _check_line(number, raw, endpoint, check_model, seen, max_line_bytes)
         if error is not None and len(errors) < MAX_REPORTED_ERRORS:
             errors.append(error)
     if count == 0 and not errors:

@@ -315,6 +315,7 @@ class Jobs:
                 doc["endpoint"],
                 self._check_model(principal),
                 self.s.max_file_lines,
+                self.gw.settings.server.max_body_bytes,
             )
             now = int(time.time())
             if errors:
