@@ -146,3 +146,45 @@ def test_a_line_larger_than_a_request_may_be_fails_at_validation(tmp_path: Path)
     finally:
         g.stop()
         sim.stop()
+
+
+def test_an_async_job_for_a_model_nobody_serves_is_404_like_the_synchronous_call(tmp_path: Path) -> None:
+    """`Prefer: respond-async` validates as a synchronous request would: an unknown model is 404
+    at once (the sync answer), not 202 and a job that waits a day for a model that is not there."""
+    sim = Sim(None, "--model", "tiny")
+    path, _ = jobs_config(tmp_path)
+    g = Gateway([sim.url], config=path)
+    try:
+        body = {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        h = {"Authorization": f"Bearer {ALICE}"}
+        sync = httpx.post(g.v1 + "/chat/completions", json=body, headers=h, timeout=30)
+        assert sync.status_code == 404, sync.text
+        r = httpx.post(
+            g.v1 + "/chat/completions", json=body, headers={**h, "Prefer": "respond-async"}, timeout=30
+        )
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == sync.json()["error"]["code"]
+    finally:
+        g.stop()
+        sim.stop()
+
+
+def test_a_batch_line_for_a_model_nobody_serves_does_not_hold_the_batch_for_its_window(
+    tmp_path: Path,
+) -> None:
+    """A line naming a model no backend lists (a typo), while the pool is up and says so, is
+    answered 404 as a synchronous request is (or fails validation), so the batch ends; it must not
+    stay `in_progress` until its 24h window expires."""
+    sim = Sim(None, "--model", "tiny")
+    path, _ = jobs_config(tmp_path)
+    g = Gateway([sim.url], config=path)
+    try:
+        c = openai.OpenAI(base_url=g.v1, api_key=ALICE, max_retries=0)
+        data = chat_lines(2) + chat_lines(1, model="tiyn", start=2)
+        f = c.files.create(file=("in.jsonl", data), purpose="batch")
+        b = _batch(g, ALICE, f.id)
+        done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 60, "terminal")
+        assert done["status"] in ("completed", "failed"), done
+    finally:
+        g.stop()
+        sim.stop()
