@@ -487,7 +487,10 @@ class Jobs:
         for model in self._models:
             if self._stopping.is_set() or self.gw.drain.draining:
                 return None, ""
-            if not adm.has_room(model):
+            pool = self.gw.pool
+            if not adm.has_room(model) and not (pool.any_ready and not pool.known_model(model)):
+                # (A model no backend serves while the pool is up is taken anyway: the line is
+                # answered 404 at once, as a synchronous request is, without using a backend.)
                 continue
             # Lines of vanished workers: looked for at most once a second per model and replica.
             if now - self._reclaimed_at.get(model, 0.0) > 1.0:
