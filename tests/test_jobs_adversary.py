@@ -188,3 +188,24 @@ def test_a_batch_line_for_a_model_nobody_serves_does_not_hold_the_batch_for_its_
     finally:
         g.stop()
         sim.stop()
+
+
+
+def test_a_high_worker_concurrency_does_not_starve_the_api_of_redis_connections(tmp_path: Path) -> None:
+    """`jobs.concurrency` may be set up to 1024; the workers must not take every connection of the
+    Redis client so that the Files/Batch API answers 503 jobs_unavailable while Redis is fine."""
+    sim = Sim(None, "--model", "tiny")
+    path, _ = jobs_config(tmp_path, concurrency=200)
+    g = Gateway([sim.url], config=path)
+    try:
+        c = openai.OpenAI(base_url=g.v1, api_key=ALICE, max_retries=0)
+        for _ in range(5):
+            f = c.files.create(file=("in.jsonl", chat_lines(20)), purpose="batch")
+            b = _batch(g, ALICE, f.id)
+            assert c.batches.list(limit=5).data
+        done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 60, "terminal")
+        assert done["status"] == "completed", done
+        assert done["request_counts"]["completed"] == 20
+    finally:
+        g.stop()
+        sim.stop()
