@@ -190,7 +190,6 @@ def test_a_batch_line_for_a_model_nobody_serves_does_not_hold_the_batch_for_its_
         sim.stop()
 
 
-
 def test_a_high_worker_concurrency_does_not_starve_the_api_of_redis_connections(tmp_path: Path) -> None:
     """`jobs.concurrency` may be set up to 1024; the workers must not take every connection of the
     Redis client so that the Files/Batch API answers 503 jobs_unavailable while Redis is fine."""
@@ -206,6 +205,54 @@ def test_a_high_worker_concurrency_does_not_starve_the_api_of_redis_connections(
         done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 60, "terminal")
         assert done["status"] == "completed", done
         assert done["request_counts"]["completed"] == 20
+    finally:
+        g.stop()
+        sim.stop()
+
+
+def test_lines_finishing_while_an_expiring_batch_finalizes_appear_exactly_once(tmp_path: Path) -> None:
+    """Expiry with lines in flight: every custom_id is in the output or the error file, once.
+
+    Many lines are running (latencies spread over ~2 s) when the window ends; the expiring
+    finalize writes the output file, then marks the lines without a result `batch_expired`. A
+    line that finishes between those two steps must not vanish from both files.
+    """
+    sim = Sim(None, "--model", "tiny", "--ttft", "0.02", "--itl", "0.01", "--max-num-seqs", "1024")
+    path, _ = jobs_config(tmp_path, concurrency=300)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["backends"] = [{"url": sim.url, "max_in_flight": 512}]
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway([], config=path)
+    try:
+        n = 6000
+        lines = [
+            orjson.dumps(
+                {
+                    "custom_id": f"r{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": f"m{i}"}],
+                        "max_tokens": 1 + (i * 37) % 500,
+                    },
+                }
+            )
+            for i in range(n)
+        ]
+        c = openai.OpenAI(base_url=g.v1, api_key=ALICE, max_retries=0)
+        f = c.files.create(file=("in.jsonl", b"\n".join(lines) + b"\n"), purpose="batch")
+        b = _batch(g, ALICE, f.id, window="6s")
+        done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 90, "terminal")
+        assert done["status"] == "expired", done
+        ids: list[str] = []
+        for fid in (done["output_file_id"], done["error_file_id"]):
+            if fid:
+                ids += [orjson.loads(x)["custom_id"] for x in c.files.content(fid).content.splitlines() if x]
+        assert len(ids) == len(set(ids)), "a custom_id appears twice"
+        missing = {f"r{i}" for i in range(n)} - set(ids)
+        assert not missing, f"{len(missing)} lines in neither file, e.g. {sorted(missing)[:5]}"
+        assert done["request_counts"]["completed"] + done["request_counts"]["failed"] == n, done
     finally:
         g.stop()
         sim.stop()
