@@ -754,11 +754,6 @@ class Jobs:
     async def _finalize(self, doc: dict[str, Any], expired: bool) -> None:
         bid, owner = doc["id"], doc["owner"]
         out_id = err_id = None
-        if await self.r.hlen(self.store.out_key(bid)):
-            out = await self.files.create_output(
-                owner, f"{bid}_output.jsonl", "batch_output", self._lines(self.store.out_key(bid))
-            )
-            out_id = out["id"]
         if expired:
             # Lines never run are reported as expired (OpenAI: "batch_expired"), in the input's order.
             try:
@@ -783,6 +778,13 @@ class Jobs:
             except FileNotFoundError:
                 # The input file was deleted: its unrun lines cannot be listed, the batch still ends.
                 self.log.warning("expired batch's input file is gone; unrun lines not listed", batch=bid)
+        # The output file is written after the expired lines are marked: a line ending in between
+        # is either in it or refused (it already has its `batch_expired` result), never lost.
+        if await self.r.hlen(self.store.out_key(bid)):
+            out = await self.files.create_output(
+                owner, f"{bid}_output.jsonl", "batch_output", self._lines(self.store.out_key(bid))
+            )
+            out_id = out["id"]
         if await self.r.hlen(self.store.err_key(bid)):
             err = await self.files.create_output(
                 owner, f"{bid}_error.jsonl", "batch_output", self._lines(self.store.err_key(bid))
