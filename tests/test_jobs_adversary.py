@@ -173,8 +173,8 @@ def test_a_batch_line_for_a_model_nobody_serves_does_not_hold_the_batch_for_its_
     tmp_path: Path,
 ) -> None:
     """A line naming a model no backend lists (a typo), while the pool is up and says so, is
-    answered 404 as a synchronous request is (or fails validation), so the batch ends; it must not
-    stay `in_progress` until its 24h window expires."""
+    bad input: the batch fails at validation with the line number, as a synchronous request is
+    answered 404; it must not stay `in_progress` until its 24h window expires."""
     sim = Sim(None, "--model", "tiny")
     path, _ = jobs_config(tmp_path)
     g = Gateway([sim.url], config=path)
@@ -184,7 +184,8 @@ def test_a_batch_line_for_a_model_nobody_serves_does_not_hold_the_batch_for_its_
         f = c.files.create(file=("in.jsonl", data), purpose="batch")
         b = _batch(g, ALICE, f.id)
         done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 60, "terminal")
-        assert done["status"] in ("completed", "failed"), done
+        assert done["status"] == "failed", done
+        assert [(e["line"], e["code"]) for e in done["errors"]["data"]] == [(3, "model_not_found")]
     finally:
         g.stop()
         sim.stop()
