@@ -31,7 +31,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth.principal import Principal
 from gateway.errors import Fault, GatewayError, InvalidRequest, NotFound
-from gateway.jobs.batch_input import iter_batch_requests, validate_batch_input
+from gateway.jobs.batch_input import ModelCheck, iter_batch_requests, validate_batch_input
 from gateway.jobs.files import Files
 from gateway.jobs.metrics import JobsMetrics
 from gateway.jobs.queue import Entry, RedisStreamsQueue
@@ -285,14 +285,17 @@ class Jobs:
         scope = {"type": "http", "headers": headers}
         return self.gw.router.plan(scope, dict(body), model if isinstance(model, str) else "-").model
 
-    def _check_model(self, principal: Principal) -> Callable[[str, dict[str, Any]], str | None]:
+    def _check_model(self, principal: Principal) -> ModelCheck:
         gw = self.gw
 
-        def check(model: str, body: dict[str, Any]) -> str | None:
+        def check(model: str, body: dict[str, Any]) -> str | tuple[str, str] | None:
             try:
                 served = self._served(body)
             except InvalidRequest as exc:
                 return exc.message
+            if gw.pool.any_ready and not gw.pool.known_model(served):
+                # As a synchronous request is answered 404: no backend lists it (a typo).
+                return "model_not_found", f"The model `{served}` does not exist here."
             if not gw.auth.may_use(principal, served):
                 if served == model:
                     return f"You may not use the model `{model}`."
