@@ -257,3 +257,32 @@ def test_lines_finishing_while_an_expiring_batch_finalizes_appear_exactly_once(t
     finally:
         g.stop()
         sim.stop()
+
+
+def _pending(g: Gateway, model: str) -> float:
+    for line in httpx.get(g.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(f'gateway_jobs_pending{{model="{model}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_lines_of_an_expired_batch_do_not_stay_pending_and_drive_scale_up(tmp_path: Path) -> None:
+    """Scale from zero: no replica is up, the batch expires. Its lines will never run, so they
+    must leave the queue (gateway_jobs_pending, what KEDA/ECS scale on, back to 0); else the
+    autoscaler keeps starting GPU replicas for work that was already given up."""
+    path, _ = jobs_config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg["backends"] = [{"url": dead, "models": ["tiny"]}]
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway([], config=path, wait_ready=False)
+    try:
+        c = openai.OpenAI(base_url=g.v1, api_key=ALICE, max_retries=0)
+        f = c.files.create(file=("in.jsonl", chat_lines(5)), purpose="batch")
+        b = _batch(g, ALICE, f.id, window="4s")
+        poll(lambda: _pending(g, "tiny"), lambda n: n == 5, 30, "5 lines pending")
+        done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 40, "terminal")
+        assert done["status"] == "expired", done
+        poll(lambda: _pending(g, "tiny"), lambda n: n == 0, 20, "no line of the expired batch pending")
+    finally:
+        g.stop()
