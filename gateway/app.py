@@ -251,8 +251,14 @@ def build_jobs(gateway: Gateway, api: FastAPI, routes: dict[str, ProxyEndpoint])
     from gateway.jobs.service import Jobs
 
     s = gateway.settings.jobs
+    # Each worker may hold two connections at once (its line and the line's renewal); the API,
+    # the sweeper and the reaper need some beside them (redis-py's default pool has 100).
     redis = aioredis.Redis.from_url(
-        s.queue, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+        s.queue,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        max_connections=2 * s.concurrency + 100,
     )
     files = Files(s, redis, open_store(s.files))
     jobs = Jobs(gateway, routes, redis, files)

@@ -269,7 +269,7 @@ async def test_create_output_writes_lines(files: Files) -> None:
 # ---------------------------------------------------------------- batch input
 
 
-def allow_tiny(model: str) -> str | None:
+def allow_tiny(model: str, body: object = None) -> str | None:
     return None if model == "tiny" else f"You may not use the model `{model}`."
 
 

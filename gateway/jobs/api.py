@@ -27,6 +27,7 @@ from gateway.errors import GatewayError, InvalidRequest
 from gateway.jobs.store import owner_key
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.receive import Endpoint
+from gateway.pipeline.route import check_model
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -119,6 +120,7 @@ async def submit_async(
         body = dict(req.body)
         plan = gw.router.plan(scope, body, req.model)
         gw.auth.authorize(principal, req.model, plan.model)
+        check_model(gw.pool, plan.model)  # 404 at once for a model no backend lists, as when sync
         key = header(scope, b"idempotency-key")
         ikey: str | None = None
         if key is not None:

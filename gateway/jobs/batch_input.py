@@ -11,7 +11,8 @@ line with its 1-based number, in OpenAI's batch error shape ``{"code", "message"
 
 Error codes: ``empty_file``, ``too_many_lines``, ``invalid_json_line``, ``invalid_custom_id``,
 ``duplicate_custom_id``, ``invalid_method``, ``invalid_url``, ``invalid_body``,
-``missing_model``, ``stream_not_supported``, ``model_not_allowed``.
+``missing_model``, ``stream_not_supported``, ``model_not_allowed``, ``model_not_found``,
+``line_too_large``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import orjson
 from gateway.errors import InvalidRequest
 from gateway.jobs.files import Files
 
+# A line's model check: ``None`` (allowed), a message (``model_not_allowed``), or (code, message).
+ModelCheck = Callable[[str, dict[str, Any]], str | tuple[str, str] | None]
+
 MAX_REPORTED_ERRORS = 1000  # errors listed per batch (the count of invalid lines is not capped)
 
 
@@ -32,9 +36,21 @@ def _error(code: str, message: str, param: str | None, line: int | None) -> dict
 
 
 def _check_line(
-    number: int, raw: bytes, endpoint: str, check_model: Callable[[str], str | None], seen: set[str]
+    number: int,
+    raw: bytes,
+    endpoint: str,
+    check_model: ModelCheck,
+    seen: set[str],
+    max_line_bytes: int | None = None,
 ) -> dict[str, Any] | None:
     """The first thing wrong with one line, or ``None``; adds its ``custom_id`` to ``seen``."""
+    if max_line_bytes is not None and len(raw) > max_line_bytes:
+        return _error(
+            "line_too_large",
+            f"This line is larger than a request may be here ({max_line_bytes} bytes).",
+            None,
+            number,
+        )
     try:
         item = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -66,7 +82,9 @@ def _check_line(
         return _error(
             "stream_not_supported", "Batch requests cannot stream: drop `stream`.", "body.stream", number
         )
-    refusal = check_model(model)
+    refusal = check_model(model, body)
+    if isinstance(refusal, tuple):
+        return _error(refusal[0], refusal[1], "body.model", number)
     if refusal is not None:
         return _error("model_not_allowed", refusal, "body.model", number)
     return None
@@ -76,17 +94,22 @@ async def validate_batch_input(
     files: Files,
     file_id: str,
     endpoint: str,
-    check_model: Callable[[str], str | None],
+    check_model: ModelCheck,
     max_lines: int,
+    max_line_bytes: int | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Check every line of ``file_id`` as a request to ``endpoint`` (``/v1/chat/completions``...).
 
-    ``check_model(model)`` returns why the submitter may not use ``model`` (a message), or
-    ``None``; it is called once per line. Returns ``(request lines, errors)``: the number of
-    non-blank lines and OpenAI batch errors ``{"code", "message", "param", "line"}`` (one per
-    invalid line, the first problem found; the first :data:`MAX_REPORTED_ERRORS`; ``line`` is
-    ``None`` for ``empty_file``). The batch is valid iff ``errors`` is empty. More than
-    ``max_lines`` request lines: one ``too_many_lines`` error and the count stops there.
+    ``check_model(model, body)`` returns why the submitter may not have the line run (a
+    message, or ``(code, message)``), or ``None``; it is called once per line, with the
+    line's ``body`` so that the model its task route and aliases resolve to is the one
+    checked. Returns ``(request lines, errors)``: the number of non-blank lines and OpenAI
+    batch errors ``{"code", "message", "param", "line"}`` (one per invalid line, the first
+    problem found; the first :data:`MAX_REPORTED_ERRORS`; ``line`` is ``None`` for
+    ``empty_file``). The batch is valid iff ``errors`` is empty. More than ``max_lines``
+    request lines: one ``too_many_lines`` error and the count stops there. A line longer
+    than ``max_line_bytes`` (the largest request body, ``server.max_body_bytes``) is
+    ``line_too_large``.
 
     Memory: the file streams; the ``custom_id`` set holds at most ``max_lines`` strings
     (50,000 ids of ~40 bytes are about 5 MB with set overhead). Ownership of ``file_id`` is
@@ -104,7 +127,7 @@ async def validate_batch_input(
             )
             count -= 1
             break
-        error = _check_line(number, raw, endpoint, check_model, seen)
+        error = _check_line(number, raw, endpoint, check_model, seen, max_line_bytes)
         if error is not None and len(errors) < MAX_REPORTED_ERRORS:
             errors.append(error)
     if count == 0 and not errors:

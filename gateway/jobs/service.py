@@ -31,7 +31,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth.principal import Principal
 from gateway.errors import Fault, GatewayError, InvalidRequest, NotFound
-from gateway.jobs.batch_input import iter_batch_requests, validate_batch_input
+from gateway.jobs.batch_input import ModelCheck, iter_batch_requests, validate_batch_input
 from gateway.jobs.files import Files
 from gateway.jobs.metrics import JobsMetrics
 from gateway.jobs.queue import Entry, RedisStreamsQueue
@@ -274,13 +274,32 @@ class Jobs:
         out["metadata"] = doc.get("metadata")
         return out
 
-    def _check_model(self, principal: Principal) -> Callable[[str], str | None]:
+    def _served(self, body: dict[str, Any], task_type: str | None = None) -> str:
+        """The model that will answer a job line, resolved as ``Router.plan`` does: its task route
+        (the body's task field, else the job's task header), then aliases. Raises
+        ``InvalidRequest`` when the task field is not a string."""
+        model = body.get("model")
+        headers = []
+        if task_type is not None:
+            headers.append((self.gw.settings.routing.task_header.encode(), task_type.encode("latin-1")))
+        scope = {"type": "http", "headers": headers}
+        return self.gw.router.plan(scope, dict(body), model if isinstance(model, str) else "-").model
+
+    def _check_model(self, principal: Principal) -> ModelCheck:
         gw = self.gw
 
-        def check(model: str) -> str | None:
-            served = gw.settings.routing.aliases.get(model, model)
+        def check(model: str, body: dict[str, Any]) -> str | tuple[str, str] | None:
+            try:
+                served = self._served(body)
+            except InvalidRequest as exc:
+                return exc.message
+            if gw.pool.any_ready and not gw.pool.known_model(served):
+                # As a synchronous request is answered 404: no backend lists it (a typo).
+                return "model_not_found", f"The model `{served}` does not exist here."
             if not gw.auth.may_use(principal, served):
-                return f"You may not use the model `{model}`."
+                if served == model:
+                    return f"You may not use the model `{model}`."
+                return f"The model `{model}` is served by `{served}` here, which you may not use."
             return None
 
         return check
@@ -299,6 +318,7 @@ class Jobs:
                 doc["endpoint"],
                 self._check_model(principal),
                 self.s.max_file_lines,
+                self.gw.settings.server.max_body_bytes,
             )
             now = int(time.time())
             if errors:
@@ -312,7 +332,6 @@ class Jobs:
                     errors={"object": "list", "data": errors[:1000]},
                 )
                 return
-            aliases = self.gw.settings.routing.aliases
             chunk: dict[str, list[dict[str, Any]]] = {}
             queued = 0
 
@@ -322,8 +341,7 @@ class Jobs:
                 chunk.clear()
 
             async for line, cid, body in iter_batch_requests(self.files, doc["input_file_id"]):
-                model = body.get("model")
-                served = aliases.get(model, model) if isinstance(model, str) else "-"
+                served = self._served(body)
                 chunk.setdefault(served, []).append(
                     {
                         "kind": "batch",
@@ -377,7 +395,8 @@ class Jobs:
                             return self._render_job(*got), False
                         await asyncio.sleep(0.02)
         now = int(time.time())
-        served = self.gw.settings.routing.aliases.get(model, model)
+        parsed = orjson.loads(raw)
+        served = self._served(parsed if isinstance(parsed, dict) else {"model": model}, task_type)
         doc = {
             "id": jid,
             "endpoint": endpoint,
@@ -471,7 +490,10 @@ class Jobs:
         for model in self._models:
             if self._stopping.is_set() or self.gw.drain.draining:
                 return None, ""
-            if not adm.has_room(model):
+            pool = self.gw.pool
+            if not adm.has_room(model) and not (pool.any_ready and not pool.known_model(model)):
+                # (A model no backend serves while the pool is up is taken anyway: the line is
+                # answered 404 at once, as a synchronous request is, without using a backend.)
                 continue
             # Lines of vanished workers: looked for at most once a second per model and replica.
             if now - self._reclaimed_at.get(model, 0.0) > 1.0:
@@ -719,6 +741,8 @@ class Jobs:
         done, failed = await self.store.counts(bid)
         if not expired and done + failed < total:
             return
+        if expired and done + failed >= total:
+            expired = False  # every line has its result: completed, even if late
         lock = f"{self.s.key_prefix}batch:{bid}:finalize"
         if not await self.r.set(lock, self.consumer, nx=True, ex=_FINALIZE_LOCK_SECONDS):
             return
@@ -733,31 +757,37 @@ class Jobs:
     async def _finalize(self, doc: dict[str, Any], expired: bool) -> None:
         bid, owner = doc["id"], doc["owner"]
         out_id = err_id = None
+        if expired:
+            # Lines never run are reported as expired (OpenAI: "batch_expired"), in the input's order.
+            try:
+                async for _n, cid, _body in iter_batch_requests(self.files, doc["input_file_id"]):
+                    if not await self.store.has_result(bid, cid):
+                        await self.store.put_result(
+                            bid,
+                            cid,
+                            _line(
+                                f"batch_req_{secrets.token_hex(12)}",
+                                cid,
+                                None,
+                                {
+                                    "code": "batch_expired",
+                                    "message": "This request was not executed before the completion window "
+                                    "expired.",
+                                },
+                            ),
+                            False,
+                        )
+                        self.metrics.lines.labels("expired").inc()
+            except FileNotFoundError:
+                # The input file was deleted: its unrun lines cannot be listed, the batch still ends.
+                self.log.warning("expired batch's input file is gone; unrun lines not listed", batch=bid)
+        # The output file is written after the expired lines are marked: a line ending in between
+        # is either in it or refused (it already has its `batch_expired` result), never lost.
         if await self.r.hlen(self.store.out_key(bid)):
             out = await self.files.create_output(
                 owner, f"{bid}_output.jsonl", "batch_output", self._lines(self.store.out_key(bid))
             )
             out_id = out["id"]
-        if expired:
-            # Lines never run are reported as expired (OpenAI: "batch_expired"), in the input's order.
-            async for _n, cid, _body in iter_batch_requests(self.files, doc["input_file_id"]):
-                if not await self.store.has_result(bid, cid):
-                    await self.store.put_result(
-                        bid,
-                        cid,
-                        _line(
-                            f"batch_req_{secrets.token_hex(12)}",
-                            cid,
-                            None,
-                            {
-                                "code": "batch_expired",
-                                "message": "This request was not executed before the completion window "
-                                "expired.",
-                            },
-                        ),
-                        False,
-                    )
-                    self.metrics.lines.labels("expired").inc()
         if await self.r.hlen(self.store.err_key(bid)):
             err = await self.files.create_output(
                 owner, f"{bid}_error.jsonl", "batch_output", self._lines(self.store.err_key(bid))
@@ -866,7 +896,8 @@ class Jobs:
                 if now > doc["expires_at"]:
                     await self.store.transition("batch", bid, ("validating",), "expired", expired_at=int(now))
             elif status in ("in_progress", "finalizing"):
-                if now > doc["expires_at"] and status == "in_progress":
+                if now > doc["expires_at"]:
+                    # Also a finalize of an expiring batch left half done (its replica died).
                     self._status_cache.pop(bid, None)
                     await self._maybe_finalize(bid, expired=True)
                 else:

@@ -10,9 +10,10 @@ A record is a hash, ``{prefix}batch:{id}`` or ``{prefix}job:{id}``:
 * ``output_file_id``, ``error_file_id``, ``errors`` (JSON), ``total`` (request lines).
 
 A batch's results are two hashes keyed by ``custom_id``, ``…:out`` (2xx answers) and ``…:err``
-(other answers, lines dead-lettered or expired), written with ``HSETNX``: a line delivered twice
-(a worker died after writing its result, before acknowledging it) keeps its first result, so
-it appears exactly once in the output. ``request_counts`` are the two hashes' sizes. A single
+(other answers, lines dead-lettered or expired), written once across both (a Lua script): a line
+delivered twice (a worker died after writing its result, before acknowledging it), or ending
+after its batch expired it, keeps its first result, so it appears exactly once in the output.
+``request_counts`` are the two hashes' sizes. A single
 job's result is its record's ``result`` field, written the same way.
 
 Everything expires ``jobs.retention`` seconds after the batch or job ends.
@@ -57,6 +58,17 @@ return 1
 """
 
 
+# KEYS[1] the hash to write, KEYS[2] the other results hash, KEYS[3] the running set; ARGV[1]
+# custom_id, ARGV[2] line. A line has one result, in one of the two hashes: a second answer for
+# it (a retry racing the first, or a line ending after the batch marked it expired) is dropped.
+# Returns 1 when written.
+_PUT_ONCE = """
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 def principal_doc(p: Principal) -> dict[str, Any]:
     return {
         "subject": p.subject,
@@ -86,6 +98,7 @@ class JobStore:
         self.p = prefix
         self.retention = int(retention)
         self._transition = redis.register_script(_TRANSITION)
+        self._put_once = redis.register_script(_PUT_ONCE)
 
     # keys
     def key(self, kind: str, rid: str) -> str:
@@ -178,8 +191,12 @@ class JobStore:
 
     # results
     async def put_result(self, batch_id: str, cid: str, line: bytes, ok: bool) -> bool:
-        """Write a line's result once (True if this call wrote it)."""
-        return bool(await self.r.hsetnx(self.out_key(batch_id) if ok else self.err_key(batch_id), cid, line))
+        """Write a line's result once, in the output or the error hash (True if this call wrote
+        it); also unmarks it running."""
+        out, err = self.out_key(batch_id), self.err_key(batch_id)
+        keys = [out, err] if ok else [err, out]
+        res = await self._put_once(keys=[*keys, self.running_key("batch", batch_id)], args=[cid, line])
+        return bool(res == 1)
 
     async def has_result(self, batch_id: str, cid: str) -> bool:
         pipe = self.r.pipeline(transaction=False)
@@ -209,11 +226,9 @@ class JobStore:
         return int(count)
 
     async def finish_line(self, batch_id: str, cid: str, line: bytes, ok: bool) -> None:
-        """Write a batch line's result once (``HSETNX``) and unmark it running, in one round trip."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hsetnx(self.out_key(batch_id) if ok else self.err_key(batch_id), cid, line)
-        pipe.zrem(self.running_key("batch", batch_id), cid)
-        await pipe.execute()
+        """Write a batch line's result once (in one of the two hashes) and unmark it running, in
+        one round trip."""
+        await self.put_result(batch_id, cid, line, ok)
 
     async def attempt(self, kind: str, rid: str, cid: str) -> int:
         """Count a delivery of a line; returns how many it has had, this one included."""
