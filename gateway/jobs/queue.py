@@ -42,8 +42,13 @@ class Entry:
 
 
 class JobQueue(Protocol):
-    async def put(self, model: str, items: list[dict[str, Any]]) -> None:
-        """Append job lines (``kind``, ``job``, ``cid``, ``line``, ``body``, ``t``) for ``model``."""
+    async def put(self, model: str, items: list[dict[str, Any]]) -> list[str]:
+        """Append job lines (``kind``, ``job``, ``cid``, ``line``, ``body``, ``t``) for ``model``;
+        returns their entry ids (for ``remove``)."""
+        ...
+
+    async def remove(self, model: str, entry_ids: list[str]) -> None:
+        """Drop lines that will never run (their batch expired or was cancelled), taken or not."""
         ...
 
     async def take(self, model: str, consumer: str) -> Entry | None:
@@ -92,13 +97,23 @@ class RedisStreamsQueue:
                 raise
         self._groups.add(key)
 
-    async def put(self, model: str, items: list[dict[str, Any]]) -> None:
+    async def put(self, model: str, items: list[dict[str, Any]]) -> list[str]:
         key = self._key(model)
         await self._ensure(key)
         pipe = self._r.pipeline(transaction=False)
         pipe.sadd(f"{self._p}models", model)
         for item in items:
             pipe.xadd(key, item)
+        ids = (await pipe.execute())[1:]
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def remove(self, model: str, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        key = self._key(model)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xack(key, GROUP, *entry_ids)
+        pipe.xdel(key, *entry_ids)
         await pipe.execute()
 
     async def take(self, model: str, consumer: str) -> Entry | None:

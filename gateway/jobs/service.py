@@ -69,6 +69,7 @@ _UNIT = {"s": 1, "m": 60, "h": 3600}
 # the admission queue refused it (the gateway's own back-pressure), or no replica is ready.
 _WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage"})
 _FINALIZE_LOCK_SECONDS = 300
+_VALIDATION_GRACE = 600  # seconds past its window a batch may still be validating
 
 
 class JobsUnavailable(GatewayError):
@@ -337,7 +338,9 @@ class Jobs:
 
             async def flush() -> None:
                 for model, items in chunk.items():
-                    await self.queue.put(model, items)
+                    ids = await self.queue.put(model, items)
+                    # kept so that lines never run can leave the queue (expiry, cancel)
+                    await self.r.rpush(self.store.entries_key(bid), *(f"{i} {model}" for i in ids))
                 chunk.clear()
 
             async for line, cid, body in iter_batch_requests(self.files, doc["input_file_id"]):
@@ -808,7 +811,26 @@ class Jobs:
             failed_count=failed,
             **stamp,
         )
+        if expired:
+            await self._purge_queue(bid)
         self.log.info("batch finished", batch=bid, status=final, completed=done, failed=failed)
+
+    async def _purge_queue(self, bid: str) -> None:
+        """Take a finished batch's lines still queued out of the queue: they will never run, and
+        would otherwise count as pending work (what the autoscalers scale on)."""
+        key = self.store.entries_key(bid)
+        start = 0
+        while True:
+            chunk = await self.r.lrange(key, start, start + 999)
+            if not chunk:
+                return
+            by_model: dict[str, list[str]] = {}
+            for raw in chunk:
+                eid, _, model = (raw.decode() if isinstance(raw, bytes) else raw).partition(" ")
+                by_model.setdefault(model, []).append(eid)
+            for model, ids in by_model.items():
+                await self.queue.remove(model, ids)
+            start += len(chunk)
 
     async def _lines(self, key: str) -> AsyncIterator[bytes]:
         async for _, line in self.store.results(key):
@@ -859,6 +881,7 @@ class Jobs:
                 completed_count=done,
                 failed_count=failed,
             )
+            await self._purge_queue(bid)
         finally:
             await self.r.delete(lock)
 
@@ -893,7 +916,10 @@ class Jobs:
                 ):
                     await self.store.set_fields("batch", bid, validation_lock=int(now))
                     self._spawn(self._validate(bid))
-                if now > doc["expires_at"]:
+                # A validation still running at the window's end completes, and the batch then
+                # expires with every line in the error file; only one that cannot complete (its
+                # file unreadable) ends here, well after the window.
+                if now > doc["expires_at"] + _VALIDATION_GRACE:
                     await self.store.transition("batch", bid, ("validating",), "expired", expired_at=int(now))
             elif status in ("in_progress", "finalizing"):
                 if now > doc["expires_at"]:

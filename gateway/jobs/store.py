@@ -116,6 +116,9 @@ class JobStore:
     def running_key(self, kind: str, rid: str) -> str:
         return f"{self.p}{kind}:{rid}:running"
 
+    def entries_key(self, batch_id: str) -> str:
+        return f"{self.p}batch:{batch_id}:entries"
+
     def index_key(self, kind: str, owner: str) -> str:
         return f"{self.p}{kind}s:{owner}"
 
@@ -168,6 +171,7 @@ class JobStore:
             self.err_key(rid),
             self.attempts_key(kind, rid),
             self.running_key(kind, rid),
+            self.entries_key(rid),
         ):
             pipe.expire(key, ttl)
         pipe.srem(self.active_key(kind), rid)
