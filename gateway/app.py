@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from fastapi import FastAPI
@@ -37,6 +38,9 @@ from gateway.pipeline.route import Router
 from gateway.pipeline.upstream import UpstreamClient
 from gateway.proxy import ProxyEndpoint
 from gateway.retry import RetryBudget
+
+if TYPE_CHECKING:
+    from gateway.ledger.writer import LedgerWriter
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
 # prometheus-client's own switch for multiprocess mode; must be set before it is imported.
@@ -156,6 +160,11 @@ def check_startup(settings: Settings) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the settings cannot be handed to a worker process: {exc}") from exc
     build_gateway(settings)
+    if settings.ledger is not None:
+        try:
+            settings.ledger.password()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
@@ -170,8 +179,12 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             allow_unauthenticated=settings.server.allow_unauthenticated,
         )
 
+    ledger = build_ledger(settings, metrics)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if ledger is not None:
+            await ledger.start()
         await gateway.upstream.start()
         await gateway.auth.start()
         await gateway.poller.start()
@@ -191,6 +204,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             await gateway.upstream.close()
             if gateway.fallback is not None:
                 await gateway.fallback.close()
+            if ledger is not None:
+                await ledger.stop()  # every request has ended: flush its rows (or spool them)
             log.info("gateway stopped")
 
     api = FastAPI(
@@ -210,6 +225,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         backends={b.label for b in pool.backends}
         | ({gateway.fallback.backend.label} if gateway.fallback else set()),
         write_line=audit_writer(settings.logging),
+        ledger=ledger,
     )
     metrics.build_info.labels(_version(), _config_hash(settings)).set(1)
     routes = {
@@ -218,6 +234,19 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     if not settings.auth.enabled and is_loopback(settings.server.host):
         return LocalOnlyGatewayApp(gateway, api, routes)
     return GatewayApp(gateway, api, routes)
+
+
+def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | None:
+    """The usage ledger's writer when the settings have a ``ledger`` section (asyncpg loaded only then)."""
+    if settings.ledger is None:
+        return None
+    from gateway.ledger.metrics import LedgerMetrics
+    from gateway.ledger.writer import LedgerWriter
+
+    try:
+        return LedgerWriter(settings.ledger, settings.pricing, LedgerMetrics(metrics.registry))
+    except ValueError as exc:  # the password's variable or file is missing
+        raise ConfigError(str(exc)) from exc
 
 
 def build_authenticator(settings: Settings) -> Authenticator:
