@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -133,3 +134,42 @@ def test_no_ledger_section_loads_no_database_driver() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_rows_postgres_refuses_are_set_aside_not_retried_forever(tmp_path: Path) -> None:
+    """A row PostgreSQL can never take (a token count beyond integer) must not block the others."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.ledger import migrate
+    from gateway.ledger.metrics import LedgerMetrics
+    from gateway.ledger.writer import LedgerWriter
+    from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, run_sql, shared_server_or_fail
+
+    shared_server_or_fail()
+    schema = new_schema_name()
+    settings = LedgerSettings(dsn=SHARED_DSN, schema_name=schema, spool_dir=tmp_path, flush_interval=60)
+    registry = CollectorRegistry()
+
+    async def scenario() -> None:
+        await migrate.upgrade(settings)
+        writer = LedgerWriter(settings, {}, LedgerMetrics(registry))
+        await writer.start()
+        for i in range(5):
+            ex = _exchange()
+            ex.request_id = f"ok-{i}"
+            if i == 2:
+                ex.request_id, ex.prompt_tokens = "huge", 2**40
+            writer.append(ex, True)
+        await writer.stop()
+
+    try:
+        asyncio.run(scenario())
+        assert registry.get_sample_value("gateway_ledger_rows_dropped_total") == 1
+        assert registry.get_sample_value("gateway_ledger_rows_written_total") == 4
+        (aside,) = tmp_path.glob("*.rejected")
+        assert b'"huge"' in aside.read_bytes()
+        assert list(tmp_path.glob("*.jsonl")) == []  # nothing left to replay
+        ids = run_sql(SHARED_DSN, "SELECT request_id FROM events", schema=schema)
+        assert sorted(r["request_id"] for r in ids) == ["ok-0", "ok-1", "ok-3", "ok-4"]
+    finally:
+        drop_schema(SHARED_DSN, schema)

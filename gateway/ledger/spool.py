@@ -58,6 +58,14 @@ class Spool:
             self._file.close()  # closing releases the lock
             self._file = None
 
+    def set_aside(self, batch: bytes) -> None:
+        """Keep rows PostgreSQL refused as data in ``rejected-<ns>.rejected`` (never replayed)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / f"rejected-{time.time_ns()}.rejected").open("ab") as f:
+            f.write(batch)
+            f.flush()
+            os.fsync(f.fileno())
+
     def segments(self) -> list[Path]:
         """Segment files in the directory, oldest first (the ones being written included)."""
         try:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
+from prometheus_client import Counter
 
 from gateway.ledger.config import LedgerSettings, ModelPrice
 from gateway.ledger.metrics import LedgerMetrics
@@ -67,6 +68,14 @@ ON CONFLICT (hour, team, subject, model, route, provider) DO UPDATE SET
 MAINTENANCE_INTERVAL = 3600.0  # partitions ahead, retention, orphaned spool segments
 # Errors that mean "this connection or server is unusable now" as opposed to a bad batch.
 _RETRY_IN_TRANSACTION = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+def _refuses_the_data(exc: BaseException) -> bool:
+    """The rows, not the server, are at fault: SQLSTATE class 22 (data exception) or 23
+    (integrity), or a value asyncpg cannot encode (an integer out of range, a wrong type)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return (getattr(exc, "sqlstate", None) or "")[:2] in ("22", "23")
+    return isinstance(exc, (OverflowError, TypeError, ValueError))
 
 
 class LedgerWriter:
@@ -179,15 +188,50 @@ class LedgerWriter:
         return [to_row(buf.popleft(), prices) for _ in range(n)]
 
     async def _write_or_spool(self, rows: list[Row]) -> None:
-        if self._conn is not None:
-            try:
-                await self._insert(rows)
-                self._m.written.inc(len(rows))
-                return
-            except Exception as exc:
+        if self._conn is not None and await self._commit(rows, self._m.written):
+            return
+        await self._to_spool(rows)
+
+    async def _commit(self, rows: list[Row], counter: Counter) -> bool:
+        """Insert a batch; False (and disconnected) when PostgreSQL is down or slow.
+
+        A batch PostgreSQL refuses as data (not as an outage) is not retried as a whole: waiting
+        would not help, every replay would be refused again. Its rows are tried alone; the ones
+        refused are set aside in ``rejected-*.rejected`` in the spool directory (never replayed,
+        for a person to read) and counted as dropped.
+        """
+        try:
+            await self._insert(rows)
+        except Exception as exc:
+            if not _refuses_the_data(exc):
                 self._failed("write", exc)
                 await self._disconnect()
-        await self._to_spool(rows)
+                return False
+            self._log.error("ledger batch refused; trying its rows one by one", error=str(exc)[:300])
+        else:
+            counter.inc(len(rows))
+            return True
+        rejected: list[Row] = []
+        for i, row in enumerate(rows):
+            try:
+                await self._insert([row])
+            except Exception as exc:
+                if not _refuses_the_data(exc):
+                    self._failed("write", exc)
+                    await self._disconnect()
+                    await self._to_spool(rows[i:])
+                    break
+                rejected.append(row)
+            else:
+                counter.inc()
+        if rejected:
+            self._m.dropped.inc(len(rejected))
+            self._log.error("ledger rows refused by PostgreSQL, set aside", rows=len(rejected))
+            try:
+                await asyncio.to_thread(self._spool.set_aside, encode_batch(rejected))
+            except OSError:
+                pass
+        return True
 
     async def _to_spool(self, rows: list[Row]) -> None:
         data = encode_batch(rows)
@@ -293,27 +337,21 @@ class LedgerWriter:
                         continue
                     for i in range(0, len(batch), self._batch):
                         chunk = batch[i : i + self._batch]
-                        await self._insert(chunk)
-                        self._m.replayed.inc(len(chunk))
+                        if not await self._commit(chunk, self._m.replayed):
+                            raise ConnectionError("PostgreSQL went away during the replay")
                         rows += len(chunk)
                         if len(self._buf) >= self._batch:  # live rows do not wait for a long replay
-                            await self._insert_live()
+                            await self._write_or_spool(self._take())
+                            if self._conn is None:
+                                raise ConnectionError("PostgreSQL went away during the replay")
             except Exception as exc:
                 await asyncio.to_thread(claim.release)
-                self._failed("replay", exc)
-                await self._disconnect()
+                if self._conn is not None:
+                    self._failed("replay", exc)
+                    await self._disconnect()
                 return
             await asyncio.to_thread(claim.done)
             self._log.info("ledger spool replayed", segment=path.name, rows=rows)
-
-    async def _insert_live(self) -> None:
-        rows = self._take()
-        try:
-            await self._insert(rows)
-        except BaseException:
-            await self._to_spool(rows)
-            raise
-        self._m.written.inc(len(rows))
 
     # -- maintenance -----------------------------------------------------------------------------
 
