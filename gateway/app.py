@@ -40,6 +40,7 @@ from gateway.proxy import ProxyEndpoint
 from gateway.retry import RetryBudget
 
 if TYPE_CHECKING:
+    from gateway.ledger.budget import BudgetBook
     from gateway.ledger.writer import LedgerWriter
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
@@ -63,6 +64,7 @@ class Gateway:
     admission: Admission
     router: Router
     fallback: ExternalFallback | None
+    budgets: BudgetBook | None = None  # monthly team budgets (gateway/ledger/budget.py)
 
 
 class GatewayApp:
@@ -165,6 +167,8 @@ def check_startup(settings: Settings) -> None:
             settings.ledger.password()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+    elif any(t.budget is not None for t in settings.teams.values()):
+        raise ConfigError("teams.<team>.budget: budgets need a `ledger` section")
 
 
 def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
@@ -180,6 +184,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         )
 
     ledger = build_ledger(settings, metrics)
+    gateway.budgets = build_budgets(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -204,6 +209,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             await gateway.upstream.close()
             if gateway.fallback is not None:
                 await gateway.fallback.close()
+            if gateway.budgets is not None:
+                await gateway.budgets.close()
             if ledger is not None:
                 await ledger.stop()  # every request has ended: flush its rows (or spool them)
             log.info("gateway stopped")
@@ -226,6 +233,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         | ({gateway.fallback.backend.label} if gateway.fallback else set()),
         write_line=audit_writer(settings.logging),
         ledger=ledger,
+        budgets=gateway.budgets,
     )
     metrics.build_info.labels(_version(), _config_hash(settings)).set(1)
     routes = {
@@ -247,6 +255,28 @@ def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | 
         return LedgerWriter(settings.ledger, settings.pricing, LedgerMetrics(metrics.registry))
     except ValueError as exc:  # the password's variable or file is missing
         raise ConfigError(str(exc)) from exc
+
+
+def build_budgets(settings: Settings, metrics: GatewayMetrics) -> BudgetBook | None:
+    """Team budgets when a team has one (they need the ledger: it is what seeds the counts)."""
+    budgets = {name: t.budget for name, t in settings.teams.items() if t.budget is not None}
+    if not budgets:
+        return None
+    if settings.ledger is None:
+        raise ConfigError(f"teams.{next(iter(budgets))}.budget: budgets need a `ledger` section")
+    from gateway.ledger.budget import BudgetBook
+    from gateway.ledger.pricing import PriceTable
+
+    rl = settings.rate_limits
+    return BudgetBook(
+        budgets,
+        rl.storage,
+        rl.storage_timeout,
+        rl.on_storage_error == "open",
+        settings.ledger,
+        PriceTable(settings.pricing),
+        metrics.registry,
+    )
 
 
 def build_authenticator(settings: Settings) -> Authenticator:

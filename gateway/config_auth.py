@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.ledger.config import BudgetSettings
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -135,6 +137,14 @@ class TeamSettings(_Section):
     )
     data_residency: Literal["strict", "any"] = Field(
         "any", description="`strict`: never sent off-premises (used by the fallback routes)."
+    )
+    budget: BudgetSettings | None = Field(
+        None,
+        description=(
+            "Monthly spend limit of the whole team (needs `ledger`): over it, 429 `budget_exceeded` "
+            "until the month ends (UTC). Counted in the rate-limit storage (Redis: shared by replicas), "
+            "rebuilt from the ledger when missing (docs/ledger.md)."
+        ),
     )
 
 

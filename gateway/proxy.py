@@ -74,6 +74,7 @@ class ProxyEndpoint:
         self.itl = gateway.metrics.itl.labels(endpoint.name)
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
+        self.budgets = gateway.budgets
         self.log_content_teams = {n for n, t in gateway.settings.teams.items() if t.log_content}
         self.log = structlog.get_logger("gateway.proxy")
 
@@ -168,6 +169,8 @@ class ProxyEndpoint:
             ex.body_bytes = len(raw)
             estimate = self.limiter.estimate(len(raw), req.max_tokens, req.n)
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
+        if self.budgets is not None:  # the team's monthly budget (gateway/ledger/budget.py)
+            await self.budgets.check(principal)
         if req.stream and not req.client_wants_usage:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again. Without
             # include_usage vLLM ignores continuous_usage_stats: dropped, or usage would appear

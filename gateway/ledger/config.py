@@ -157,3 +157,27 @@ class ModelPrice(_Section):
         if self.gpu_hour is not None and self.tokens_per_second is not None:
             return self.gpu_hour / (self.tokens_per_second * 3600.0) * 1e6
         return 0.0
+
+
+class BudgetSettings(_Section):
+    monthly_usd: float | None = Field(
+        None, gt=0, description="USD the team may spend per calendar month (UTC), from the ledger's costs."
+    )
+    monthly_tokens: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens the team may use per calendar month (UTC)."
+    )
+    soft: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description=(
+            "Fraction of the budget at which `gateway_budget_used_ratio` reaches "
+            "`gateway_budget_soft_ratio` (the alert rule's threshold); requests still pass."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetSettings:
+        if self.monthly_usd is None and self.monthly_tokens is None:
+            raise ValueError("give `monthly_usd` and/or `monthly_tokens`")
+        return self

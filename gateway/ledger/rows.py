@@ -52,13 +52,26 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_TEXT = 256  # client-chosen strings (model names) are bounded in the table
 
 
+def provider_of(ex: Exchange) -> str:
+    """``local``, the external provider's label (a fallback), or ``-`` (never reached one)."""
+    if ex.fallback is not None:
+        return ex.backend or "-"
+    return "local" if ex.backend is not None else "-"
+
+
+def cost_of(ex: Exchange, prices: PriceTable) -> Decimal:
+    """USD of a finished request at today's prices (the external provider's rate for a fallback)."""
+    provider = provider_of(ex) if ex.fallback is not None else None
+    return prices.cost(ex.model, provider, ex.prompt_tokens, ex.completion_tokens)
+
+
 def to_row(item: Pending, prices: PriceTable) -> Row:
     """The row of one finished request."""
     wall, ex, known = item
     p = ex.principal
     start = wall - (ex.finished - ex.started)
     external = ex.fallback is not None
-    provider = (ex.backend or "-") if external else "local" if ex.backend is not None else "-"
+    provider = provider_of(ex)
     model = ex.model if known else ex.model[:_MAX_TEXT]
     status = 499 if ex.disconnected and not ex.response_started else ex.status
     return (

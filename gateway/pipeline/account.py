@@ -15,6 +15,7 @@ from gateway.pipeline.exchange import Exchange
 from gateway.redact import redact
 
 if TYPE_CHECKING:
+    from gateway.ledger.budget import BudgetBook
     from gateway.ledger.writer import LedgerWriter
 
 
@@ -28,6 +29,7 @@ class Accountant:
         backends: set[str],
         write_line: Callable[[dict[str, Any]], None] | None = None,
         ledger: LedgerWriter | None = None,
+        budgets: BudgetBook | None = None,
     ) -> None:
         self._m = metrics
         self._log = log
@@ -36,10 +38,13 @@ class Accountant:
         self._teams = teams  # label values are bounded to configured names
         self._backends = backends
         self._ledger = ledger  # the usage ledger (gateway/ledger/): one buffered row per request
+        self._budgets = budgets
 
     def record(self, ex: Exchange, known_model: bool) -> None:
         if self._ledger is not None:
             self._ledger.append(ex, known_model)  # O(1): the row is built and written off the path
+            if self._budgets is not None:
+                self._budgets.charge(ex)  # teams with a budget: one storage call, not awaited
         m = self._m
         stream = "true" if ex.stream else "false"
         model = ex.model if known_model else "unknown"
