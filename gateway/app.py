@@ -185,6 +185,11 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
 
     ledger = build_ledger(settings, metrics)
     gateway.budgets = build_budgets(settings, metrics)
+    usage_api = None
+    if settings.ledger is not None:  # GET /v1/organization/usage/completions and /costs
+        from gateway.ledger.api import UsageApi
+
+        usage_api = UsageApi(settings.ledger, gateway.auth)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -211,6 +216,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
                 await gateway.fallback.close()
             if gateway.budgets is not None:
                 await gateway.budgets.close()
+            if usage_api is not None:
+                await usage_api.close()
             if ledger is not None:
                 await ledger.stop()  # every request has ended: flush its rows (or spool them)
             log.info("gateway stopped")
@@ -224,6 +231,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     )
     install_error_handlers(api)
     api.include_router(build_router(gateway))
+    if usage_api is not None:
+        api.include_router(usage_api.router())
     accountant = Accountant(
         metrics,
         structlog.get_logger("gateway.access"),

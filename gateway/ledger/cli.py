@@ -28,6 +28,16 @@ def register(subparsers: Any) -> None:
     cur.add_argument("--config", help="YAML config file with a `ledger` section")
     cur.set_defaults(func=_current)
 
+    usage = subparsers.add_parser("usage", help="requests, tokens and cost from the ledger, as a table")
+    usage.add_argument("--config", help="YAML config file with a `ledger` section")
+    usage.add_argument("--since", default="30d", help="how far back: 30d, 12h, 90m, or a date (UTC)")
+    usage.add_argument("--until", help="end (exclusive): a date or date-time (UTC); default now")
+    usage.add_argument(
+        "--by", default="team,model", help="comma-separated: team, principal, model, route, provider"
+    )
+    usage.add_argument("--csv", action="store_true", help="CSV instead of an aligned table")
+    usage.set_defaults(func=_usage)
+
 
 def _ledger_settings(args: argparse.Namespace) -> Any:
     try:
@@ -69,3 +79,83 @@ def _current(args: argparse.Namespace) -> int:
         return 1
     print(f"ledger schema `{ledger.schema_name}`: revision {revision or 'none'} (newest shipped: {head()})")
     return 0 if revision == head() else 1
+
+
+def _when(text: str, now: float) -> float:
+    """Epoch seconds of ``30d``/``12h``/``90m`` before now, or of an ISO date (UTC)."""
+    from datetime import UTC, datetime
+
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - int(text[:-1]) * units[text[-1]]
+    parsed = datetime.fromisoformat(text)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import time
+
+    from gateway.ledger.usage import GROUPS
+
+    ledger = _ledger_settings(args)
+    if ledger is None:
+        return 2
+    by = [b.strip() for b in args.by.split(",") if b.strip()]
+    allowed = ("team", "principal", "model", "route", "provider")
+    bad = [b for b in by if b not in allowed]
+    if bad:
+        print(f"--by takes {', '.join(allowed)}; not {bad[0]!r}", file=sys.stderr)
+        return 2
+    now = time.time()
+    try:
+        start, end = _when(args.since, now), _when(args.until, now) if args.until else now
+    except ValueError:
+        print("--since/--until: use 30d, 12h, 90m or an ISO date", file=sys.stderr)
+        return 2
+    try:
+        rows = asyncio.run(_usage_rows(ledger, int(start), int(end), by))
+    except Exception as exc:
+        print(f"usage failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    header = [*by, "requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd"]
+    table = [
+        [
+            *((r[GROUPS[b]] or "-") for b in by),
+            str(r["requests"]),
+            str(r["errors"]),
+            str(r["prompt_tokens"]),
+            str(r["completion_tokens"]),
+            f"{r['cost_usd']:.6f}",
+        ]
+        for r in rows
+    ]
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(table)
+        return 0
+    widths = [max([len(h), *(len(row[i]) for row in table)]) for i, h in enumerate(header)]
+    for row in [header, *table]:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.ljust(w) if i < len(by) else c.rjust(w) for i, (c, w) in pairs]
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+async def _usage_rows(ledger: Any, start: int, end: int, by: list[str]) -> list[Any]:
+    import asyncpg
+
+    from gateway.ledger.usage import totals
+
+    conn = await asyncpg.connect(
+        ledger.dsn,
+        password=ledger.password(),
+        timeout=ledger.write_timeout,
+        server_settings={"search_path": ledger.schema_name, "timezone": "UTC"},
+    )
+    try:
+        return await totals(conn, start, end, by)
+    finally:
+        await conn.close()
