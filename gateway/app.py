@@ -256,6 +256,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
 def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | None:
     """The usage ledger's writer when the settings have a ``ledger`` section (asyncpg loaded only then)."""
     if settings.ledger is None:
+        if any(t.capture for t in settings.teams.values()):
+            raise ConfigError("teams.<team>.capture: capturing needs a `ledger` section")
         return None
     from gateway.ledger.metrics import LedgerMetrics
     from gateway.ledger.writer import LedgerWriter

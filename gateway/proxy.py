@@ -76,6 +76,7 @@ class ProxyEndpoint:
         self.accountant = accountant
         self.budgets = gateway.budgets
         self.log_content_teams = {n for n, t in gateway.settings.teams.items() if t.log_content}
+        self.capture_teams = {n for n, t in gateway.settings.teams.items() if t.capture}
         self.log = structlog.get_logger("gateway.proxy")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,6 +164,8 @@ class ProxyEndpoint:
         ex.model, ex.stream = req.model, req.stream
         if principal.team in self.log_content_teams:
             ex.capture, ex.prompt_text = [], prompt_text(req.body)
+            if principal.team in self.capture_teams and isinstance(req.body.get("messages"), list):
+                ex.messages = req.body["messages"]  # kept by the ledger (gateway/ledger/rows.py)
         # 4. limit (settled in __call__, whatever happens next)
         if self.limiter.enabled:
             # Only validated values the endpoint honours feed the reservation (receive.parse).

@@ -79,7 +79,7 @@ def db_upgrade(config: Path) -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "at revision 0001" in out.stdout
+    assert "at revision 0002" in out.stdout
 
 
 def metric(gw: Gateway, name: str) -> float:

@@ -16,7 +16,7 @@ from gateway.auth.principal import Principal
 from gateway.errors import Fault
 from gateway.ledger.config import LedgerSettings, ModelPrice
 from gateway.ledger.pricing import PriceTable
-from gateway.ledger.rows import COLUMNS, decode_batch, encode_batch, to_row
+from gateway.ledger.rows import ROW_COLUMNS, decode_batch, encode_batch, to_row
 from gateway.ledger.spool import Spool
 from gateway.pipeline.exchange import Exchange
 
@@ -72,8 +72,8 @@ def _exchange() -> Exchange:
 def test_a_row_and_its_spool_line_round_trip() -> None:
     prices = PriceTable({"tiny": ModelPrice(prompt_per_million=0.5, completion_per_million=1.5)})
     row = to_row((1_800_000_000.5, _exchange(), True), prices)
-    assert len(row) == len(COLUMNS)
-    named = dict(zip(COLUMNS, row, strict=True))
+    assert len(row) == len(ROW_COLUMNS)
+    named = dict(zip(ROW_COLUMNS, row, strict=True))
     assert named["ts"].timestamp() == pytest.approx(1_800_000_000.25)
     assert named["provider"] == "local" and named["cost_usd"] == Decimal("0.0000275")
     assert named["credential"] == "key:0123456789ab" and named["duration_ms"] == pytest.approx(250)
@@ -87,12 +87,12 @@ def test_a_row_and_its_spool_line_round_trip() -> None:
 def test_a_refused_or_abandoned_request_has_a_row_too() -> None:
     ex = Exchange("rid-2", "chat", started=5.0)
     ex.finished, ex.status, ex.reason, ex.fault = 5.001, 401, "invalid_api_key", Fault.CLIENT
-    named = dict(zip(COLUMNS, to_row((10.0, ex, False), PriceTable({})), strict=True))
+    named = dict(zip(ROW_COLUMNS, to_row((10.0, ex, False), PriceTable({})), strict=True))
     assert (named["subject"], named["provider"], named["status"]) == ("anonymous", "-", 401)
     assert named["cost_usd"] == 0 and named["fault"] == "client"
     gone = _exchange()
     gone.disconnected, gone.response_started = True, False
-    named = dict(zip(COLUMNS, to_row((10.0, gone, True), PriceTable({})), strict=True))
+    named = dict(zip(ROW_COLUMNS, to_row((10.0, gone, True), PriceTable({})), strict=True))
     assert (named["status"], named["error_reason"], named["client_disconnected"]) == (
         499,
         "client_disconnect",
@@ -173,3 +173,11 @@ def test_rows_postgres_refuses_are_set_aside_not_retried_forever(tmp_path: Path)
         assert sorted(r["request_id"] for r in ids) == ["ok-0", "ok-1", "ok-3", "ok-4"]
     finally:
         drop_schema(SHARED_DSN, schema)
+
+
+def test_capture_needs_the_teams_content_consent() -> None:
+    from gateway.config_auth import TeamSettings
+
+    with pytest.raises(ValidationError, match="needs `log_content: true`"):
+        TeamSettings(capture=True)
+    assert TeamSettings(capture=True, log_content=True).capture

@@ -1,4 +1,4 @@
-"""``llm-gateway db upgrade | current``: the ledger's schema migrations from the command line.
+"""The ledger's commands: ``db upgrade | current``, ``usage``, ``export-dataset``, ``purge``.
 
 Cheap to import (the CLI builds its parser on every run): alembic, SQLAlchemy and asyncpg are
 imported when a command runs.
@@ -37,6 +37,21 @@ def register(subparsers: Any) -> None:
     )
     usage.add_argument("--csv", action="store_true", help="CSV instead of an aligned table")
     usage.set_defaults(func=_usage)
+
+    export = subparsers.add_parser(
+        "export-dataset", help="a team's captured requests as OpenAI fine-tuning JSONL"
+    )
+    export.add_argument("--config", help="YAML config file with a `ledger` section")
+    export.add_argument("--team", required=True)
+    export.add_argument("--since", default="30d", help="how far back: 30d, 12h, or a date (UTC)")
+    export.add_argument("--out", help="file to write (default: standard output)")
+    export.set_defaults(func=_export)
+
+    purge = subparsers.add_parser("purge", help="delete a team's captured content (the usage rows stay)")
+    purge.add_argument("--config", help="YAML config file with a `ledger` section")
+    purge.add_argument("--team", required=True)
+    purge.add_argument("--before", help="only what was captured before this date (UTC); default: all")
+    purge.set_defaults(func=_purge)
 
 
 def _ledger_settings(args: argparse.Namespace) -> Any:
@@ -145,17 +160,111 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 async def _usage_rows(ledger: Any, start: int, end: int, by: list[str]) -> list[Any]:
-    import asyncpg
-
     from gateway.ledger.usage import totals
 
-    conn = await asyncpg.connect(
+    conn = await _connect(ledger)
+    try:
+        return await totals(conn, start, end, by)
+    finally:
+        await conn.close()
+
+
+async def _connect(ledger: Any) -> Any:
+    import asyncpg
+
+    return await asyncpg.connect(
         ledger.dsn,
         password=ledger.password(),
         timeout=ledger.write_timeout,
         server_settings={"search_path": ledger.schema_name, "timezone": "UTC"},
     )
+
+
+def _export(args: argparse.Namespace) -> int:
+    import time
+
+    ledger = _ledger_settings(args)
+    if ledger is None:
+        return 2
     try:
-        return await totals(conn, start, end, by)
+        since = _when(args.since, time.time())
+    except ValueError:
+        print("--since: use 30d, 12h, 90m or an ISO date", file=sys.stderr)
+        return 2
+    try:
+        lines = asyncio.run(_export_lines(ledger, args.team, since))
+    except Exception as exc:
+        print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    data = "".join(lines)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(data)
+    else:
+        sys.stdout.write(data)
+    print(f"{len(lines)} examples of team {args.team!r}", file=sys.stderr)
+    return 0
+
+
+async def _export_lines(ledger: Any, team: str, since: float) -> list[str]:
+    """One JSONL line per successful captured chat request: its messages and the answer.
+
+    Answers cut at the capture bound (marked ``[truncated]``) are left out: a cut answer would
+    teach the model to stop mid-sentence.
+    """
+    from datetime import UTC, datetime
+
+    import orjson
+
+    conn = await _connect(ledger)
+    try:
+        rows = await conn.fetch(
+            "SELECT messages::text AS messages, completion FROM captures"
+            " WHERE team = $1 AND ts >= $2 AND status = 200 AND completion IS NOT NULL ORDER BY ts",
+            team,
+            datetime.fromtimestamp(since, UTC),
+        )
     finally:
         await conn.close()
+    out = []
+    for r in rows:
+        completion: str = r["completion"]
+        if completion.endswith(" [truncated]"):
+            continue
+        messages = orjson.loads(r["messages"])
+        example = {"messages": [*messages, {"role": "assistant", "content": completion}]}
+        out.append(orjson.dumps(example).decode() + "\n")
+    return out
+
+
+def _purge(args: argparse.Namespace) -> int:
+    ledger = _ledger_settings(args)
+    if ledger is None:
+        return 2
+    from datetime import UTC, datetime
+
+    try:
+        before = datetime.fromtimestamp(_when(args.before, 0), UTC) if args.before else None
+    except ValueError:
+        print("--before: use an ISO date (UTC)", file=sys.stderr)
+        return 2
+    try:
+        deleted = asyncio.run(_purge_rows(ledger, args.team, before))
+    except Exception as exc:
+        print(f"purge failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"deleted {deleted} captured requests of team {args.team!r}")
+    return 0
+
+
+async def _purge_rows(ledger: Any, team: str, before: Any) -> int:
+    conn = await _connect(ledger)
+    try:
+        if before is None:
+            status = await conn.execute("DELETE FROM captures WHERE team = $1", team)
+        else:
+            status = await conn.execute("DELETE FROM captures WHERE team = $1 AND ts < $2", team, before)
+    finally:
+        await conn.close()
+    return int(status.split()[-1])

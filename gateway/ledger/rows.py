@@ -15,6 +15,7 @@ import orjson
 
 from gateway.ledger.pricing import PriceTable
 from gateway.pipeline.exchange import Exchange
+from gateway.redact import redact
 
 # Order of the columns in a row tuple, in COPY and in the spool (the events table's columns).
 COLUMNS: tuple[str, ...] = (
@@ -45,6 +46,9 @@ COLUMNS: tuple[str, ...] = (
     "client_disconnected",
     "cost_usd",  # numeric: USD from the price table at write time
 )
+# A row as the writer holds and spools it: the events' columns, then what a capture keeps.
+ROW_COLUMNS: tuple[str, ...] = (*COLUMNS, "messages", "completion")
+COST = COLUMNS.index("cost_usd")
 Row = tuple[Any, ...]
 Pending = tuple[float, Exchange, bool]  # (time.time() at the end, the exchange, model known)
 
@@ -101,7 +105,30 @@ def to_row(item: Pending, prices: PriceTable) -> Row:
         ex.fallback,
         ex.disconnected,
         prices.cost(model, provider if external else None, ex.prompt_tokens, ex.completion_tokens),
+        *(_captured(ex) if ex.messages is not None else (None, None)),
     )
+
+
+def _captured(ex: Exchange) -> tuple[str, str | None]:
+    """The messages (JSON text, each text content redacted) and the completion (redacted)."""
+    messages = [_redacted(m) for m in ex.messages or ()]
+    completion = redact("".join(ex.capture)) if ex.capture is not None else None
+    return orjson.dumps(messages).decode(), completion
+
+
+def _redacted(message: object) -> object:
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": redact(content)}
+    if isinstance(content, list):
+        parts = [
+            {**p, "text": redact(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+            for p in content
+        ]
+        return {**message, "content": parts}
+    return message
 
 
 def encode_batch(rows: list[Row]) -> bytes:
@@ -111,7 +138,7 @@ def encode_batch(rows: list[Row]) -> bytes:
         ts: datetime = r[0]
         delta = ts - _EPOCH
         micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-        out.append((micros, *r[1:-1], str(r[-1])))
+        out.append((micros, *r[1:COST], str(r[COST]), *r[COST + 1 :]))
     return orjson.dumps(out) + b"\n"
 
 
@@ -122,7 +149,7 @@ def decode_batch(line: bytes) -> list[Row]:
         raise ValueError("not a batch")
     rows: list[Row] = []
     for r in data:
-        if not isinstance(r, list) or len(r) != len(COLUMNS):
+        if not isinstance(r, list) or len(r) != len(ROW_COLUMNS):
             raise ValueError("not a row")
-        rows.append((_EPOCH + timedelta(microseconds=r[0]), *r[1:-1], Decimal(r[-1])))
+        rows.append((_EPOCH + timedelta(microseconds=r[0]), *r[1:COST], Decimal(r[COST]), *r[COST + 1 :]))
     return rows

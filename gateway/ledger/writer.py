@@ -34,7 +34,7 @@ from prometheus_client import Counter
 from gateway.ledger.config import LedgerSettings, ModelPrice
 from gateway.ledger.metrics import LedgerMetrics
 from gateway.ledger.pricing import PriceTable
-from gateway.ledger.rows import COLUMNS, Pending, Row, decode_batch, encode_batch, to_row
+from gateway.ledger.rows import COLUMNS, ROW_COLUMNS, Pending, Row, decode_batch, encode_batch, to_row
 from gateway.ledger.spool import Spool
 
 if TYPE_CHECKING:
@@ -48,6 +48,11 @@ WITH ins AS (
     INSERT INTO events ({_COLS}) SELECT {_COLS} FROM pg_temp.{STAGING}
     ON CONFLICT (ts, id) DO NOTHING
     RETURNING ts, team, subject, model, route, provider, status, prompt_tokens, completion_tokens, cost_usd
+), captured AS (
+    INSERT INTO captures (ts, id, team, request_id, model, status, messages, completion)
+    SELECT ts, id, team, request_id, model, status, messages, completion FROM pg_temp.{STAGING}
+    WHERE messages IS NOT NULL AND team IS NOT NULL
+    ON CONFLICT (ts, id) DO NOTHING
 )
 INSERT INTO usage_hourly AS u
     (hour, team, subject, model, route, provider,
@@ -255,7 +260,7 @@ class LedgerWriter:
             for attempt in range(3):
                 try:
                     async with conn.transaction():
-                        await conn.copy_records_to_table(STAGING, records=rows, columns=COLUMNS)
+                        await conn.copy_records_to_table(STAGING, records=rows, columns=ROW_COLUMNS)
                         await conn.execute(INSERT)
                     return
                 except _RETRY_IN_TRANSACTION:
@@ -289,8 +294,8 @@ class LedgerWriter:
             )
             async with asyncio.timeout(s.write_timeout):
                 await conn.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE events INCLUDING DEFAULTS) "
-                    "ON COMMIT DELETE ROWS"
+                    f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE events INCLUDING DEFAULTS,"
+                    " messages jsonb, completion text) ON COMMIT DELETE ROWS"
                 )
         except Exception as exc:
             self._failed("connect", exc)
@@ -375,6 +380,9 @@ class LedgerWriter:
                 await conn.execute(
                     "DELETE FROM usage_hourly WHERE hour < $1",
                     datetime.now(UTC) - timedelta(days=s.rollup_retention_days),
+                )
+                await conn.execute(
+                    "DELETE FROM captures WHERE ts < $1", datetime.now(UTC) - timedelta(days=s.retention_days)
                 )
         except Exception as exc:
             self._failed("maintenance", exc)

@@ -35,6 +35,7 @@ class Exchange:
     capture: list[str] | None = None  # completion text, only for teams with log_content
     captured: int = 0  # characters in capture (kept up to MAX_LOGGED_CHARS)
     prompt_text: str | None = None
+    messages: list[object] | None = None  # the request's messages, only for teams with capture
     limited: tuple[str, str] | None = None  # (kind, scope) of the limit that refused it
     priority: int = 0  # seconds from arrival to upstream response headers
     finished: float = 0.0
