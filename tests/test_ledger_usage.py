@@ -280,3 +280,26 @@ def test_the_usage_command_prints_totals_by_team_and_model(
         "cost_usd",
     ]
     assert len(lines) == 1 + 5
+
+
+def test_the_grafana_dashboards_queries_run_on_the_ledger(filled: tuple[str, float]) -> None:
+    """Every panel of dashboards/ledger/ runs (Grafana's macros expanded as Grafana does) and has data."""
+    schema, _ = filled
+    dash = json.loads((ROOT / "dashboards/ledger/ledger-usage.json").read_text())
+    ds = json.loads(json.dumps(dash["panels"][0]["datasource"]))
+    assert (
+        ds["uid"]
+        == yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/ledger.yml").read_text())[
+            "datasources"
+        ][0]["uid"]
+    )
+    for panel in dash["panels"]:
+        (target,) = panel["targets"]
+        sql = (
+            target["rawSql"]
+            .replace("$__timeFilter(hour)", "hour BETWEEN now() - interval '7 days' AND now()")
+            .replace("$__timeGroupAlias(hour, $__interval)", "date_trunc('hour', hour) AS time")
+            .replace("ledger.", f"{schema}.")
+        )
+        rows = run_sql(SHARED_DSN, sql)
+        assert rows, panel["title"]
