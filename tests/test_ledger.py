@@ -380,3 +380,66 @@ def test_sigterm_flushes_the_buffer(sim: Sim, shared_schema: str, tmp_path: Path
         SHARED_DSN, "SELECT request_id FROM events WHERE request_id LIKE 'term-%'", schema=shared_schema
     )
     assert sorted(r["request_id"] for r in found) == sorted(ids)
+
+
+def test_a_fallback_row_names_the_provider_and_takes_its_price(shared_schema: str, tmp_path: Path) -> None:
+    """Served by the external provider: provider and fallback recorded, cost at the provider's rate."""
+    provider = Sim(None, "--model", "provider-model", "--ttft", "0.005", "--itl", "0.001")
+    local = Sim(None)
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "routing": {"default_route": {"fallback": True}},
+                "external": {
+                    "kind": "openai",
+                    "base_url": provider.url + "/v1",
+                    "models": {"tiny": "provider-model"},
+                    "allow_teamless": True,
+                },
+                "ledger": {
+                    "dsn": SHARED_DSN,
+                    "schema_name": shared_schema,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "flush_interval": 0.2,
+                    "auto_migrate": True,
+                },
+                "pricing": {
+                    "tiny": {"prompt_per_million": PROMPT_PRICE, "completion_per_million": COMPLETION_PRICE},
+                    "external/tiny": {"prompt_per_million": 10, "completion_per_million": 30},
+                },
+            }
+        )
+    )
+    gw = Gateway(
+        [local.url], config=config, env={"HTTP_PROXY": "", "http_proxy": "", "ALL_PROXY": "", "all_proxy": ""}
+    )
+    local.proc.kill()  # the local pool cannot serve: the provider does
+    seen: dict[str, tuple[int, int]] = {}
+    try:
+        for i in range(3):
+            rid = f"fallback-{i}"
+            r = httpx.post(
+                gw.v1 + "/chat/completions", json=chat(), headers={"x-request-id": rid}, timeout=30
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers["x-gateway-backend"] == "external"
+            seen[rid] = (r.json()["usage"]["prompt_tokens"], r.json()["usage"]["completion_tokens"])
+
+        def rows() -> list[Any]:
+            found = run_sql(
+                SHARED_DSN, "SELECT * FROM events WHERE request_id LIKE 'fallback-%'", schema=shared_schema
+            )
+            return found if len(found) == len(seen) else []
+
+        found = wait_for(rows, 20, "the fallback rows")
+    finally:
+        gw.stop()
+        provider.stop()
+    million = Decimal(1_000_000)
+    for row in found:
+        prompt, completion = seen[row["request_id"]]
+        assert (row["provider"], row["backend"], row["model"]) == ("external", "external", "tiny")
+        assert row["fallback"] is not None
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+        assert row["cost_usd"] == (Decimal(10) * prompt + Decimal(30) * completion) / million

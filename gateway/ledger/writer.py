@@ -175,7 +175,8 @@ class LedgerWriter:
 
     async def _cycle(self) -> None:
         loop = asyncio.get_running_loop()
-        due = self._stopping or loop.time() >= self._next_connect
+        # Also at shutdown only when due: a database that just refused is not waited for again.
+        due = loop.time() >= self._next_connect
         if self._conn is None and due and await self._connect():
             await self._replay()
         if self._conn is not None and loop.time() >= self._next_maintenance:
