@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from gateway.pipeline.account import Accountant
 from gateway.pipeline.attempt import Deadlines, attempt
 from gateway.pipeline.content_log import prompt_text
 from gateway.pipeline.exchange import Exchange
-from gateway.pipeline.limit import NO_LIMITS, RateLimiter
+from gateway.pipeline.limit import NO_LIMITS, RateLimiter, Reservation
 from gateway.pipeline.receive import ClientGone, Endpoint, ParsedRequest
 from gateway.pipeline.relay import gateway_headers
 from gateway.pipeline.route import RoutePlan, check_model, choose_backend
@@ -173,7 +174,14 @@ class ProxyEndpoint:
             estimate = self.limiter.estimate(len(raw), req.max_tokens, req.n)
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
         if self.budgets is not None:  # the team's monthly budget (gateway/ledger/budget.py)
-            await self.budgets.check(principal)
+            remaining = await self.budgets.check(principal)
+            if remaining:  # sent with the response, like the rate-limit headers
+                res = ex.reservation
+                ex.reservation = (
+                    Reservation(headers=remaining)
+                    if res is NO_LIMITS
+                    else replace(res, headers=[*res.headers, *remaining])
+                )
         if req.stream and not req.client_wants_usage:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again. Without
             # include_usage vLLM ignores continuous_usage_stats: dropped, or usage would appear

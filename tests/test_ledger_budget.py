@@ -121,13 +121,14 @@ def test_a_team_budget_holds_across_replicas_and_a_redis_flush(
         assert out.returncode == 0, out.stderr
         gateways = [Gateway([sim.url], config=path), Gateway([sim.url], config=path)]
         try:
-            passed, refused = 0, None
+            passed, refused, remaining = 0, None, []
             for i in range(3 * BUDGETED_REQUESTS):  # alternating replicas
                 r = post(gateways[i % 2], "sk-alpha")
                 if r.status_code == 429:
                     refused = r
                     break
                 assert r.status_code == 200, r.text
+                remaining.append(int(r.headers["x-budget-remaining-tokens"]))
                 passed += 1
             assert refused is not None
             assert passed in (BUDGETED_REQUESTS, BUDGETED_REQUESTS + 1)  # within one request
@@ -135,9 +136,17 @@ def test_a_team_budget_holds_across_replicas_and_a_redis_flush(
             assert err["code"] == "budget_exceeded" and err["type"] == "insufficient_quota"
             assert "alpha" in err["message"] and "tokens" in err["message"] and "resets at" in err["message"]
             assert int(refused.headers["retry-after"]) > 0
+            assert refused.headers["x-budget-remaining-tokens"] == "0"
+            assert refused.headers["x-budget-reset"].endswith("T00:00:00Z")
+            # What was left before each request: the whole budget first, then less (a charge lands
+            # just after its response, so a count may repeat, never grow).
+            assert remaining[0] == BUDGETED_REQUESTS * per_request
+            assert remaining == sorted(remaining, reverse=True) and remaining[-1] <= 2 * per_request
             assert post(gateways[0], "sk-alpha").status_code == 429
             assert post(gateways[1], "sk-alpha").status_code == 429
-            assert post(gateways[0], "sk-beta").status_code == 200  # a team without a budget
+            beta = post(gateways[0], "sk-beta")
+            assert beta.status_code == 200  # a team without a budget: no budget headers
+            assert "x-budget-remaining-tokens" not in beta.headers
         finally:
             for g in gateways:
                 g.stop()  # SIGTERM: the ledger flushes every row

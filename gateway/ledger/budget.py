@@ -57,6 +57,10 @@ class BudgetExceeded(GatewayError):
     type = "insufficient_quota"  # OpenAI's type for a spent quota (the SDK raises RateLimitError)
     code = "budget_exceeded"
     reason = "budget_exceeded"
+    budget_headers: list[tuple[bytes, bytes]] = []
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), *self.budget_headers]
 
 
 class BudgetStorageDown(GatewayError):
@@ -131,16 +135,18 @@ class BudgetBook:
     def _key(self, team: str, now: datetime) -> str:
         return f"{self._prefix}{team}:{now:%Y%m}"
 
-    async def check(self, principal: Principal) -> None:
-        """Raise BudgetExceeded (429) when the principal's team has spent its month.
+    async def check(self, principal: Principal) -> list[tuple[bytes, bytes]]:
+        """The remaining-budget response headers; BudgetExceeded (429) when the month is spent.
 
-        No I/O for teams without a budget. Storage failures follow ``rate_limits.on_storage_error``
-        (serve, or BudgetStorageDown 503).
+        Headers (teams with a budget): ``x-budget-remaining-usd`` and/or
+        ``x-budget-remaining-tokens`` (never negative) and ``x-budget-reset`` (RFC 3339, UTC).
+        No I/O and no headers for teams without a budget. Storage failures follow
+        ``rate_limits.on_storage_error`` (serve without headers, or BudgetStorageDown 503).
         """
         team = principal.team
         budget = self._teams.get(team) if team is not None else None
         if budget is None or team is None:
-            return
+            return []
         now = datetime.now(UTC)
         key = self._key(team, now)
         try:
@@ -155,7 +161,7 @@ class BudgetBook:
                 return self._storage_failed(exc)
             raise
         if spent is None:
-            return  # neither storage nor ledger could tell: serve (the ledger still records it)
+            return []  # neither storage nor ledger could tell: serve (the ledger still records it)
         nano, tokens = spent
         ratios = []
         if budget.monthly_usd is not None:
@@ -168,18 +174,30 @@ class BudgetBook:
             over = f"its monthly budget of {budget.monthly_usd} USD (spent {nano / 1e9:.4f} USD)"
         elif budget.monthly_tokens is not None and tokens >= budget.monthly_tokens:
             over = f"its monthly budget of {budget.monthly_tokens} tokens (used {tokens})"
+        _, reset = month_bounds(now)
+        headers = []
+        if budget.monthly_usd is not None:
+            left = max(0.0, budget.monthly_usd - nano / 1e9)
+            headers.append((b"x-budget-remaining-usd", f"{left:.6f}".encode()))
+        if budget.monthly_tokens is not None:
+            left_tokens = max(0, budget.monthly_tokens - tokens)
+            headers.append((b"x-budget-remaining-tokens", str(left_tokens).encode()))
+        headers.append((b"x-budget-reset", f"{reset:%Y-%m-%dT%H:%M:%SZ}".encode()))
         if over is not None:
             self.exceeded.labels(team).inc()
-            _, reset = month_bounds(now)
-            raise BudgetExceeded(
+            refusal = BudgetExceeded(
                 f"Team {team!r} has spent {over}; it resets at {reset:%Y-%m-%dT%H:%M:%SZ}.",
                 retry_after=max(1, int((reset - now).total_seconds())),
             )
+            refusal.budget_headers = headers
+            raise refusal
+        return headers
 
-    def _storage_failed(self, exc: BaseException) -> None:
+    def _storage_failed(self, exc: BaseException) -> list[tuple[bytes, bytes]]:
         self._log.warning("budget storage unavailable", error=type(exc).__name__)
         if not self._fail_open:
             raise BudgetStorageDown("The budget storage is unavailable.", retry_after=1)
+        return []
 
     async def _read(self, key: str) -> tuple[int, int] | None:
         if self._memory is not None:
