@@ -156,6 +156,7 @@ class ProxyEndpoint:
         req = receive_stage.parse(self.endpoint, raw, s.validation)
         # 3. route plan: task type and alias → the served model (replicas are picked below)
         dirty = s.routing.task_field in req.body
+        ex.requested_model = req.model
         plan = self.router.plan(scope, req.body, req.model)
         ex.route = plan.name
         self.auth.authorize(principal, req.model, plan.model)

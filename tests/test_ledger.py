@@ -54,6 +54,7 @@ def write_config(path: Path, dsn: str, schema: str, spool: Path, **ledger: Any) 
             ]
         },
         "tiers": {"std": {}, "tight": {"requests_per_minute": 3}},
+        "routing": {"aliases": {"fast": "tiny"}},
         "teams": {"alpha": {}, "beta": {}},
         "ledger": {
             "dsn": dsn,
@@ -133,6 +134,15 @@ def test_one_row_per_request_with_usage_and_cost(sim: Sim, shared_schema: str, t
                     usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
             assert usage is not None
             seen[rid] = {"status": 200, "usage": usage}
+        for i in range(2):  # by an alias: served by `tiny`, recorded as asked
+            rid = f"alias-{i}"
+            r = sdk.chat.completions.create(**chat("fast"), extra_headers={"x-request-id": rid})
+            assert r.usage is not None
+            seen[rid] = {
+                "status": 200,
+                "usage": (r.usage.prompt_tokens, r.usage.completion_tokens),
+                "asked": "fast",
+            }
         sdk.close()
         with httpx.Client(base_url=gw.v1, timeout=30) as http:
             for i in range(5):  # a key nobody issued: 401 before anything else
@@ -200,9 +210,11 @@ def test_one_row_per_request_with_usage_and_cost(sim: Sim, shared_schema: str, t
             assert (row["prompt_tokens"], row["completion_tokens"]) == want["usage"], rid
             assert row["cost_usd"] == expected_cost(*want["usage"]), rid
             assert row["provider"] == "local" and row["model"] == "tiny", rid
+            assert row["requested_model"] == want.get("asked", "tiny"), rid
         elif want["status"] in (401, 429):
             assert row["cost_usd"] == 0 and row["provider"] == "-", rid
     assert by_id["badkey-0"]["subject"] == "anonymous" and by_id["badkey-0"]["credential"] is None
+    assert by_id["badkey-0"]["requested_model"] is None  # refused before the body was read
     alpha = by_id["plain-0"]
     assert (alpha["subject"], alpha["team"], alpha["tier"], alpha["via"]) == (
         "svc-alpha",

@@ -89,7 +89,7 @@ def to_row(item: Pending, prices: PriceTable) -> Row:
         p.tier,
         p.via,
         ex.route,
-        None,
+        None if ex.requested_model is None else ex.requested_model[:_MAX_TEXT],
         model,
         ex.backend,
         provider,

@@ -16,6 +16,7 @@ class Exchange:
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() has 1 ms resolution)
     principal: Principal = ANONYMOUS
     model: str = "-"
+    requested_model: str | None = None  # the model the client named, before task routes and aliases
     stream: bool = False
     backend: str | None = None
     route: str = "-"
