@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="run the vLLM simulator (no GPU needed)")
     add_sim_arguments(sim)
     sim.set_defaults(func=_sim)
-    __import__("gateway.ledger.cli", fromlist=["register"]).register(sub)  # db upgrade | current
+    __import__("gateway.ledger.cli", fromlist=["register"]).register(sub)  # db, usage, export-dataset, purge
     return parser
 
 
