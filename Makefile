@@ -8,9 +8,11 @@ LINT_PATHS := gateway tests scripts $(wildcard loadtests/*.py)
 .PHONY: install run test lint typecheck unit coverage e2e-vllm lint-deploy bench profile docs clean
 
 $(STAMP): pyproject.toml
+	@echo "Installing the gateway and its dev tools into $(VENV) (first run, or pyproject.toml changed; about a minute)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+	@echo "Installed: $(BIN)/llm-gateway"
 
 install: $(STAMP)
 
@@ -22,6 +24,7 @@ run: install
 ## Lint, type-check and the test suite (gateway and simulator processes on loopback) under
 ## coverage of gateway/, subprocesses included; `make unit` runs the suite alone.
 test: install lint typecheck coverage
+	@echo "make test: lint, types and the suite passed"
 
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -36,6 +39,7 @@ unit: install
 ## The suite under coverage, including the gateway and simulator processes it starts: the report
 ## for gateway/ is printed and written to .cache/coverage/report.txt (HTML in .cache/coverage/html).
 coverage: install
+	@echo "Running the suite under coverage: real gateway and simulator processes, about 15 minutes on 2 cores..."
 	rm -rf .cache/coverage && mkdir -p .cache/coverage
 	GATEWAY_TEST_COVERAGE=1 $(BIN)/coverage run -m pytest -q tests --ignore=tests/e2e_vllm; \
 		status=$$?; \
@@ -51,7 +55,7 @@ e2e-vllm: install
 	.venv-vllm/bin/python scripts/vllm/make_tiny_model.py .cache/tiny-llama
 	E2E_VLLM_REQUIRED=1 $(BIN)/pytest -q tests/e2e_vllm
 
-## Deployment files: hadolint, Compose schema, cfn-lint, checkov, botocore, kubernetes-validate, shellcheck.
+## Deployment files: hadolint, Compose schema, cfn-lint, checkov, botocore, kubernetes-validate (manifests and the rendered Helm chart), shellcheck.
 lint-deploy: install
 	bash scripts/lint-deploy.sh
 

@@ -26,6 +26,7 @@ from gateway.config import ConfigError, Settings, is_loopback, settings_from_jso
 from gateway.drain import Drain
 from gateway.errors import MethodNotAllowed
 from gateway.health import HealthPoller
+from gateway.jobs.api import submit_async, wants_async
 from gateway.logs import audit_writer, configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.account import Accountant
@@ -40,6 +41,7 @@ from gateway.proxy import ProxyEndpoint
 from gateway.retry import RetryBudget
 
 if TYPE_CHECKING:
+    from gateway.jobs.service import Jobs
     from gateway.ledger.budget import BudgetBook
     from gateway.ledger.writer import LedgerWriter
 
@@ -70,16 +72,22 @@ class Gateway:
 class GatewayApp:
     """Outermost ASGI app: hot paths to the pipeline, the rest to FastAPI."""
 
-    def __init__(self, gateway: Gateway, api: FastAPI, routes: dict[str, ProxyEndpoint]) -> None:
+    def __init__(
+        self, gateway: Gateway, api: FastAPI, routes: dict[str, ProxyEndpoint], jobs: Jobs | None = None
+    ) -> None:
         self.gateway = gateway
         self.api = api
         self.routes = routes
+        self.jobs = jobs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             endpoint = self.routes.get(scope["path"])
             if endpoint is not None:
                 if scope["method"] == "POST":
+                    if self.jobs is not None and wants_async(scope):
+                        await submit_async(self.gateway, self.jobs, endpoint.endpoint, scope, receive, send)
+                        return
                     await endpoint(scope, receive, send)
                     return
                 if scope["method"] != "OPTIONS":
@@ -190,6 +198,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         from gateway.ledger.api import UsageApi
 
         usage_api = UsageApi(settings.ledger, gateway.auth)
+    jobs_box: list[Jobs] = []  # built below, once the proxy endpoints exist
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -199,6 +208,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         await gateway.auth.start()
         await gateway.poller.start()
         gateway.drain.install()
+        for jobs in jobs_box:
+            await jobs.start()
         log.info(
             "gateway started",
             backends=[b.label for b in pool.backends],
@@ -207,6 +218,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         try:
             yield
         finally:
+            for jobs in jobs_box:
+                await jobs.stop()
             await gateway.poller.stop()
             await gateway.auth.stop()
             await gateway.limiter.close()
@@ -248,9 +261,35 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     routes = {
         ep.path.decode(): ProxyEndpoint(ep, gateway, accountant) for ep in (CHAT, COMPLETIONS, EMBEDDINGS)
     }
+    jobs = build_jobs(gateway, api, routes) if settings.jobs.enabled else None
+    if jobs is not None:
+        jobs_box.append(jobs)
     if not settings.auth.enabled and is_loopback(settings.server.host):
-        return LocalOnlyGatewayApp(gateway, api, routes)
-    return GatewayApp(gateway, api, routes)
+        return LocalOnlyGatewayApp(gateway, api, routes, jobs)
+    return GatewayApp(gateway, api, routes, jobs)
+
+
+def build_jobs(gateway: Gateway, api: FastAPI, routes: dict[str, ProxyEndpoint]) -> Jobs:
+    """The Files and Batch APIs, ``/v1/jobs`` and the job workers (gateway/jobs, docs/jobs.md)."""
+    import redis.asyncio as aioredis
+
+    from gateway.jobs.api import build_jobs_router, install_jobs_error_handler
+    from gateway.jobs.files import Files
+    from gateway.jobs.files_api import build_files_router
+    from gateway.jobs.filestore import open_store
+    from gateway.jobs.service import Jobs
+
+    s = gateway.settings.jobs
+    redis = aioredis.Redis.from_url(
+        s.queue, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+    )
+    files = Files(s, redis, open_store(s.files))
+    jobs = Jobs(gateway, routes, redis, files)
+    gateway.admission.on_release = jobs.wake
+    api.include_router(build_files_router(gateway.auth, files))
+    api.include_router(build_jobs_router(gateway, jobs))
+    install_jobs_error_handler(api)
+    return jobs
 
 
 def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | None:

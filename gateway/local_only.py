@@ -10,7 +10,9 @@ accepts only:
 * a ``Host`` naming loopback (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port): else 421;
 * no ``Origin``, or a loopback one: else 403;
 * for requests with a body, ``Content-Type: application/json``, which a cross-site page
-  cannot send without a preflight this gateway never answers: else 403.
+  cannot send without a preflight this gateway never answers: else 403 (a file upload to
+  ``/v1/files`` may be ``multipart/form-data`` when it carries an ``Authorization`` header,
+  which needs the same preflight).
 
 Probes (``/live``, ``/ready``, ``/health``, ``/metrics``) stay open to any Host: Kubernetes
 probes and Prometheus address a pod by its IP, and they only read.
@@ -72,6 +74,7 @@ def _port(text: str) -> bool:
 def refusal(scope: Scope) -> GatewayError | None:
     """Why this request must be refused in no-auth loopback mode, or None."""
     host = origin = content_type = None
+    authorization = False
     for key, value in scope["headers"]:
         if key == b"host":
             if host is not None:  # RFC 9112 §3.2: a request with more than one Host is a 400
@@ -83,6 +86,8 @@ def refusal(scope: Scope) -> GatewayError | None:
             origin = value
         elif key == b"content-type":
             content_type = value
+        elif key == b"authorization":
+            authorization = True
     if host is None or not is_loopback_host(host.decode("latin-1")):
         return MisdirectedRequest(
             "This gateway runs without authentication and answers only requests addressed to "
@@ -97,7 +102,11 @@ def refusal(scope: Scope) -> GatewayError | None:
             )
     if scope["method"] not in _BODILESS:
         media = (content_type or b"").split(b";", 1)[0].strip().lower()
-        if media != b"application/json":
+        # A file upload is multipart; a page can send that cross-site, but not together with an
+        # Authorization header (not CORS-safelisted: a preflight, never answered here). The
+        # OpenAI SDK always sends one.
+        upload = media == b"multipart/form-data" and authorization and scope["path"] == "/v1/files"
+        if media != b"application/json" and not upload:
             return CrossSiteRefused(
                 "This gateway runs without authentication: send the body with "
                 "`Content-Type: application/json` (a browser cannot send that cross-site "

@@ -218,6 +218,12 @@ class GatewayMetrics:
         self._collector = _BackendCollector(pool, admission)
         r.register(self._collector)
         self._cache: dict[tuple[Any, ...], Any] = {}
+        self._extra: list[Any] = []
+
+    def add_collector(self, collector: Any) -> None:
+        """A collector of this process's view (like the backends'), shown by every scrape."""
+        self.registry.register(collector)
+        self._extra.append(collector)
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -237,6 +243,8 @@ class GatewayMetrics:
         combined = CollectorRegistry()
         MultiProcessCollector(combined, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
         combined.register(self._collector)
+        for c in self._extra:
+            combined.register(c)
         return generate_latest(combined)
 
     def worker_exit(self) -> None:

@@ -24,6 +24,7 @@ import orjson
 import structlog
 
 from gateway.asgi import Receive, Scope, Send, header
+from gateway.auth.principal import Principal
 from gateway.backends import Backend
 from gateway.drain import CUT_GRACE
 from gateway.errors import Fault, GatewayError, ShuttingDown, sse_error_event
@@ -81,9 +82,40 @@ class ProxyEndpoint:
         self.log = structlog.get_logger("gateway.proxy")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
         rid, upstream_id = request_id_from(scope)
+        await self._run(
+            scope, receive, send, Exchange(rid, self.endpoint.name, time.perf_counter()), upstream_id
+        )
+
+    async def execute(
+        self, principal: Principal, raw: bytes, sink: Send, rid: str, task_type: str | None
+    ) -> Exchange:
+        """Run a job line through the same pipeline, as ``principal``, answering into ``sink``.
+
+        The seam through which async jobs (gateway/jobs/worker.py) reuse every stage: no
+        authentication (the job's principal was authenticated at submission; its model is
+        authorized again here), limits under the job's tier, admission at the job priority
+        (below every interactive tier), routing, breakers, fallback, relay and account. ``sink``
+        is an ASGI ``send`` (gateway/pipeline/sink.py) that keeps the response. Returns the
+        request's record (status, reason, fault, tokens).
+        """
+        headers = [(b"content-length", str(len(raw)).encode())]
+        if task_type is not None:
+            headers.append((self.settings.routing.task_header.encode(), task_type.encode()))
+        scope: Scope = {
+            "type": "http",
+            "method": "POST",
+            "path": self.endpoint.path.decode(),
+            "headers": headers,
+        }
         ex = Exchange(rid, self.endpoint.name, time.perf_counter())
+        ex.principal, ex.job = principal, True
+        await self._run(scope, _job_receive(raw), sink, ex, rid)
+        return ex
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, ex: Exchange, upstream_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        rid = ex.request_id
         deadline = loop.time() + self.settings.timeouts.total
         structlog.contextvars.bind_contextvars(request_id=rid)
         self.in_flight.inc()
@@ -142,9 +174,12 @@ class ProxyEndpoint:
         total_deadline: float,
     ) -> None:
         s = self.settings
-        # 1. authenticate: on the headers, before anything of the body is read
-        principal = await self.auth.authenticate(scope)
-        ex.principal = principal
+        # 1. authenticate: on the headers, before anything of the body is read (a job line runs
+        # as the principal that submitted it)
+        if ex.job:
+            principal = ex.principal
+        else:
+            principal = ex.principal = await self.auth.authenticate(scope)
         # 2. receive
         length = header(scope, b"content-length")
         raw = await receive_stage.read_body(
@@ -238,8 +273,9 @@ class ProxyEndpoint:
         # 5. admit: wait for capacity in the model's pool (or for a replica to finish loading)
         check_model(self.pool, req.model)
         queued = time.perf_counter()
-        slot = await self.admission.admit(req.model, principal.tier, principal.team, total_deadline)
-        ex.priority = self.admission.priority_of(principal.tier)
+        priority = self.admission.job_priority if ex.job else self.admission.priority_of(principal.tier)
+        slot = await self.admission.admit(req.model, priority, principal.team, total_deadline)
+        ex.priority = priority
         ex.queue_wait = admitted = time.perf_counter()
         ex.queue_wait -= queued
         tried: tuple[Backend, ...] = ()
@@ -362,6 +398,21 @@ def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
     if ex.reservation.tokens:
         ex.tokens_charged = used
     return used
+
+
+def _job_receive(raw: bytes) -> Receive:
+    """An ASGI ``receive`` for a job line: its body, then nothing (a job has no client to leave)."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.get_running_loop().create_future()  # waits until the request's task ends
+        raise AssertionError("unreachable")
+
+    return receive
 
 
 async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:

@@ -4,7 +4,8 @@
 # disable). Installs its tools idempotently: PyPI validators into .venv-deploy (re-installed only
 # when this script's pins change), CRD schemas from npm into .venv-deploy/node, promtool from
 # Debian's prometheus package (extracted, not installed: no service is started).
-# Works non-interactively (CI=true, no stdin); reaches only PyPI, npm and Debian.
+# The Helm chart is rendered with Helm's Go SDK from PyPI (helm-python-sdk) and validated like the
+# kustomize manifests. Works non-interactively (CI=true, no stdin); reaches only PyPI, npm and Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ PINS=(
   "cfn-lint==1.58.0"
   "checkov==3.3.30"
   "kubernetes-validate==1.37.0"
+  "helm-python-sdk==0.2.2" # Helm's Go SDK (v4) behind a C ABI: renders the chart, no helm binary
   "PyYAML>=6"
 )
 
@@ -50,7 +52,7 @@ install_validators() {
     echo "lint-deploy: installing the validators failed" >&2
     exit 1
   fi
-  "$VENV/bin/python" -c "import checkov, cfnlint, kubernetes_validate, check_jsonschema, botocore, yaml"
+  "$VENV/bin/python" -c "import checkov, cfnlint, kubernetes_validate, check_jsonschema, botocore, yaml, helm_python"
   echo "$want" >"$marker"
   echo "  validators installed in $((SECONDS - start)) s"
 }
@@ -148,6 +150,28 @@ done
 run crds "$PY" deploy/lint/check_deploy.py crds "$VENV/node"
 run checkov-k8s "$BIN/checkov" --quiet --compact --skip-download --framework kubernetes -d deploy/k8s
 run k8s-rules "$PY" deploy/lint/check_deploy.py k8s
+
+step "Helm chart deploy/helm/llm-gateway: lint --strict, render, then the same validators"
+# Rendered by Helm's own Go SDK (helm-python-sdk) with the chart's defaults and each ci/*-values.yaml.
+chart_out=$(mktemp -d)
+trap 'rm -rf "$rules" "$chart_out"' EXIT
+check_gateway_config() { # the config the chart's ConfigMap carries, as the gateway reads it
+  "$GATEWAY_PYTHON" -m gateway check-config "$1" >/dev/null && echo "  ok   $(basename "$1") (llm-gateway check-config)"
+}
+if run helm-render "$PY" deploy/lint/render_helm.py deploy/helm/llm-gateway "$chart_out"; then
+  mapfile -t rendered < <(find "$chart_out" -mindepth 2 -name '*.yaml' | sort)
+  for version in $K8S_VERSIONS; do
+    run "helm-kubernetes-validate-$version" "$BIN/kubernetes-validate" --strict --quiet --no-warn \
+      -k "$version" "${rendered[@]}" &&
+      echo "  ok   ${#rendered[@]} rendered files against Kubernetes $version (built-in kinds; CRDs below)"
+  done
+  run helm-crds "$PY" deploy/lint/check_deploy.py crds "$VENV/node" "$chart_out/default"
+  run helm-checkov "$BIN/checkov" --quiet --compact --skip-download --framework kubernetes -d "$chart_out"
+  run helm-rules "$PY" deploy/lint/check_deploy.py k8s "$chart_out/default"
+  for cfg in "$chart_out"/*.gateway.yaml; do
+    run "helm-gateway-config-$(basename "$cfg" .gateway.yaml)" check_gateway_config "$cfg"
+  done
+fi
 
 step "Gateway settings used by every deployment (the gateway's own settings model)"
 run gateway-settings "$GATEWAY_PYTHON" deploy/lint/check_deploy.py gateway

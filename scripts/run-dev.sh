@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
 # `make run`: the gateway on 127.0.0.1:8080 in front of the bundled vLLM simulator on :8000.
 # With BACKEND=url (or GATEWAY_BACKENDS set) the simulator is skipped and the gateway fronts that vLLM.
-# PORT and SIM_PORT change the two ports.
+# PORT and SIM_PORT change the two ports. Async jobs are on when Redis answers (JOBS_REDIS, JOBS=0).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 PORT=${PORT:-8080}
 SIM_PORT=${SIM_PORT:-8000}
+# Async jobs (docs/jobs.md) need Redis: on when one answers at JOBS_REDIS (default the local one),
+# off with a word on how to get it otherwise. JOBS=0 keeps them off.
+JOBS_REDIS=${JOBS_REDIS:-redis://127.0.0.1:6379/0}
+if [ "${JOBS:-1}" != "0" ] && [ -z "${GATEWAY_JOBS__ENABLED:-}" ]; then
+  if "$BIN/python" -c "import sys, redis
+try:
+    sys.exit(not redis.Redis.from_url(sys.argv[1], socket_timeout=1, socket_connect_timeout=1).ping())
+except Exception:
+    sys.exit(1)" "$JOBS_REDIS" 2>/dev/null; then
+    export GATEWAY_JOBS__ENABLED=true GATEWAY_JOBS__QUEUE="$JOBS_REDIS"
+    export GATEWAY_JOBS__FILES="${GATEWAY_JOBS__FILES:-file://$PWD/.data/files}"
+    echo "jobs: on (Batch API, Prefer: respond-async) with Redis at $JOBS_REDIS, files in .data/files"
+  else
+    echo "jobs: off, no Redis answers at $JOBS_REDIS (docker compose up -d redis, or install" \
+      "redis-server; JOBS_REDIS=url for another); everything else works without it"
+  fi
+fi
 if [ -n "${BACKEND:-}" ]; then
   exec "$BIN/llm-gateway" serve --port "$PORT" --backend "$BACKEND"
 fi
@@ -46,9 +63,24 @@ if ! grep -q '"simulator listening"' "$simlog"; then
   echo "error: the vLLM simulator did not start listening on 127.0.0.1:$SIM_PORT within 30 s" >&2
   exit 1
 fi
-echo "vLLM simulator on http://127.0.0.1:$SIM_PORT (pid $sim); gateway on http://127.0.0.1:$PORT"
+echo "vLLM simulator on http://127.0.0.1:$SIM_PORT (pid $sim); starting the gateway on http://127.0.0.1:$PORT"
 "$BIN/llm-gateway" serve --port "$PORT" --backend "http://127.0.0.1:$SIM_PORT" &
 gw=$!
+# Say when it is ready, as a person waits for: /ready is 200 once the simulator is polled healthy.
+for _ in $(seq 1 300); do
+  if ! kill -0 "$gw" 2>/dev/null; then
+    break
+  fi
+  if "$BIN/python" -c "import sys, urllib.request
+try:
+    sys.exit(urllib.request.urlopen('http://127.0.0.1:$PORT/ready', timeout=1).status != 200)
+except OSError:
+    sys.exit(1)" 2>/dev/null; then
+    echo "ready: OpenAI base_url http://127.0.0.1:$PORT/v1 (probes /live /ready /health, /metrics); Ctrl-C stops both"
+    break
+  fi
+  sleep 0.1
+done
 status=0
 wait "$gw" || status=$?
 gw=""

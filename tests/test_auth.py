@@ -1008,7 +1008,9 @@ def test_token_command_mints_a_token_the_example_gateway_accepts(example_gw: Gat
 def test_example_gateway_rejects_a_token_signed_with_another_secret(example_gw: Gateway) -> None:
     token = cli_token(secret="another-secret-" + secrets.token_hex(8))
     assert_401(post_chat(example_gw, bearer(token)), token, extra=[EXAMPLE_SECRET])
-    expired = cli_token("--ttl", "-120")
+    now = int(time.time())  # `token` refuses to sign an expired token: sign one here
+    claims = {"sub": "alice", "team": "search", "tier": "interactive", "iat": now - 180, "exp": now - 120}
+    expired = jose_jwt.encode(claims, EXAMPLE_SECRET, algorithm="HS256")
     assert_401(post_chat(example_gw, bearer(expired)), expired, code="token_expired")
 
 

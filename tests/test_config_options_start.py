@@ -74,7 +74,8 @@ def test_every_file_valued_option_is_covered() -> None:
 
 def check_config(cfg: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", "check-config", str(cfg)],
+        # --require-secrets: an unset secret variable fails as serve does (a warning without it)
+        [sys.executable, "-m", "gateway", "check-config", "--require-secrets", str(cfg)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -11,8 +11,9 @@
     check_deploy.py ecs         The CloudFormation task definition, service, scalable target and
                                 scaling policy, turned into API requests and validated with
                                 botocore's ECS / Application Auto Scaling models; then the rules.
-    check_deploy.py k8s         Kubernetes rules: probes, drain budget, PDB, KEDA, ServiceMonitor.
-    check_deploy.py crds DIR    ScaledObject / ServiceMonitor through their published schemas
+    check_deploy.py k8s [M]     Kubernetes rules: probes, drain budget, PDB, KEDA, ServiceMonitor;
+                                of deploy/k8s, or of the manifests in M (the rendered Helm chart).
+    check_deploy.py crds DIR [M]  ScaledObject / ServiceMonitor through their published schemas
                                 (npm @kubernetes-models, installed under DIR; validate_crds.mjs).
     check_deploy.py dashboards  Grafana dashboards: structure, metric names the gateway and vLLM
                                 really export.
@@ -49,7 +50,7 @@ ECS_TEMPLATE = ROOT / "deploy" / "ecs" / "llm-gateway.yaml"
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARDS = ROOT / "dashboards"
 VLLM_METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32.0-cpu" / "metrics.txt"
-GATEWAY_METRICS_SOURCE = ROOT / "gateway" / "metrics.py"
+GATEWAY_METRICS_SOURCES = (ROOT / "gateway" / "metrics.py", ROOT / "gateway" / "jobs" / "metrics.py")
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DRAIN_SECONDS = 30.0
 
@@ -563,9 +564,19 @@ def ecs_rules(
     )
     f.check(svc.get("healthCheckGracePeriodSeconds", 0) >= 900, "service health-check grace < 900 s")
     ttc = scaling.get("TargetTrackingScalingPolicyConfiguration", {})
-    metric = ttc.get("CustomizedMetricSpecification", {}).get("MetricName", "")
+    spec = ttc.get("CustomizedMetricSpecification", {})
+    # One metric, or metric math whose inputs are (the stat of each query)
+    names = (
+        [spec.get("MetricName", "")]
+        if "MetricName" in spec
+        else [
+            q.get("MetricStat", {}).get("Metric", {}).get("MetricName", "") for q in spec.get("Metrics", [])
+        ]
+    )
+    metric = ",".join(n for n in names if n)
     f.check(
-        "queue" in metric or "requests_waiting" in metric, f"scaling metric {metric!r} is not queue depth"
+        any("queue" in n or "requests_waiting" in n or "jobs_pending" in n for n in names),
+        f"scaling metric {metric!r} is not queue depth",
     )
     f.check("PredefinedMetricSpecification" not in ttc, "scaling must not use a predefined (CPU) metric")
     f.check(ttc.get("ScaleInCooldown", 0) >= 600, "ScaleInCooldown < 600 s")
@@ -626,22 +637,24 @@ def _prestop_sleep(container: dict[str, Any]) -> int:
     return int(cmd[1]) if len(cmd) == 2 and cmd[0] == "sleep" else 0
 
 
-def cmd_k8s(_: list[str]) -> int:
-    f = Findings("deploy/k8s rules")
-    docs = list(k8s_docs())
+def cmd_k8s(args: list[str]) -> int:
+    root = Path(args[0]) if args else K8S
+    f = Findings(f"{root.name if args else 'deploy/k8s'} rules")
+    docs = list(k8s_docs(root))
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for path, doc in docs:
-        if path.parent == K8S:
+        if path.parent == root:
             by_kind.setdefault(doc["kind"], []).append(doc)
         f.check(
             doc.get("metadata", {}).get("namespace", "llm-gateway") == "llm-gateway"
             or doc["kind"] == "Namespace",
             f"{path.name}: {doc['kind']} outside the llm-gateway namespace",
         )
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization.get("resources", []))
-    top = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    f.check(listed == top, f"kustomization resources {sorted(listed)} != files {sorted(top)}")
+    if not args:
+        kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+        listed = set(kustomization.get("resources", []))
+        top = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+        f.check(listed == top, f"kustomization resources {sorted(listed)} != files {sorted(top)}")
     for kind in ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "ScaledObject"):
         f.check(kind in by_kind, f"no {kind}")
     dep = by_kind["Deployment"][0]
@@ -713,9 +726,10 @@ def cmd_k8s(_: list[str]) -> int:
 
 def cmd_crds(args: list[str]) -> int:
     node_dir = Path(args[0]).resolve()
+    root = Path(args[1]).resolve() if len(args) > 1 else K8S
     docs = [
-        {"file": str(p.relative_to(ROOT)), "doc": d}
-        for p, d in k8s_docs()
+        {"file": str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p), "doc": d}
+        for p, d in k8s_docs(root)
         if d.get("kind") in ("ScaledObject", "ServiceMonitor")
     ]
     # ES modules resolve packages from the script's own folder: run a copy beside node_modules.
@@ -749,7 +763,7 @@ def dashboard_exprs(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def exported_metric_names() -> set[str]:
-    source = GATEWAY_METRICS_SOURCE.read_text()
+    source = "\n".join(p.read_text() for p in GATEWAY_METRICS_SOURCES)
     names = set(re.findall(r'"(gateway_[a-z_]+)"', source))
     # Families named in a loop: f"gateway_backend_{name}" ... for name in ("a", "b", ...)
     for prefix, var in re.findall(r'f"(gateway_[a-z_]*)\{(\w+)\}"', source):

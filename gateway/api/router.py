@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import __version__
 from gateway.errors import GatewayError, ModelNotFound, error_body
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def build_router(gw: Gateway) -> APIRouter:
         return JSONBytes(
             {
                 "status": "ready" if ready else "not_ready",
+                "version": __version__,
                 "uptime_seconds": round(time.monotonic() - pool.started, 3),
                 "backends": [b.describe() for b in pool.backends],
             },

@@ -41,6 +41,7 @@ class ApiKeyStore:
 
     def __init__(self, keys: list[ApiKeySettings], default_tier: str | None) -> None:
         self._by_digest: dict[bytes, tuple[bytes, Principal | None]] = {}
+        self._by_owner: dict[tuple[str, str | None], Principal] = {}
         for k in keys:
             d = bytes.fromhex(k.sha256) if k.sha256 else digest(k.key.get_secret_value())  # type: ignore[union-attr]
             principal = (
@@ -57,6 +58,13 @@ class ApiKeyStore:
                 )
             )
             self._by_digest[d] = (d, principal)
+            if principal is not None:
+                self._by_owner.setdefault((principal.subject, principal.team), principal)
+
+    def current(self, subject: str, team: str | None) -> Principal | None:
+        """The principal a live (configured, not revoked) key gives ``subject`` in ``team`` now,
+        or None: how a job submitted with a key is checked again when it runs."""
+        return self._by_owner.get((subject, team))
 
     def __len__(self) -> int:
         return len(self._by_digest)

@@ -42,14 +42,14 @@ def register(subparsers: Any) -> None:
         "export-dataset", help="a team's captured requests as OpenAI fine-tuning JSONL"
     )
     export.add_argument("--config", help="YAML config file with a `ledger` section")
-    export.add_argument("--team", required=True)
+    export.add_argument("--team", required=True, help="the team whose captured requests to export")
     export.add_argument("--since", default="30d", help="how far back: 30d, 12h, or a date (UTC)")
     export.add_argument("--out", help="file to write (default: standard output)")
     export.set_defaults(func=_export)
 
     purge = subparsers.add_parser("purge", help="delete a team's captured content (the usage rows stay)")
     purge.add_argument("--config", help="YAML config file with a `ledger` section")
-    purge.add_argument("--team", required=True)
+    purge.add_argument("--team", required=True, help="the team whose captured content to delete")
     purge.add_argument("--before", help="only what was captured before this date (UTC); default: all")
     purge.set_defaults(func=_purge)
 

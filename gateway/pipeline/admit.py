@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.backends import Backend, BackendPool
@@ -84,6 +85,7 @@ class Admission:
         self.queues: dict[str, PoolQueue] = {}
         self._seq = 0
         self._groups: dict[str, _Group] = {}  # model → its group, rebuilt by _regroup()
+        self.on_release: Callable[[], None] | None = None  # capacity freed (job workers look again)
         self._regroup()
 
     def capacity(self, model: str) -> int:
@@ -143,8 +145,26 @@ class Admission:
         room = free - (admitted - placed if admitted > placed else 0)
         return room if room > 0 else 0
 
-    async def admit(self, model: str, tier: str | None, team: str | None, deadline: float) -> PoolQueue:
-        """Return once the request may go upstream (the caller must call release())."""
+    @property
+    def job_priority(self) -> int:
+        """The priority of job lines (gateway/jobs): after every interactive tier's."""
+        return max((*self._priority.values(), self._s.default_priority)) + 1
+
+    def has_room(self, model: str) -> bool:
+        """Whether a request for ``model`` would be admitted at once, with nobody waiting."""
+        q = self.queues.get(model)
+        if q is not None and q.waiting:
+            return False
+        g = q.group if q is not None else self._groups.get(model)
+        if g is None:
+            return any(b.ready and model in b.models for b in self._pool.backends)
+        return self._room(g, model) > 0
+
+    async def admit(self, model: str, priority: int, team: str | None, deadline: float) -> PoolQueue:
+        """Return once the request may go upstream (the caller must call release()).
+
+        ``priority``: lower goes first (``priority_of(tier)``, or ``job_priority``).
+        """
         q = self.queues.get(model)
         if q is None:
             q = self.queues[model] = PoolQueue(model)
@@ -171,7 +191,7 @@ class Admission:
         loop = asyncio.get_running_loop()
         until = min(deadline, loop.time() + wait)
         self._seq += 1
-        waiter = _Waiter(loop.create_future(), self.priority_of(tier), team or "", self._seq)
+        waiter = _Waiter(loop.create_future(), priority, team or "", self._seq)
         q.lanes.setdefault(waiter.priority, {}).setdefault(waiter.team, deque()).append(waiter)
         q.waiting += 1
         g.waiting += 1
@@ -207,6 +227,8 @@ class Admission:
         g = q.group
         if g is not None and g.waiting:  # the common case: nobody to hand a slot to
             self._dispatch_group(q)
+        elif self.on_release is not None:
+            self.on_release()
 
     def dispatch(self, model: str | None = None) -> None:
         """Hand free capacity to waiters: when replicas become ready or change their models (the

@@ -47,3 +47,4 @@ class Exchange:
     tokens_charged: int | None = None  # charged against token budgets (None: no token limit)
     events: int = 0  # SSE data events relayed: the token count if usage never arrives
     disconnected: bool = False
+    job: bool = False  # a job line run by a worker (gateway/jobs), not a client's request

@@ -39,22 +39,29 @@ class SimConfig:
 
 
 def add_sim_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="listen address")
+    p.add_argument("--port", type=int, default=8000, help="listen port")
     p.add_argument(
         "--model",
         dest="models",
         action="append",
+        metavar="NAME",
         help="served model name (repeatable; default: tiny)",
     )
     p.add_argument(
         "--embedding-model",
         dest="embedding_models",
         action="append",
+        metavar="NAME",
         default=[],
         help="serve this name as an embedding model on /v1/embeddings (repeatable)",
     )
-    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=512,
+        help="context length in tokens: a longer prompt or max_tokens is a 400, as from vLLM",
+    )
     p.add_argument("--ttft", type=float, default=0.05, help="seconds to first token")
     p.add_argument("--itl", type=float, default=0.01, help="seconds between tokens")
     p.add_argument("--output-tokens", type=int, default=16, help="tokens per answer (max_tokens caps it)")
@@ -65,10 +72,12 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--fault",
         default="",
         help="fault for every request: error, status:CODE, drop:N, error-event:N, hang, "
-        "hang-after:N, slow-start:SECONDS, die",
+        "hang-after:N, slow-start:SECONDS, die (default: none)",
     )
-    p.add_argument("--api-key", default="", help="require this bearer key on /v1/* (like vLLM)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--api-key", default="", help="require this bearer key on /v1/* (like vLLM; default: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the --error-rate draws")
     p.add_argument(
         "--sse-framing",
         default="vllm",

@@ -244,3 +244,57 @@ def _completion_tokens(gw: Gateway) -> float:
         if fam.name == "gateway_completion_tokens":
             return sum(s.value for s in fam.samples if s.name.endswith("_total"))
     return 0.0
+
+
+def test_batch_and_async_job_on_real_vllm(stack: Stack, tmp_path: Path) -> None:
+    """The whole Batch API flow with the SDK, and a 202 + poll job, executed by real vLLM."""
+    from tests.jobs_helpers import ALICE, chat_lines, jobs_config, jsonl, poll
+
+    path, _ = jobs_config(tmp_path)
+    gw = Gateway([stack.vllm.url], config=path)
+    try:
+        c = openai.OpenAI(base_url=gw.v1, api_key=ALICE, max_retries=0, timeout=120)
+        data = chat_lines(12, max_tokens=8) + (
+            b'{"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions", "body": '
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}}\n'
+        )
+        f = c.files.create(file=("in.jsonl", data), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert [x.id for x in c.batches.list().data] == [b.id]
+        done = poll(
+            lambda: c.batches.retrieve(b.id),
+            lambda x: x.status in ("completed", "failed", "expired", "cancelled"),
+            300,
+            "batch on vLLM",
+        )
+        assert done.status == "completed", done
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (12, 1)
+        out = jsonl(c.files.content(done.output_file_id or "").content)
+        assert sorted(x["custom_id"] for x in out) == sorted(f"req-{i}" for i in range(12))
+        for x in out:
+            body = x["response"]["body"]
+            assert body["model"] == "tiny" and body["usage"]["completion_tokens"] >= 1
+        errs = jsonl(c.files.content(done.error_file_id or "").content)
+        assert [e["custom_id"] for e in errs] == ["too-long"]
+        assert errs[0]["response"]["status_code"] == 400  # vLLM's own refusal, kept
+        assert errs[0]["response"]["body"]["error"]["type"] == "invalid_request_error"
+        # 202 + poll for one request
+        r = httpx.post(
+            gw.v1 + "/chat/completions",
+            json={"model": "tiny", "messages": MSG, "max_tokens": 6},
+            headers={"Authorization": f"Bearer {ALICE}", "Prefer": "respond-async"},
+        )
+        assert r.status_code == 202, r.text
+        job = poll(
+            lambda: httpx.get(
+                gw.url + r.headers["location"], headers={"Authorization": f"Bearer {ALICE}"}
+            ).json(),
+            lambda j: j["status"] in ("completed", "failed"),
+            120,
+            "job on vLLM",
+        )
+        assert job["response"]["status_code"] == 200
+        assert job["response"]["body"]["object"] == "chat.completion"
+    finally:
+        gw.stop()

@@ -1,0 +1,183 @@
+"""HTTP surface of the jobs: the Batch API, ``/v1/jobs``, and ``Prefer: respond-async``.
+
+* ``POST /v1/batches``, ``GET /v1/batches`` (``after``, ``limit`` 1 to 100), ``GET /v1/batches/{id}``,
+  ``POST /v1/batches/{id}/cancel``: OpenAI's Batch API (the Batch object).
+* ``GET /v1/jobs/{id}``: a single job; once done its ``response`` holds ``status_code`` and the
+  ``body`` a synchronous call would have returned. ``DELETE /v1/jobs/{id}`` cancels a job that
+  has not started.
+* Any proxied endpoint with ``Prefer: respond-async`` (RFC 7240) is validated and authorized as
+  a synchronous request would be, then answered ``202 Accepted`` with ``Location: /v1/jobs/{id}``
+  and the job object (``Preference-Applied: respond-async``). ``Idempotency-Key`` (≤ 255
+  printable characters) makes a retried submission return the same job.
+
+Everything belongs to the principal (within its team) that created it: anyone else gets 404.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from redis.exceptions import RedisError
+
+from gateway.asgi import Receive, Scope, Send, header
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.jobs.store import owner_key
+from gateway.pipeline import receive as receive_stage
+from gateway.pipeline.receive import Endpoint
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.jobs.service import Jobs
+
+
+def install_jobs_error_handler(api: Any) -> None:
+    """Redis unreachable on a jobs or files route: 503 ``jobs_unavailable`` with Retry-After."""
+    from gateway.jobs.service import JobsUnavailable
+
+    async def unavailable(_: Request, __: Exception) -> Response:
+        exc = JobsUnavailable()
+        headers = {k.decode(): v.decode() for k, v in exc.headers()}
+        return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=headers)
+
+    api.add_exception_handler(RedisError, unavailable)
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def wants_async(scope: Scope) -> bool:
+    """Whether the request carries ``Prefer: respond-async`` (any of its Prefer headers)."""
+    return any(k == b"prefer" and b"respond-async" in v.lower() for k, v in scope["headers"])
+
+
+def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
+    router = APIRouter()
+    auth = gw.auth
+
+    async def owner(request: Request) -> str:
+        return owner_key(await auth.authenticate(request.scope))
+
+    @router.post("/v1/batches", summary="Create a batch (OpenAI Batch API)")
+    async def create_batch(request: Request) -> Response:
+        principal = await auth.authenticate(request.scope)
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+        return _json(await jobs.create_batch(principal, body))
+
+    @router.get("/v1/batches", summary="List your batches, newest first")
+    async def list_batches(request: Request) -> Response:
+        who = await owner(request)
+        q = request.query_params
+        limit_raw = q.get("limit", "20")
+        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 100:
+            raise InvalidRequest("limit must be an integer from 1 to 100.", param="limit")
+        return _json(await jobs.list_batches(who, q.get("after"), int(limit_raw)))
+
+    @router.get("/v1/batches/{batch_id}", summary="Retrieve a batch")
+    async def get_batch(batch_id: str, request: Request) -> Response:
+        return _json(await jobs.batch(await owner(request), batch_id))
+
+    @router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch")
+    async def cancel_batch(batch_id: str, request: Request) -> Response:
+        return _json(await jobs.cancel_batch(await owner(request), batch_id))
+
+    @router.get("/v1/jobs/{job_id}", summary="A single async job, and its response once done")
+    async def get_job(job_id: str, request: Request) -> Response:
+        return _json(await jobs.job(await owner(request), job_id))
+
+    @router.delete("/v1/jobs/{job_id}", summary="Cancel a single async job that has not started")
+    async def cancel_job(job_id: str, request: Request) -> Response:
+        return _json(await jobs.cancel_job(await owner(request), job_id))
+
+    return router
+
+
+async def submit_async(
+    gw: Gateway, jobs: Jobs, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Answer a ``Prefer: respond-async`` request: validate, authorize, enqueue, 202."""
+    s = gw.settings
+    try:
+        principal = await gw.auth.authenticate(scope)
+        length = header(scope, b"content-length")
+        raw = await receive_stage.read_body(
+            receive,
+            int(length) if length and length.isdigit() else None,
+            s.server.max_body_bytes,
+            header(scope, b"content-encoding"),
+        )
+        req = receive_stage.parse(endpoint, raw, s.validation)
+        if req.stream:
+            raise InvalidRequest("`stream: true` cannot be run as an async job.", param="stream")
+        body = dict(req.body)
+        plan = gw.router.plan(scope, body, req.model)
+        gw.auth.authorize(principal, req.model, plan.model)
+        key = header(scope, b"idempotency-key")
+        ikey: str | None = None
+        if key is not None:
+            ikey = key.decode("latin-1")
+            if not 0 < len(ikey) <= 255 or not ikey.isprintable():
+                raise InvalidRequest(
+                    "Idempotency-Key must be 1 to 255 printable characters.", param="Idempotency-Key"
+                )
+        task = header(scope, s.routing.task_header.encode())
+        job, _created = await jobs.submit_job(
+            principal,
+            endpoint.path.decode(),
+            raw,
+            req.model,
+            task.decode("latin-1") if task is not None else None,
+            ikey,
+        )
+    except GatewayError as exc:
+        body_bytes = exc.body()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body_bytes)).encode()),
+                    *exc.headers(),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body_bytes})
+        return
+    except receive_stage.ClientGone:
+        return
+    except (RedisError, OSError):
+        from gateway.jobs.service import JobsUnavailable
+
+        down = JobsUnavailable()
+        body_bytes = down.body()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": down.status,
+                "headers": [(b"content-type", b"application/json"), *down.headers()],
+            }
+        )
+        await send({"type": "http.response.body", "body": body_bytes})
+        return
+    out = orjson.dumps(job)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 202,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(out)).encode()),
+                (b"location", f"/v1/jobs/{job['id']}".encode()),
+                (b"preference-applied", b"respond-async"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})

@@ -1,0 +1,253 @@
+"""Batch and job records, and their results, in Redis.
+
+A record is a hash, ``{prefix}batch:{id}`` or ``{prefix}job:{id}``:
+
+* ``doc``: what never changes (id, endpoint, input file, window, metadata, owner, the principal
+  it runs as), JSON;
+* ``status`` and one field per timestamp (``in_progress_at``, ``completed_at``...), changed only
+  by ``transition``, a compare-and-set on the status (one Lua script: replicas racing to move a
+  batch on cannot both win);
+* ``output_file_id``, ``error_file_id``, ``errors`` (JSON), ``total`` (request lines).
+
+A batch's results are two hashes keyed by ``custom_id``, ``…:out`` (2xx answers) and ``…:err``
+(other answers, lines dead-lettered or expired), written with ``HSETNX``: a line delivered twice
+(a worker died after writing its result, before acknowledging it) keeps its first result, so
+it appears exactly once in the output. ``request_counts`` are the two hashes' sizes. A single
+job's result is its record's ``result`` field, written the same way.
+
+Everything expires ``jobs.retention`` seconds after the batch or job ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from gateway.auth.principal import Principal
+from gateway.jobs.files import owner_key
+
+__all__ = ["JobStore", "owner_key"]
+
+BATCH_TIMESTAMPS = (
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+# KEYS[1] record; ARGV[1] "|"-joined statuses it may move from, ARGV[2] new status, then
+# field/value pairs to set. Returns 1 when moved, 0 when the status was not one of those.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return -1 end
+local ok = false
+for s in string.gmatch(ARGV[1], '[^|]+') do if s == cur then ok = true end end
+if not ok then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def principal_doc(p: Principal) -> dict[str, Any]:
+    return {
+        "subject": p.subject,
+        "team": p.team,
+        "tier": p.tier,
+        "scopes": sorted(p.scopes),
+        "models": None if p.models is None else sorted(p.models),
+        "via": p.via,
+    }
+
+
+def principal_from(doc: dict[str, Any]) -> Principal:
+    models = doc.get("models")
+    return Principal(
+        subject=doc["subject"],
+        team=doc.get("team"),
+        tier=doc.get("tier"),
+        scopes=frozenset(doc.get("scopes") or ()),
+        models=None if models is None else frozenset(models),
+        via=doc.get("via", "api_key"),
+    )
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, prefix: str, retention: float) -> None:
+        self.r: Any = redis  # redis-py's stubs type replies as unions of every RESP shape
+        self.p = prefix
+        self.retention = int(retention)
+        self._transition = redis.register_script(_TRANSITION)
+
+    # keys
+    def key(self, kind: str, rid: str) -> str:
+        return f"{self.p}{kind}:{rid}"
+
+    def out_key(self, batch_id: str) -> str:
+        return f"{self.p}batch:{batch_id}:out"
+
+    def err_key(self, batch_id: str) -> str:
+        return f"{self.p}batch:{batch_id}:err"
+
+    def attempts_key(self, kind: str, rid: str) -> str:
+        return f"{self.p}{kind}:{rid}:attempts"
+
+    def running_key(self, kind: str, rid: str) -> str:
+        return f"{self.p}{kind}:{rid}:running"
+
+    def index_key(self, kind: str, owner: str) -> str:
+        return f"{self.p}{kind}s:{owner}"
+
+    def active_key(self, kind: str) -> str:
+        return f"{self.p}active:{kind}"
+
+    # records
+    async def create(self, kind: str, rid: str, doc: dict[str, Any], status: str, **fields: Any) -> None:
+        order = time.time_ns() // 1000  # µs: orders records created within one second
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            self.key(kind, rid),
+            mapping={"doc": orjson.dumps(doc), "status": status, **{k: _enc(v) for k, v in fields.items()}},
+        )
+        pipe.zadd(self.index_key(kind, doc["owner"]), {rid: order})
+        pipe.sadd(self.active_key(kind), rid)
+        await pipe.execute()
+
+    async def load(self, kind: str, rid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(doc, fields) of a record, or None."""
+        raw = await self.r.hgetall(self.key(kind, rid))
+        if not raw or b"doc" not in raw:
+            return None
+        fields = {k.decode(): v for k, v in raw.items() if k != b"doc"}
+        return orjson.loads(raw[b"doc"]), fields
+
+    async def status(self, kind: str, rid: str) -> str | None:
+        s = await self.r.hget(self.key(kind, rid), "status")
+        return s.decode() if s is not None else None
+
+    async def transition(self, kind: str, rid: str, frm: tuple[str, ...], to: str, **fields: Any) -> bool:
+        """Move a record from one of ``frm`` to ``to`` (setting ``fields``); False if it was not."""
+        args: list[Any] = ["|".join(frm), to]
+        for k, v in fields.items():
+            args += [k, _enc(v)]
+        res = await self._transition(keys=[self.key(kind, rid)], args=args)
+        if res == 1 and to in TERMINAL:
+            await self.expire(kind, rid)
+        return bool(res == 1)
+
+    async def set_fields(self, kind: str, rid: str, **fields: Any) -> None:
+        await self.r.hset(self.key(kind, rid), mapping={k: _enc(v) for k, v in fields.items()})
+
+    async def expire(self, kind: str, rid: str) -> None:
+        ttl = self.retention
+        pipe = self.r.pipeline(transaction=False)
+        for key in (
+            self.key(kind, rid),
+            self.out_key(rid),
+            self.err_key(rid),
+            self.attempts_key(kind, rid),
+            self.running_key(kind, rid),
+        ):
+            pipe.expire(key, ttl)
+        pipe.srem(self.active_key(kind), rid)
+        await pipe.execute()
+
+    async def active(self, kind: str) -> list[str]:
+        return [m.decode() for m in await self.r.smembers(self.active_key(kind))]
+
+    async def page(self, kind: str, owner: str, after: str | None, limit: int) -> tuple[list[str], bool]:
+        """Ids of ``owner``'s records, newest first, after the id ``after``; and whether more remain."""
+        key = self.index_key(kind, owner)
+        start = 0
+        if after is not None:
+            rank = await self.r.zrevrank(key, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
+        ids = await self.r.zrevrange(key, start, start + limit)
+        out = [i.decode() for i in ids]
+        return out[:limit], len(out) > limit
+
+    # results
+    async def put_result(self, batch_id: str, cid: str, line: bytes, ok: bool) -> bool:
+        """Write a line's result once (True if this call wrote it)."""
+        return bool(await self.r.hsetnx(self.out_key(batch_id) if ok else self.err_key(batch_id), cid, line))
+
+    async def has_result(self, batch_id: str, cid: str) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hexists(self.out_key(batch_id), cid)
+        pipe.hexists(self.err_key(batch_id), cid)
+        a, b = await pipe.execute()
+        return bool(a or b)
+
+    async def counts(self, batch_id: str) -> tuple[int, int]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hlen(self.out_key(batch_id))
+        pipe.hlen(self.err_key(batch_id))
+        done, failed = await pipe.execute()
+        return int(done), int(failed)
+
+    async def results(self, key: str) -> AsyncIterator[tuple[str, bytes]]:
+        """Every (custom_id, line) of a results hash, streamed (HSCAN, bounded memory)."""
+        async for k, v in self.r.hscan_iter(key, count=500):
+            yield (k.decode() if isinstance(k, bytes) else k), v
+
+    async def start_line(self, kind: str, rid: str, cid: str) -> int:
+        """Count a delivery and mark the line running, in one round trip; returns the count."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(self.attempts_key(kind, rid), cid, 1)
+        pipe.zadd(self.running_key(kind, rid), {cid: time.time()})
+        count, _ = await pipe.execute()
+        return int(count)
+
+    async def finish_line(self, batch_id: str, cid: str, line: bytes, ok: bool) -> None:
+        """Write a batch line's result once (``HSETNX``) and unmark it running, in one round trip."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(self.out_key(batch_id) if ok else self.err_key(batch_id), cid, line)
+        pipe.zrem(self.running_key("batch", batch_id), cid)
+        await pipe.execute()
+
+    async def attempt(self, kind: str, rid: str, cid: str) -> int:
+        """Count a delivery of a line; returns how many it has had, this one included."""
+        return int(await self.r.hincrby(self.attempts_key(kind, rid), cid, 1))
+
+    async def running(self, kind: str, rid: str, cid: str, on: bool) -> None:
+        """Mark a line as running (with the time, renewed by the worker) or no longer."""
+        key = self.running_key(kind, rid)
+        if on:
+            await self.r.zadd(key, {cid: time.time()})
+        else:
+            await self.r.zrem(key, cid)
+
+    async def running_count(self, kind: str, rid: str, since: float) -> int:
+        """Lines marked running and renewed after ``since`` (unix seconds)."""
+        return int(await self.r.zcount(self.running_key(kind, rid), since, "+inf"))
+
+
+def _enc(v: Any) -> bytes | str | int | float:
+    if isinstance(v, (bytes, str, int, float)) and not isinstance(v, bool):
+        return v
+    return orjson.dumps(v)
+
+
+def field_str(fields: dict[str, Any], name: str) -> str | None:
+    v = fields.get(name)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def field_int(fields: dict[str, Any], name: str) -> int | None:
+    v = fields.get(name)
+    return int(v) if v is not None else None
+
+
+def field_json(fields: dict[str, Any], name: str) -> Any:
+    v = fields.get(name)
+    return orjson.loads(v) if v is not None else None
