@@ -439,10 +439,17 @@ def test_a_fallback_row_names_the_provider_and_takes_its_price(shared_schema: st
             }
         )
     )
-    gw = Gateway(
-        [local.url], config=config, env={"HTTP_PROXY": "", "http_proxy": "", "ALL_PROXY": "", "all_proxy": ""}
-    )
-    local.proc.kill()  # the local pool cannot serve: the provider does
+    try:
+        gw = Gateway(
+            [local.url],
+            config=config,
+            env={"HTTP_PROXY": "", "http_proxy": "", "ALL_PROXY": "", "all_proxy": ""},
+        )
+    except BaseException:
+        provider.stop()  # never leave a process behind
+        raise
+    finally:
+        local.proc.kill()  # the local pool cannot serve: the provider does
     seen: dict[str, tuple[int, int]] = {}
     try:
         for i in range(3):

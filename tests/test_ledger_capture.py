@@ -61,7 +61,11 @@ def test_captured_pairs_export_as_fine_tuning_jsonl_and_purge_removes_them(
     up = cli("db", "upgrade", "--config", str(config))
     assert up.returncode == 0, up.stderr
     sim = Sim(None, "--ttft", "0.005", "--itl", "0.001")
-    gw = Gateway([sim.url], config=config)
+    try:
+        gw = Gateway([sim.url], config=config)
+    except BaseException:
+        sim.stop()  # never leave a process behind
+        raise
     answers: list[str] = []
     try:
         with httpx.Client(base_url=gw.v1, timeout=30) as http:

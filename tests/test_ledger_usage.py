@@ -96,10 +96,12 @@ def gateway(filled: tuple[str, float], tmp_path_factory: pytest.TempPathFactory)
         )
     )
     sim = Sim(None)
-    gw = Gateway([sim.url], config=path)
-    yield gw
-    gw.stop()
-    sim.stop()
+    try:
+        gw = Gateway([sim.url], config=path)
+        yield gw
+        gw.stop()
+    finally:
+        sim.stop()
 
 
 def get(gw: Gateway, path: str, key: str = "sk-admin", **params: Any) -> httpx.Response:
