@@ -42,6 +42,8 @@ from gateway.retry import RetryBudget
 
 if TYPE_CHECKING:
     from gateway.jobs.service import Jobs
+    from gateway.ledger.budget import BudgetBook
+    from gateway.ledger.writer import LedgerWriter
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
 # prometheus-client's own switch for multiprocess mode; must be set before it is imported.
@@ -64,6 +66,7 @@ class Gateway:
     admission: Admission
     router: Router
     fallback: ExternalFallback | None
+    budgets: BudgetBook | None = None  # monthly team budgets (gateway/ledger/budget.py)
 
 
 class GatewayApp:
@@ -167,6 +170,13 @@ def check_startup(settings: Settings) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the settings cannot be handed to a worker process: {exc}") from exc
     build_gateway(settings)
+    if settings.ledger is not None:
+        try:
+            settings.ledger.password()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    elif any(t.budget is not None for t in settings.teams.values()):
+        raise ConfigError("teams.<team>.budget: budgets need a `ledger` section")
 
 
 def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
@@ -181,10 +191,19 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             allow_unauthenticated=settings.server.allow_unauthenticated,
         )
 
+    ledger = build_ledger(settings, metrics)
+    gateway.budgets = build_budgets(settings, metrics)
+    usage_api = None
+    if settings.ledger is not None:  # GET /v1/organization/usage/completions and /costs
+        from gateway.ledger.api import UsageApi
+
+        usage_api = UsageApi(settings.ledger, gateway.auth)
     jobs_box: list[Jobs] = []  # built below, once the proxy endpoints exist
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if ledger is not None:
+            await ledger.start()
         await gateway.upstream.start()
         await gateway.auth.start()
         await gateway.poller.start()
@@ -208,6 +227,12 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             await gateway.upstream.close()
             if gateway.fallback is not None:
                 await gateway.fallback.close()
+            if gateway.budgets is not None:
+                await gateway.budgets.close()
+            if usage_api is not None:
+                await usage_api.close()
+            if ledger is not None:
+                await ledger.stop()  # every request has ended: flush its rows (or spool them)
             log.info("gateway stopped")
 
     api = FastAPI(
@@ -219,6 +244,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     )
     install_error_handlers(api)
     api.include_router(build_router(gateway))
+    if usage_api is not None:
+        api.include_router(usage_api.router())
     accountant = Accountant(
         metrics,
         structlog.get_logger("gateway.access"),
@@ -227,6 +254,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         backends={b.label for b in pool.backends}
         | ({gateway.fallback.backend.label} if gateway.fallback else set()),
         write_line=audit_writer(settings.logging),
+        ledger=ledger,
+        budgets=gateway.budgets,
     )
     metrics.build_info.labels(_version(), _config_hash(settings)).set(1)
     routes = {
@@ -267,6 +296,43 @@ def build_jobs(gateway: Gateway, api: FastAPI, routes: dict[str, ProxyEndpoint])
     api.include_router(build_jobs_router(gateway, jobs))
     install_jobs_error_handler(api)
     return jobs
+
+
+def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | None:
+    """The usage ledger's writer when the settings have a ``ledger`` section (asyncpg loaded only then)."""
+    if settings.ledger is None:
+        if any(t.capture for t in settings.teams.values()):
+            raise ConfigError("teams.<team>.capture: capturing needs a `ledger` section")
+        return None
+    from gateway.ledger.metrics import LedgerMetrics
+    from gateway.ledger.writer import LedgerWriter
+
+    try:
+        return LedgerWriter(settings.ledger, settings.pricing, LedgerMetrics(metrics.registry))
+    except ValueError as exc:  # the password's variable or file is missing
+        raise ConfigError(str(exc)) from exc
+
+
+def build_budgets(settings: Settings, metrics: GatewayMetrics) -> BudgetBook | None:
+    """Team budgets when a team has one (they need the ledger: it is what seeds the counts)."""
+    budgets = {name: t.budget for name, t in settings.teams.items() if t.budget is not None}
+    if not budgets:
+        return None
+    if settings.ledger is None:
+        raise ConfigError(f"teams.{next(iter(budgets))}.budget: budgets need a `ledger` section")
+    from gateway.ledger.budget import BudgetBook
+    from gateway.ledger.pricing import PriceTable
+
+    rl = settings.rate_limits
+    return BudgetBook(
+        budgets,
+        rl.storage,
+        rl.storage_timeout,
+        rl.on_storage_error == "open",
+        settings.ledger,
+        PriceTable(settings.pricing),
+        metrics.registry,
+    )
 
 
 def build_authenticator(settings: Settings) -> Authenticator:

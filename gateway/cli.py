@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, settings_to_json
 from gateway.config_check import Loc, describe, explain, unset_secret_vars
+from gateway.ledger.cli import register as register_ledger
 
 if TYPE_CHECKING:
     # What ``ArgumentParser.add_subparsers`` returns; argparse names the class privately.
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_check_config(sub)
     register_token(sub)
     register_version(sub)
+    register_ledger(sub)  # db, usage, export-dataset, purge (gateway/ledger/cli.py)
     return parser
 
 

@@ -32,6 +32,7 @@ from pydantic_settings import (
 from gateway.config_auth import AuthSettings, LimitValues, RateLimitSettings, TeamSettings
 from gateway.config_routing import ExternalSettings, RoutingSettings
 from gateway.jobs.config import JobsSettings
+from gateway.ledger.config import LedgerSettings, ModelPrice
 
 DEFAULT_BACKEND = "http://127.0.0.1:8000"
 
@@ -338,6 +339,20 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(
         default_factory=JobsSettings,
         description="Async jobs: Files and Batch APIs, `Prefer: respond-async` (docs/jobs.md).",
+    )
+    ledger: LedgerSettings | None = Field(
+        None,
+        description=(
+            "The usage ledger: one PostgreSQL row per request with its cost, written in batches off "
+            "the request path, spooled to disk while PostgreSQL is down (docs/ledger.md). None: off."
+        ),
+    )
+    pricing: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description=(
+            "Prices by model name (or `provider/model` for an external provider's rate), used for the "
+            "ledger's cost column when a row is written. A model without a price costs 0."
+        ),
     )
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.ledger.config import BudgetSettings
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -136,6 +138,29 @@ class TeamSettings(_Section):
     data_residency: Literal["strict", "any"] = Field(
         "any", description="`strict`: never sent off-premises (used by the fallback routes)."
     )
+    capture: bool = Field(
+        False,
+        description=(
+            "Store this team's request messages and responses (redacted of secrets) with its ledger "
+            "rows, for `llm-gateway export-dataset` (fine-tuning JSONL). Needs `ledger` and "
+            "`log_content: true` (the team's consent to content being kept); `llm-gateway purge` "
+            "deletes it."
+        ),
+    )
+    budget: BudgetSettings | None = Field(
+        None,
+        description=(
+            "Monthly spend limit of the whole team (needs `ledger`): over it, 429 `budget_exceeded` "
+            "until the month ends (UTC). Counted in the rate-limit storage (Redis: shared by replicas), "
+            "rebuilt from the ledger when missing (docs/ledger.md)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _capture_needs_consent(self) -> TeamSettings:
+        if self.capture and not self.log_content:
+            raise ValueError("`capture: true` needs `log_content: true` (content may be kept)")
+        return self
 
 
 class RateLimitSettings(_Section):

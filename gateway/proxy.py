@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from gateway.pipeline.account import Accountant
 from gateway.pipeline.attempt import Deadlines, attempt
 from gateway.pipeline.content_log import prompt_text
 from gateway.pipeline.exchange import Exchange
-from gateway.pipeline.limit import NO_LIMITS, RateLimiter
+from gateway.pipeline.limit import NO_LIMITS, RateLimiter, Reservation
 from gateway.pipeline.receive import ClientGone, Endpoint, ParsedRequest
 from gateway.pipeline.relay import gateway_headers
 from gateway.pipeline.route import RoutePlan, check_model, choose_backend
@@ -75,7 +76,9 @@ class ProxyEndpoint:
         self.itl = gateway.metrics.itl.labels(endpoint.name)
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
+        self.budgets = gateway.budgets
         self.log_content_teams = {n for n, t in gateway.settings.teams.items() if t.log_content}
+        self.capture_teams = {n for n, t in gateway.settings.teams.items() if t.capture}
         self.log = structlog.get_logger("gateway.proxy")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,6 +191,7 @@ class ProxyEndpoint:
         req = receive_stage.parse(self.endpoint, raw, s.validation)
         # 3. route plan: task type and alias → the served model (replicas are picked below)
         dirty = s.routing.task_field in req.body
+        ex.requested_model = req.model
         plan = self.router.plan(scope, req.body, req.model)
         ex.route = plan.name
         self.auth.authorize(principal, req.model, plan.model)
@@ -197,12 +201,23 @@ class ProxyEndpoint:
         ex.model, ex.stream = req.model, req.stream
         if principal.team in self.log_content_teams:
             ex.capture, ex.prompt_text = [], prompt_text(req.body)
+            if principal.team in self.capture_teams and isinstance(req.body.get("messages"), list):
+                ex.messages = req.body["messages"]  # kept by the ledger (gateway/ledger/rows.py)
         # 4. limit (settled in __call__, whatever happens next)
         if self.limiter.enabled:
             # Only validated values the endpoint honours feed the reservation (receive.parse).
             ex.body_bytes = len(raw)
             estimate = self.limiter.estimate(len(raw), req.max_tokens, req.n)
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
+        if self.budgets is not None:  # the team's monthly budget (gateway/ledger/budget.py)
+            remaining = await self.budgets.check(principal)
+            if remaining:  # sent with the response, like the rate-limit headers
+                res = ex.reservation
+                ex.reservation = (
+                    Reservation(headers=remaining)
+                    if res is NO_LIMITS
+                    else replace(res, headers=[*res.headers, *remaining])
+                )
         if req.stream and not req.client_wants_usage:
             # Exact token accounting needs vLLM's usage chunk; relay strips it again. Without
             # include_usage vLLM ignores continuous_usage_stats: dropped, or usage would appear

@@ -54,6 +54,7 @@ class ApiKeyStore:
                     scopes=frozenset(k.scopes),
                     models=frozenset(k.models) if k.models is not None else None,
                     via="api_key",
+                    credential="key:" + d.hex()[:12],
                 )
             )
             self._by_digest[d] = (d, principal)

@@ -175,6 +175,7 @@ class JwtVerifier:
             scopes=frozenset(str(x) for x in scopes) if isinstance(scopes, list) else frozenset(),
             models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
             via="jwt",
+            credential=f"jti:{jti[:128]}" if isinstance(jti := claims.get("jti"), str) and jti else None,
         )
 
 

@@ -13,6 +13,9 @@ class Principal:
     scopes: frozenset[str]
     models: frozenset[str] | None  # None: any model the team may use
     via: str  # "jwt" | "api_key" | "anonymous"
+    # Which credential, never the secret: "key:" + the first 12 hex digits of an API key's sha256,
+    # or "jti:" + a JWT's `jti` claim (None when the token has none).
+    credential: str | None = None
 
 
 ANONYMOUS = Principal("anonymous", None, None, frozenset(), None, "anonymous")

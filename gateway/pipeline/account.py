@@ -1,4 +1,4 @@
-"""Stage 8, account: metrics and the one audit line per request.
+"""Stage 9, account: metrics, the one audit line per request, and the ledger row.
 
 The audit line carries counts and timings only, never prompt or completion
 text, and no credentials.
@@ -7,12 +7,16 @@ text, and no credentials.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import Fault
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.exchange import Exchange
 from gateway.redact import redact
+
+if TYPE_CHECKING:
+    from gateway.ledger.budget import BudgetBook
+    from gateway.ledger.writer import LedgerWriter
 
 
 class Accountant:
@@ -24,6 +28,8 @@ class Accountant:
         teams: set[str],
         backends: set[str],
         write_line: Callable[[dict[str, Any]], None] | None = None,
+        ledger: LedgerWriter | None = None,
+        budgets: BudgetBook | None = None,
     ) -> None:
         self._m = metrics
         self._log = log
@@ -31,8 +37,14 @@ class Accountant:
         self._access_log = access_log
         self._teams = teams  # label values are bounded to configured names
         self._backends = backends
+        self._ledger = ledger  # the usage ledger (gateway/ledger/): one buffered row per request
+        self._budgets = budgets
 
     def record(self, ex: Exchange, known_model: bool) -> None:
+        if self._ledger is not None:
+            self._ledger.append(ex, known_model)  # O(1): the row is built and written off the path
+            if self._budgets is not None:
+                self._budgets.charge(ex)  # teams with a budget: one storage call, not awaited
         m = self._m
         stream = "true" if ex.stream else "false"
         model = ex.model if known_model else "unknown"

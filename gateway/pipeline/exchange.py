@@ -16,6 +16,7 @@ class Exchange:
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() has 1 ms resolution)
     principal: Principal = ANONYMOUS
     model: str = "-"
+    requested_model: str | None = None  # the model the client named, before task routes and aliases
     stream: bool = False
     backend: str | None = None
     route: str = "-"
@@ -35,6 +36,7 @@ class Exchange:
     capture: list[str] | None = None  # completion text, only for teams with log_content
     captured: int = 0  # characters in capture (kept up to MAX_LOGGED_CHARS)
     prompt_text: str | None = None
+    messages: list[object] | None = None  # the request's messages, only for teams with capture
     limited: tuple[str, str] | None = None  # (kind, scope) of the limit that refused it
     priority: int = 0  # seconds from arrival to upstream response headers
     finished: float = 0.0
