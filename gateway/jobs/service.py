@@ -683,6 +683,9 @@ class Jobs:
                     )
                 )
             sink = ResultSink()
+            # Each run of the line is a request of its own (its own id in the audit log and the
+            # ledger); the output line carries the id of the run that answered.
+            line_id = f"batch_req_{secrets.token_hex(12)}"
             ex = await endpoint.execute(principal, entry.body, sink, line_id, doc.get("task_type"))
             if self.gw.drain.draining or self._stopping.is_set():
                 return None  # cut by this replica's shutdown: left pending for another replica
