@@ -58,6 +58,9 @@ LABEL org.opencontainers.image.title="llm-gateway" \
 RUN groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid gateway --no-create-home --shell /usr/sbin/nologin gateway
 COPY --from=build /opt/venv /opt/venv
+# The gateway's own data (the ledger's spool, the jobs' files): a volume mounted here starts owned
+# by the gateway's user, so it stays writable under a read-only root filesystem.
+RUN mkdir -p /var/lib/llm-gateway && chown 10001:10001 /var/lib/llm-gateway
 # Listen on all interfaces inside the container. Without an `auth` section the gateway refuses a
 # non-loopback address: mount a config with auth (examples/auth-limits.yaml) or, for a demo only,
 # set GATEWAY_SERVER__ALLOW_UNAUTHENTICATED=true (docker-compose.yml does, and says so).

@@ -50,7 +50,12 @@ ECS_TEMPLATE = ROOT / "deploy" / "ecs" / "llm-gateway.yaml"
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARDS = ROOT / "dashboards"
 VLLM_METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32.0-cpu" / "metrics.txt"
-GATEWAY_METRICS_SOURCES = (ROOT / "gateway" / "metrics.py", ROOT / "gateway" / "jobs" / "metrics.py")
+GATEWAY_METRICS_SOURCES = (
+    ROOT / "gateway" / "metrics.py",
+    ROOT / "gateway" / "jobs" / "metrics.py",
+    ROOT / "gateway" / "ledger" / "metrics.py",
+    ROOT / "gateway" / "ledger" / "budget.py",
+)
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DRAIN_SECONDS = 30.0
 
