@@ -286,3 +286,26 @@ def test_lines_of_an_expired_batch_do_not_stay_pending_and_drive_scale_up(tmp_pa
         poll(lambda: _pending(g, "tiny"), lambda n: n == 0, 20, "no line of the expired batch pending")
     finally:
         g.stop()
+
+
+def test_lines_enqueued_while_the_batch_is_still_validating_are_not_dropped(tmp_path: Path) -> None:
+    """A batch's lines are put on the queue in chunks while it is still `validating`; a worker
+    that takes one before the batch is `in_progress` must not throw it away (0 lines lost)."""
+    sim = Sim(None, "--model", "tiny", "--ttft", "0", "--itl", "0", "--max-num-seqs", "256")
+    path, _ = jobs_config(tmp_path, concurrency=16)
+    g = Gateway([sim.url], config=path)
+    try:
+        c = openai.OpenAI(base_url=g.v1, api_key=ALICE, max_retries=0)
+        # A model stream that exists already, so idle workers are polling it when lines arrive.
+        warm = c.files.create(file=("w.jsonl", chat_lines(1)), purpose="batch")
+        w = _batch(g, ALICE, warm.id)
+        poll(lambda: _get(g, ALICE, w["id"]), lambda x: x["status"] == "completed", 60, "warm-up done")
+        n = 5000
+        f = c.files.create(file=("in.jsonl", chat_lines(n, max_tokens=1)), purpose="batch")
+        b = _batch(g, ALICE, f.id)
+        done = poll(lambda: _get(g, ALICE, b["id"]), lambda x: x["status"] in TERMINAL, 120, "terminal")
+        assert done["status"] == "completed", done
+        assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}, done
+    finally:
+        g.stop()
+        sim.stop()

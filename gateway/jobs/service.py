@@ -524,7 +524,9 @@ class Jobs:
     async def _run(self, entry: Entry, redelivered: bool = False) -> None:
         kind, rid, cid = entry.kind, entry.job, entry.cid
         status = await self._status(kind, rid)
-        runnable = ("in_progress",) if kind == "batch" else ("queued", "in_progress")
+        # A batch's lines are enqueued (in chunks) only once its whole input has validated, so
+        # a line met while the batch is still `validating` is runnable: its batch is valid.
+        runnable = ("validating", "in_progress") if kind == "batch" else ("queued", "in_progress")
         if status not in runnable:
             await self.queue.ack(entry)  # gone, cancelled, expired or finished: not run
             return
@@ -665,6 +667,7 @@ class Jobs:
             if self._stopping.is_set():
                 return None
             if time.time() > doc["expires_at"] or (await self._status(kind, rid)) not in (
+                "validating",
                 "in_progress",
                 "queued",
             ):
