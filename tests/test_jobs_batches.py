@@ -267,3 +267,16 @@ def test_jobs_metrics_exposed(gw: tuple[Gateway, str]) -> None:
     text = httpx.get(g.url + "/metrics").text
     for name in ("gateway_jobs_pending", "gateway_batches", "gateway_job_lines_total"):
         assert name in text
+
+
+def test_an_idempotency_key_reused_for_another_request_is_422(gw: tuple[Gateway, str]) -> None:
+    g, _ = gw
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "one"}], "max_tokens": 2}
+    first = async_post(g, body, **{"Idempotency-Key": "reused-key"})
+    other = async_post(
+        g, {**body, "messages": [{"role": "user", "content": "two"}]}, **{"Idempotency-Key": "reused-key"}
+    )
+    assert first.status_code == 202
+    assert other.status_code == 422, other.text
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert other.json()["error"]["param"] == "Idempotency-Key"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import secrets
@@ -68,7 +69,7 @@ _UNIT = {"s": 1, "m": 60, "h": 3600}
 # Reasons a line waits and is tried again without counting as a failed delivery: a limit or
 # the admission queue refused it (the gateway's own back-pressure), or no replica is ready.
 _WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage"})
-_FINALIZE_LOCK_SECONDS = 300
+_FINALIZE_LOCK_SECONDS = 120  # a replica that died finalizing holds a batch this long at most
 _VALIDATION_GRACE = 600  # seconds past its window a batch may still be validating
 
 
@@ -83,6 +84,20 @@ class JobsUnavailable(GatewayError):
 
     def __init__(self) -> None:
         super().__init__("The job queue is unavailable right now; retry shortly.", retry_after=5)
+
+
+class IdempotencyKeyReused(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+    reason = "validation"
+    fault = Fault.CLIENT
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was used for a different request; use a new key for a new request.",
+            param="Idempotency-Key",
+        )
 
 
 def parse_window(value: Any) -> int:
@@ -387,11 +402,16 @@ class Jobs:
         jid = f"job_{secrets.token_hex(12)}"
         if idempotency_key is not None:
             ikey = f"{self.s.key_prefix}idem:{owner}:{idempotency_key}"
-            won = await self.r.set(ikey, jid, nx=True, ex=int(self.s.retention))
+            # The key remembers what it was used for: the same key with another request is an
+            # error (IETF draft-ietf-httpapi-idempotency-key-header: 422), not the other's job.
+            fingerprint = hashlib.sha256(endpoint.encode() + b"\0" + raw).hexdigest()[:32]
+            won = await self.r.set(ikey, f"{jid} {fingerprint}", nx=True, ex=int(self.s.retention))
             if not won:
                 existing = await self.r.get(ikey)
                 if existing is not None:
-                    prior = existing.decode()
+                    prior, _, used_for = existing.decode().partition(" ")
+                    if used_for != fingerprint:
+                        raise IdempotencyKeyReused()
                     for _ in range(50):  # the first submission may still be writing its record
                         got = await self.store.load("job", prior)
                         if got is not None:
@@ -845,10 +865,14 @@ class Jobs:
     async def _maybe_end_cancel(self, bid: str) -> None:
         if await self.store.status("batch", bid) != "cancelling":
             return
+        got = await self.store.load("batch", bid)
+        # Replicas see a cancel within their status cache's second: lines they were starting then
+        # are counted running by now.
+        if got is None or time.time() - (field_int(got[1], "cancelling_at") or 0) < 3:
+            return
         since = time.time() - self.s.visibility_timeout
         if await self.store.running_count("batch", bid, since):
             return
-        got = await self.store.load("batch", bid)
         if got is None:
             return
         lock = f"{self.s.key_prefix}batch:{bid}:finalize"
