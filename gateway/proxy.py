@@ -274,7 +274,7 @@ class ProxyEndpoint:
         check_model(self.pool, req.model)
         queued = time.perf_counter()
         priority = self.admission.job_priority if ex.job else self.admission.priority_of(principal.tier)
-        slot = await self.admission.admit(req.model, priority, principal.team, total_deadline)
+        slot = await self.admission.admit(req.model, principal.tier, principal.team, total_deadline, priority)
         ex.priority = priority
         ex.queue_wait = admitted = time.perf_counter()
         ex.queue_wait -= queued

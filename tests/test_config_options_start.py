@@ -62,9 +62,21 @@ def api_keys_file(tmp: Path) -> str:
     return f"auth:\n  api_keys_file: {keys}\n"
 
 
+def ledger_password_file(tmp: Path) -> str:
+    secret = tmp / "pg-password"
+    secret.write_text("unused-with-trust-auth\n")
+    return f"ledger:\n  dsn: postgresql://127.0.0.1:5432/test\n  password_file: {secret}\n"
+
+
+def ledger_spool_dir(tmp: Path) -> str:
+    return f"ledger:\n  dsn: postgresql://127.0.0.1:5432/test\n  spool_dir: {tmp / 'spool'}\n"
+
+
 FILLERS: dict[str, Callable[[Path], str]] = {
     "auth.jwt.public_key_file": public_key_file,
     "auth.api_keys_file": api_keys_file,
+    "ledger.password_file": ledger_password_file,
+    "ledger.spool_dir": ledger_spool_dir,
 }
 
 

@@ -160,10 +160,13 @@ class Admission:
             return any(b.ready and model in b.models for b in self._pool.backends)
         return self._room(g, model) > 0
 
-    async def admit(self, model: str, priority: int, team: str | None, deadline: float) -> PoolQueue:
+    async def admit(
+        self, model: str, tier: str | None, team: str | None, deadline: float, priority: int | None = None
+    ) -> PoolQueue:
         """Return once the request may go upstream (the caller must call release()).
 
-        ``priority``: lower goes first (``priority_of(tier)``, or ``job_priority``).
+        Lower priority values go first: the tier's (``priority_of(tier)``) unless ``priority``
+        says otherwise (job lines: ``job_priority``).
         """
         q = self.queues.get(model)
         if q is None:
@@ -191,7 +194,12 @@ class Admission:
         loop = asyncio.get_running_loop()
         until = min(deadline, loop.time() + wait)
         self._seq += 1
-        waiter = _Waiter(loop.create_future(), priority, team or "", self._seq)
+        waiter = _Waiter(
+            loop.create_future(),
+            self.priority_of(tier) if priority is None else priority,
+            team or "",
+            self._seq,
+        )
         q.lanes.setdefault(waiter.priority, {}).setdefault(waiter.team, deque()).append(waiter)
         q.waiting += 1
         g.waiting += 1
