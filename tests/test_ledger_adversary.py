@@ -1,0 +1,121 @@
+"""Adversarial tests of the usage ledger (issue #14): hostile inputs and secrets in logs.
+
+Real gateway processes, real PostgreSQL (a fresh schema per test on the shared server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, shared_server_or_fail, wait_for
+from tests.procs import Gateway, Proc, Sim, free_port, python_m
+
+
+@pytest.fixture
+def admin_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    shared_server_or_fail()
+    schema = new_schema_name()
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"api_keys": [{"key": "sk-admin", "subject": "ops", "scopes": ["admin"]}]},
+                "ledger": {
+                    "dsn": SHARED_DSN,
+                    "schema_name": schema,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "auto_migrate": True,
+                },
+            }
+        )
+    )
+    sim = Sim(None)
+    try:
+        gw = Gateway([sim.url], config=path)
+        try:
+            yield gw
+        finally:
+            gw.stop()
+    finally:
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+
+
+HOSTILE: list[tuple[str, dict[str, str]]] = [
+    # a page cursor of non-ASCII digits: str.isdigit() accepts it, int() may not
+    ("/v1/organization/usage/completions", {"start_time": "0", "page": "\u00b2"}),
+    ("/v1/organization/costs", {"start_time": "0", "page": "\u00b9\u00b2"}),
+    # a cursor longer than Python's int-parsing limit
+    ("/v1/organization/usage/completions", {"start_time": "0", "page": "1" * 5000}),
+    # a cursor past PostgreSQL's timestamp range
+    ("/v1/organization/usage/completions", {"start_time": "0", "page": str(10**30)}),
+    # times outside PostgreSQL's timestamp range
+    ("/v1/organization/usage/completions", {"start_time": str(-(10**15))}),
+    ("/v1/organization/costs", {"start_time": str(-(10**30))}),
+    ("/v1/organization/usage/completions", {"start_time": str(10**15), "end_time": str(10**15 + 100)}),
+    # a NUL byte in a filter
+    ("/v1/organization/usage/completions", {"start_time": "0", "models": "a\x00b"}),
+    ("/v1/organization/costs", {"start_time": "0", "project_ids": "t\x00"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"), HOSTILE, ids=[f"{p.rsplit('/', 1)[1]}-{i}" for i, (p, _) in enumerate(HOSTILE)]
+)
+def test_hostile_usage_parameters_are_clean_400s(
+    admin_gateway: Gateway, path: str, params: dict[str, str]
+) -> None:
+    """Hostile query parameters get an OpenAI-shaped 400, never a 500 (or a 503 blaming the
+    database, with a Retry-After that invites the client to repeat the same bad request)."""
+    r = httpx.get(
+        admin_gateway.url + path, params=params, headers={"authorization": "Bearer sk-admin"}, timeout=30
+    )
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"], err
+    assert admin_gateway.proc.alive()
+
+
+def test_a_password_in_the_dsn_query_string_is_never_logged(tmp_path: Path) -> None:
+    """`?password=` is a libpq parameter asyncpg honours: the validator refuses a password in the
+    DSN's userinfo but not there, and the "ledger connected" line logs the DSN as given."""
+    shared_server_or_fail()
+    schema = new_schema_name()
+    secret = "Hunter2-adv14-secret"
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "ledger": {
+                    "dsn": f"{SHARED_DSN}?password={secret}",
+                    "schema_name": schema,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "auto_migrate": True,
+                }
+            }
+        )
+    )
+    sim = Sim(None)
+    port = free_port()
+    proc = Proc(
+        [*python_m("gateway"), "serve", "--port", str(port), "--config", str(path), "--backend", sim.url]
+    )
+    try:
+        # Either the configuration is refused (the process ends) or the writer connects.
+        wait_for(
+            lambda: not proc.alive() or "ledger connected" in proc.output(),
+            60,
+            "the gateway exits or logs its ledger connection",
+        )
+        if proc.alive():
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    finally:
+        proc.stop()
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+    assert secret not in proc.output()
