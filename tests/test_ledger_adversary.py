@@ -5,14 +5,16 @@ Real gateway processes, real PostgreSQL (a fresh schema per test on the shared s
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, shared_server_or_fail, wait_for
+from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, run_sql, shared_server_or_fail, wait_for
 from tests.procs import Gateway, Proc, Sim, free_port, python_m
 
 
@@ -119,3 +121,85 @@ def test_a_password_in_the_dsn_query_string_is_never_logged(tmp_path: Path) -> N
         sim.stop()
         drop_schema(SHARED_DSN, schema)
     assert secret not in proc.output()
+
+
+def test_a_stream_the_client_leaves_before_its_usage_still_counts(tmp_path: Path) -> None:
+    """A client that reads a stream's tokens and leaves before the final usage chunk: the ledger
+    row has NULL tokens and cost 0, and the team's token budget is never charged, so a 300-token
+    budget lets through 6 x 300 streamed tokens (and any number more)."""
+    shared_server_or_fail()
+    schema = new_schema_name()
+    team = f"adv{secrets.token_hex(4)}"
+    streamed = 300
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"api_keys": [{"key": "sk-a", "subject": "svc-a", "team": team}]},
+                "teams": {team: {"budget": {"monthly_tokens": streamed}}},
+                "rate_limits": {"storage": "redis://127.0.0.1:6379/0"},
+                "ledger": {
+                    "dsn": SHARED_DSN,
+                    "schema_name": schema,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "flush_interval": 0.2,
+                    "auto_migrate": True,
+                },
+            }
+        )
+    )
+    sim = Sim(None, "--ttft", "0.005", "--itl", "0.005", "--output-tokens", "400", "--max-model-len", "4096")
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "max_tokens": 400,
+    }
+    statuses: list[int] = []
+    try:
+        gw = Gateway([sim.url], config=path)
+        try:
+            for _ in range(6):
+                with httpx.stream(
+                    "POST",
+                    gw.v1 + "/chat/completions",
+                    json=body,
+                    headers={"authorization": "Bearer sk-a"},
+                    timeout=30,
+                ) as r:
+                    statuses.append(r.status_code)
+                    if r.status_code != 200:
+                        break
+                    events = 0
+                    for line in r.iter_lines():  # one content event per token, as vLLM sends them
+                        events += line.startswith("data: {")
+                        if events >= streamed:
+                            break  # leave before the usage chunk
+
+            def all_rows() -> list[Any]:
+                got = run_sql(SHARED_DSN, "SELECT * FROM events", schema=schema)
+                return got if len(got) >= len(statuses) else []
+
+            rows = wait_for(all_rows, 20, "the streams' ledger rows")
+        finally:
+            gw.stop()
+    finally:
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+        redis_del_budget(team)
+    # The tokens the client received are in the ledger (vLLM generated at least that many) ...
+    for row in rows:
+        assert row["completion_tokens"] is not None and row["completion_tokens"] >= streamed, dict(row)
+    # ... and the budget, spent by the first stream, refuses a later one.
+    assert 429 in statuses, statuses
+
+
+def redis_del_budget(team: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        for key in client.scan_iter(f"llmgw:budget:{team}:*"):
+            client.delete(key)
+    finally:
+        client.close()
