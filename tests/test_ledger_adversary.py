@@ -6,6 +6,7 @@ Real gateway processes, real PostgreSQL (a fresh schema per test on the shared s
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,77 @@ def redis_del_budget(team: str) -> None:
             client.delete(key)
     finally:
         client.close()
+
+
+def test_a_budget_check_never_waits_for_a_locked_ledger(tmp_path: Path) -> None:
+    """The request path never waits for the database: but a team with a budget and no month hash
+    in Redis (a new month, a Redis flush or restart) is seeded from the ledger *in the request*,
+    which waits as long as PostgreSQL does (up to `write_timeout` per request, every request while
+    the seed keeps failing). A lock held on the rollup makes every such request wait."""
+    shared_server_or_fail()
+    schema = new_schema_name()
+    team = f"adv{secrets.token_hex(4)}"
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"api_keys": [{"key": "sk-a", "subject": "svc-a", "team": team}]},
+                "teams": {team: {"budget": {"monthly_usd": 100}}},
+                "rate_limits": {"storage": "redis://127.0.0.1:6379/0"},
+                "ledger": {
+                    "dsn": SHARED_DSN,
+                    "schema_name": schema,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "auto_migrate": True,
+                    "write_timeout": 300.0,  # a slow database, as far as the gateway can tell
+                },
+            }
+        )
+    )
+    out = subprocess.run(
+        [*python_m("gateway"), "db", "upgrade", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    # Another session holds the rollup (a migration, a VACUUM FULL, an operator's LOCK TABLE).
+    locker = subprocess.Popen(
+        ["psql", "-X", "-q", SHARED_DSN], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    assert locker.stdin is not None
+    locker.stdin.write(f'BEGIN; LOCK TABLE "{schema}".usage_hourly IN ACCESS EXCLUSIVE MODE;\n')
+    locker.stdin.flush()
+    sim = Sim(None)
+    try:
+        wait_for(
+            lambda: run_sql(
+                SHARED_DSN,
+                "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = $1 AND c.relname = 'usage_hourly' AND l.granted"
+                " AND l.mode = 'AccessExclusiveLock'",
+                schema,
+            ),
+            20,
+            "the lock on usage_hourly",
+        )
+        gw = Gateway([sim.url], config=path)
+        try:
+            # The lock is held for the whole request: an answer proves the request did not wait.
+            r = httpx.post(
+                gw.v1 + "/chat/completions",
+                json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                headers={"authorization": "Bearer sk-a"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+        finally:
+            gw.stop()
+    finally:
+        locker.stdin.close()
+        locker.kill()
+        locker.wait(10)
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+        redis_del_budget(team)
