@@ -215,7 +215,13 @@ class BudgetBook:
             task = asyncio.get_running_loop().create_task(self._seed(team, key, now))
             self._seeding[key] = task
             task.add_done_callback(lambda _: self._seeding.pop(key, None))
-        return await asyncio.shield(task)
+        # The request waits for the seed no longer than for any storage call: a slow or locked
+        # ledger serves the request unchecked (as an unreadable one does) while the seed goes on.
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._timeout)
+        except TimeoutError:
+            self._log.warning("budget: seeding from the ledger is slow; serving meanwhile", team=team)
+            return None
 
     async def _seed(self, team: str, key: str, now: datetime) -> tuple[int, int] | None:
         import asyncpg
