@@ -278,3 +278,70 @@ def test_a_budget_check_never_waits_for_a_locked_ledger(tmp_path: Path) -> None:
         sim.stop()
         drop_schema(SHARED_DSN, schema)
         redis_del_budget(team)
+
+
+def test_captured_tool_call_arguments_are_redacted(tmp_path: Path) -> None:
+    """Capture redacts every text content part, but an assistant message's `tool_calls`
+    (function arguments) and other string fields go to the `captures` table as the client sent
+    them: a key in a tool call's arguments is stored in clear."""
+    shared_server_or_fail()
+    schema = new_schema_name()
+    secret = "sk-adv14abcdefghijklmnop123456"
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"api_keys": [{"key": "sk-cap-key-000000", "subject": "svc-cap", "team": "cap"}]},
+                "teams": {"cap": {"log_content": True, "capture": True}},
+                "ledger": {
+                    "dsn": SHARED_DSN,
+                    "schema_name": schema,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "flush_interval": 0.2,
+                    "auto_migrate": True,
+                },
+            }
+        )
+    )
+    sim = Sim(None, "--ttft", "0.005", "--itl", "0.001")
+    body = {
+        "model": "tiny",
+        "max_tokens": 4,
+        "messages": [
+            {"role": "user", "content": "deploy it"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "deploy", "arguments": f'{{"api_key": "{secret}"}}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+        ],
+    }
+    try:
+        gw = Gateway([sim.url], config=path)
+        try:
+            r = httpx.post(
+                gw.v1 + "/chat/completions",
+                json=body,
+                headers={"authorization": "Bearer sk-cap-key-000000"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            rows = wait_for(
+                lambda: run_sql(SHARED_DSN, "SELECT messages::text AS m FROM captures", schema=schema),
+                20,
+                "the captured request",
+            )
+        finally:
+            gw.stop()
+    finally:
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+    assert "deploy" in rows[0]["m"]  # captured ...
+    assert secret not in rows[0]["m"]  # ... redacted
