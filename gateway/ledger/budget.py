@@ -9,8 +9,8 @@ from the account stage and not awaited by the request.
 The ledger is the source of truth: a missing hash (a new month, a Redis restart or flush) is
 seeded from the ledger's hourly rollup before the first check answers, so a restart never resets a
 month's spend (a check waits for the seed at most the storage timeout: a slow ledger is served
-unchecked until the seed lands). Charges only land on a seeded hash; a request that ends between a flush and the
-seeding is in the ledger, and the seeding counts it once its row is written.
+unchecked until the seed lands). Charges only land on a seeded hash; a request that ends between a
+flush and the seeding is in the ledger, and the seeding counts it once its row is written.
 
 How close the limit holds: a request is admitted while the spend is under the budget, and its
 cost is known only when it ends, so the requests in flight when the budget is crossed all finish
