@@ -345,3 +345,61 @@ def test_captured_tool_call_arguments_are_redacted(tmp_path: Path) -> None:
         drop_schema(SHARED_DSN, schema)
     assert "deploy" in rows[0]["m"]  # captured ...
     assert secret not in rows[0]["m"]  # ... redacted
+
+
+def test_purge_is_not_undone_by_a_spool_replayed_later(tmp_path: Path) -> None:
+    """`purge --team T` deletes the captures in PostgreSQL, but captured content waiting in a
+    gateway's spool (PostgreSQL was down when the gateway stopped) is inserted by the next replay,
+    after the purge: the purged team's content comes back."""
+    shared_server_or_fail()
+    schema = new_schema_name()
+    spool = tmp_path / "spool"
+    ledger: dict[str, Any] = {"schema_name": schema, "spool_dir": str(spool), "flush_interval": 0.2}
+    base: dict[str, Any] = {
+        "auth": {"api_keys": [{"key": "sk-cap-key-000000", "subject": "svc-cap", "team": "cap"}]},
+        "teams": {"cap": {"log_content": True, "capture": True}},
+    }
+    down = tmp_path / "down.yaml"  # PostgreSQL unreachable: rows go to the spool
+    down.write_text(
+        yaml.safe_dump(
+            {**base, "ledger": {**ledger, "dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/test"}}
+        )
+    )
+    up = tmp_path / "up.yaml"
+    up.write_text(yaml.safe_dump({**base, "ledger": {**ledger, "dsn": SHARED_DSN}}))
+    cli = [*python_m("gateway")]
+    out = subprocess.run(
+        [*cli, "db", "upgrade", "--config", str(up)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    sim = Sim(None, "--ttft", "0.005", "--itl", "0.001")
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "private words"}]}
+    headers = {"authorization": "Bearer sk-cap-key-000000"}
+    try:
+        gw = Gateway([sim.url], config=down)
+        try:
+            assert (
+                httpx.post(gw.v1 + "/chat/completions", json=body, headers=headers, timeout=30).status_code
+                == 200
+            )
+        finally:
+            gw.stop()  # SIGTERM: the buffered row goes to the spool
+        assert any(spool.glob("*.jsonl")), "the row was spooled"
+        out = subprocess.run(
+            [*cli, "purge", "--config", str(up), "--team", "cap"], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        gw = Gateway([sim.url], config=up)  # replays the spool
+        try:
+            wait_for(
+                lambda: run_sql(SHARED_DSN, "SELECT 1 FROM events", schema=schema),
+                30,
+                "the spooled row replayed",
+            )
+            captured = run_sql(SHARED_DSN, "SELECT messages::text AS m FROM captures", schema=schema)
+        finally:
+            gw.stop()
+    finally:
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+    assert captured == [], "purged content came back from the spool"
