@@ -50,8 +50,9 @@ WITH ins AS (
     RETURNING ts, team, subject, model, route, provider, status, prompt_tokens, completion_tokens, cost_usd
 ), captured AS (
     INSERT INTO captures (ts, id, team, request_id, model, status, messages, completion)
-    SELECT ts, id, team, request_id, model, status, messages, completion FROM pg_temp.{STAGING}
+    SELECT ts, id, team, request_id, model, status, messages, completion FROM pg_temp.{STAGING} s
     WHERE messages IS NOT NULL AND team IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM capture_purges p WHERE p.team = s.team AND s.ts < p.before)
     ON CONFLICT (ts, id) DO NOTHING
 )
 INSERT INTO usage_hourly AS u
