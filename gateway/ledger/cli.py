@@ -252,7 +252,8 @@ def _purge(args: argparse.Namespace) -> int:
     try:
         deleted = asyncio.run(_purge_rows(ledger, args.team, before))
     except Exception as exc:
-        print(f"purge failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hint = " (run `llm-gateway db upgrade` first)" if "capture_purges" in str(exc) else ""
+        print(f"purge failed: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
     print(f"deleted {deleted} captured requests of team {args.team!r}")
     return 0
