@@ -288,7 +288,10 @@ class BudgetBook:
             self._log.warning("budget charge failed", error=type(exc).__name__)
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        seeding = list(self._seeding.values())  # a slow seed no request waits for any more
+        for task in seeding:
+            task.cancel()
+        if self._tasks or seeding:
+            await asyncio.gather(*self._tasks, *seeding, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
