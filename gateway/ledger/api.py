@@ -9,6 +9,7 @@ opened on first use.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,9 @@ PAGE = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 COSTS_PAGE = (7, 180)
 USAGE_GROUPS = ("project_id", "user_id", "model", "route", "provider")
 COST_GROUPS = ("project_id", "line_item", "user_id")
+# Epoch seconds the API takes: 1970-01-01 to 9999-12-31 (inside PostgreSQL's timestamp range).
+MAX_TIME = 253402300799
+_CURSOR = re.compile(r"[0-9]{1,12}")
 
 
 class LedgerUnavailable(GatewayError):
@@ -142,12 +146,16 @@ class UsageApi:
     ) -> Response:
         if limit is not None and not 1 <= limit <= most:
             raise InvalidRequest(f"`limit` must be between 1 and {most}.", param="limit")
+        for name, value in (("start_time", start_time), ("end_time", end_time)):
+            if value is not None and not 0 <= value <= MAX_TIME:
+                raise InvalidRequest(f"`{name}` must be epoch seconds between 0 and {MAX_TIME}.", param=name)
         buckets = limit or default
         start = start_time - start_time % width
         if page is not None:
-            if not page.isdigit() or int(page) < start:
+            cursor = int(page) if _CURSOR.fullmatch(page) else -1
+            if cursor < start or cursor % width or cursor > MAX_TIME:
                 raise InvalidRequest("`page` is not a cursor this endpoint returned.", param="page")
-            start = int(page)
+            start = cursor
         end = int(time.time()) if end_time is None else end_time
         if end <= start_time:
             raise InvalidRequest("`end_time` must be after `start_time`.", param="end_time")
@@ -178,6 +186,8 @@ def _unavailable(exc: BaseException) -> LedgerUnavailable:
 def _split(values: list[str], allowed: tuple[str, ...] | None, param: str) -> list[str]:
     """Repeated and comma-separated values, checked against ``allowed``."""
     out = [v for item in values for v in item.split(",") if v]
+    if any("\x00" in v for v in out):
+        raise InvalidRequest(f"`{param}` may not contain NUL characters.", param=param)
     if allowed is not None:
         bad = [v for v in out if v not in allowed]
         if bad:

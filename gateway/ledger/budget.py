@@ -8,8 +8,9 @@ from the account stage and not awaited by the request.
 
 The ledger is the source of truth: a missing hash (a new month, a Redis restart or flush) is
 seeded from the ledger's hourly rollup before the first check answers, so a restart never resets a
-month's spend. Charges only land on a seeded hash; a request that ends between a flush and the
-seeding is in the ledger, and the seeding counts it once its row is written.
+month's spend (a check waits for the seed at most the storage timeout: a slow ledger is served
+unchecked until the seed lands). Charges only land on a seeded hash; a request that ends between a
+flush and the seeding is in the ledger, and the seeding counts it once its row is written.
 
 How close the limit holds: a request is admitted while the spend is under the budget, and its
 cost is known only when it ends, so the requests in flight when the budget is crossed all finish
@@ -215,7 +216,13 @@ class BudgetBook:
             task = asyncio.get_running_loop().create_task(self._seed(team, key, now))
             self._seeding[key] = task
             task.add_done_callback(lambda _: self._seeding.pop(key, None))
-        return await asyncio.shield(task)
+        # The request waits for the seed no longer than for any storage call: a slow or locked
+        # ledger serves the request unchecked (as an unreadable one does) while the seed goes on.
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._timeout)
+        except TimeoutError:
+            self._log.warning("budget: seeding from the ledger is slow; serving meanwhile", team=team)
+            return None
 
     async def _seed(self, team: str, key: str, now: datetime) -> tuple[int, int] | None:
         import asyncpg
@@ -281,7 +288,10 @@ class BudgetBook:
             self._log.warning("budget charge failed", error=type(exc).__name__)
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        seeding = list(self._seeding.values())  # a slow seed no request waits for any more
+        for task in seeding:
+            task.cancel()
+        if self._tasks or seeding:
+            await asyncio.gather(*self._tasks, *seeding, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()

@@ -252,7 +252,8 @@ def _purge(args: argparse.Namespace) -> int:
     try:
         deleted = asyncio.run(_purge_rows(ledger, args.team, before))
     except Exception as exc:
-        print(f"purge failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hint = " (run `llm-gateway db upgrade` first)" if "capture_purges" in str(exc) else ""
+        print(f"purge failed: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
     print(f"deleted {deleted} captured requests of team {args.team!r}")
     return 0
@@ -261,10 +262,16 @@ def _purge(args: argparse.Namespace) -> int:
 async def _purge_rows(ledger: Any, team: str, before: Any) -> int:
     conn = await _connect(ledger)
     try:
-        if before is None:
-            status = await conn.execute("DELETE FROM captures WHERE team = $1", team)
-        else:
-            status = await conn.execute("DELETE FROM captures WHERE team = $1 AND ts < $2", team, before)
+        async with conn.transaction():
+            # The watermark keeps content captured before it out for good: rows still in a
+            # gateway's spool are replayed without it (gateway/ledger/writer.py INSERT).
+            await conn.execute(
+                "INSERT INTO capture_purges (team, before) VALUES ($1, coalesce($2, now()))", team, before
+            )
+            if before is None:
+                status = await conn.execute("DELETE FROM captures WHERE team = $1", team)
+            else:
+                status = await conn.execute("DELETE FROM captures WHERE team = $1 AND ts < $2", team, before)
     finally:
         await conn.close()
     return int(status.split()[-1])

@@ -117,18 +117,33 @@ def _captured(ex: Exchange) -> tuple[str, str | None]:
 
 
 def _redacted(message: object) -> object:
+    """A message with its text content and its tool calls' arguments redacted."""
     if not isinstance(message, dict):
         return message
+    out = dict(message)
     content = message.get("content")
     if isinstance(content, str):
-        return {**message, "content": redact(content)}
-    if isinstance(content, list):
-        parts = [
+        out["content"] = redact(content)
+    elif isinstance(content, list):
+        out["content"] = [
             {**p, "text": redact(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
             for p in content
         ]
-        return {**message, "content": parts}
-    return message
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [
+            {**c, "function": _redacted_call(c["function"])} if isinstance(c, dict) and "function" in c else c
+            for c in calls
+        ]
+    if "function_call" in message:  # the legacy single call
+        out["function_call"] = _redacted_call(message["function_call"])
+    return out
+
+
+def _redacted_call(call: object) -> object:
+    if isinstance(call, dict) and isinstance(call.get("arguments"), str):
+        return {**call, "arguments": redact(call["arguments"])}
+    return call
 
 
 def encode_batch(rows: list[Row]) -> bytes:

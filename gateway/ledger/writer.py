@@ -50,8 +50,9 @@ WITH ins AS (
     RETURNING ts, team, subject, model, route, provider, status, prompt_tokens, completion_tokens, cost_usd
 ), captured AS (
     INSERT INTO captures (ts, id, team, request_id, model, status, messages, completion)
-    SELECT ts, id, team, request_id, model, status, messages, completion FROM pg_temp.{STAGING}
+    SELECT ts, id, team, request_id, model, status, messages, completion FROM pg_temp.{STAGING} s
     WHERE messages IS NOT NULL AND team IS NOT NULL
+      {{purged}}
     ON CONFLICT (ts, id) DO NOTHING
 )
 INSERT INTO usage_hourly AS u
@@ -70,6 +71,8 @@ ON CONFLICT (hour, team, subject, model, route, provider) DO UPDATE SET
     completion_tokens = u.completion_tokens + excluded.completion_tokens,
     cost_usd = u.cost_usd + excluded.cost_usd
 """
+# Purge watermarks (migration 0003): captured content older than a team's purge is not inserted.
+_NOT_PURGED = "AND NOT EXISTS (SELECT 1 FROM capture_purges p WHERE p.team = s.team AND s.ts < p.before)"
 MAINTENANCE_INTERVAL = 3600.0  # partitions ahead, retention, orphaned spool segments
 # Errors that mean "this connection or server is unusable now" as opposed to a bad batch.
 _RETRY_IN_TRANSACTION = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -111,6 +114,7 @@ class LedgerWriter:
         self._next_connect = 0.0
         self._next_maintenance = 0.0
         self._migrated = False
+        self._insert_sql = INSERT.format(purged=_NOT_PURGED)
         self._days: set[date] = set()  # partitions known to exist
         self._log = structlog.get_logger("gateway.ledger")
 
@@ -262,7 +266,7 @@ class LedgerWriter:
                 try:
                     async with conn.transaction():
                         await conn.copy_records_to_table(STAGING, records=rows, columns=ROW_COLUMNS)
-                        await conn.execute(INSERT)
+                        await conn.execute(self._insert_sql)
                     return
                 except _RETRY_IN_TRANSACTION:
                     if attempt == 2:
@@ -298,12 +302,15 @@ class LedgerWriter:
                     f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE events INCLUDING DEFAULTS,"
                     " messages jsonb, completion text) ON COMMIT DELETE ROWS"
                 )
+                # A schema not yet at 0003 (deployed before `db upgrade`) still takes rows.
+                purges = await conn.fetchval("SELECT to_regclass('capture_purges') IS NOT NULL")
         except Exception as exc:
             self._failed("connect", exc)
             if conn is not None:
                 conn.terminate()
             return False
         self._conn = conn
+        self._insert_sql = INSERT.format(purged=_NOT_PURGED if purges else "")
         self._days.clear()
         self._m.up.set(1)
         self._log.info("ledger connected", dsn=s.safe_dsn(), schema=s.schema_name)
