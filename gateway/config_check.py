@@ -26,6 +26,8 @@ ENV_PREFIX = "GATEWAY_"
 ENV_DELIMITER = "__"
 # `user:password@` in a URL (redis://:pw@host, http://u:pw@proxy): the password is masked.
 _URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
+# A password in a URL's query string (redis-py and libpq read `?password=`): masked too.
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|secret|token)=)[^&#]*", re.IGNORECASE)
 MASK = "**********"
 
 Loc = tuple[str | int, ...]
@@ -164,9 +166,11 @@ def describe(settings: Settings) -> str:
 
 def _mask_urls(value: Any) -> Any:
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+        value = _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+        return _QUERY_PASSWORD.sub(rf"\1{MASK}", value) if "://" in value else value
     if isinstance(value, list):
         return [_mask_urls(v) for v in value]
     if isinstance(value, dict):
         return {k: _mask_urls(v) for k, v in value.items()}
     return value
+
