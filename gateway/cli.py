@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, settings_to_json
-from gateway.config_check import Loc, describe, explain, unset_secret_vars
+from gateway.config_check import Loc, describe, explain, stray_env_vars, unset_secret_vars
 from gateway.ledger.cli import register as register_ledger
 
 if TYPE_CHECKING:
@@ -170,6 +170,8 @@ def _check_config(args: argparse.Namespace) -> int:
             "Set it where serve runs (check-config --require-secrets makes this an error)",
             file=sys.stderr,
         )
+    for line in stray_env_vars(os.environ, settings):
+        print(f"warning: {line}", file=sys.stderr)
     missing = ", ".join(v.env for v in unset)
     print(f"{label}: OK" + (f" (not set here: {missing})" if unset else ""))
     print(describe(settings), end="")
@@ -187,7 +189,7 @@ def _token(args: argparse.Namespace) -> int:
     if settings.auth.jwt is None:
         print("the config has no auth.jwt section", file=sys.stderr)
         return 2
-    refusal = _token_refusal(settings, args.tier, args.ttl)
+    refusal = _token_refusal(settings, args.tier, args.ttl, args.sub)
     if refusal is not None:
         print(f"refusing to sign a token the gateway would not accept: {refusal}", file=sys.stderr)
         return 2
@@ -199,13 +201,15 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_refusal(settings: Settings, tier: str | None, ttl: int) -> str | None:
+def _token_refusal(settings: Settings, tier: str | None, ttl: int, sub: str) -> str | None:
     """Why the gateway configured by ``settings`` would refuse such a token, or None.
 
     Mirrors the gateway's own checks: a tier outside a non-empty ``tiers`` is answered 403
     ``unknown_tier`` (gateway/pipeline/authenticate.py), and a token whose ``exp`` is not in the
-    future is expired on arrival.
+    future is expired on arrival; an empty ``sub`` is 401 (the token has no subject).
     """
+    if not sub:
+        return "--sub is empty: the gateway refuses a token without a subject (401)"
     if ttl <= 0:
         return f"--ttl {ttl}: a token must expire in the future (give seconds > 0)"
     if tier is not None and settings.tiers and tier not in settings.tiers:

@@ -26,6 +26,8 @@ ENV_PREFIX = "GATEWAY_"
 ENV_DELIMITER = "__"
 # `user:password@` in a URL (redis://:pw@host, http://u:pw@proxy): the password is masked.
 _URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
+# A password in a URL's query string (redis-py and libpq read `?password=`): masked too.
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|secret|token)=)[^&#]*", re.IGNORECASE)
 MASK = "**********"
 
 Loc = tuple[str | int, ...]
@@ -164,9 +166,42 @@ def describe(settings: Settings) -> str:
 
 def _mask_urls(value: Any) -> Any:
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+        value = _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+        return _QUERY_PASSWORD.sub(rf"\1{MASK}", value) if "://" in value else value
     if isinstance(value, list):
         return [_mask_urls(v) for v in value]
     if isinstance(value, dict):
         return {k: _mask_urls(v) for k, v in value.items()}
     return value
+
+
+# GATEWAY_* variables that are not settings: the resolved settings handed to uvicorn's workers,
+# the test suite's coverage switch.
+_NOT_SETTINGS = frozenset({"GATEWAY_RESOLVED_SETTINGS", "GATEWAY_TEST_COVERAGE"})
+
+
+def stray_env_vars(environ: Mapping[str, str], settings: Settings) -> list[str]:
+    """``GATEWAY_*`` variables that set nothing, each with a "did you mean" when one is close.
+
+    pydantic-settings ignores a variable whose first part names no top-level key
+    (``GATEWAY_TIMEOUT__IDLE``, ``GATEWAY_BACKEND``), so a typo there would be silent; a typo
+    deeper down (``GATEWAY_TIMEOUTS__IDEL``) is already a validation error. Variables the config
+    names for a secret (``auth.jwt.secret_env``) are not strays.
+    """
+    named = {v.env.upper() for v in secret_vars(settings)}
+    known = list(Settings.model_fields)
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in named or upper in _NOT_SETTINGS:
+            continue
+        head, _, rest = upper[len(ENV_PREFIX) :].partition(ENV_DELIMITER)
+        if head.lower() in known:
+            continue
+        line = f"{name}: sets no setting (not a top-level key)"
+        close = difflib.get_close_matches(head.lower(), known, n=1, cutoff=0.6)
+        if close:
+            fixed = ENV_PREFIX + close[0].upper() + (ENV_DELIMITER + rest if rest else "")
+            line += f"; did you mean `{close[0]}` ({fixed})?"
+        lines.append(line)
+    return lines

@@ -87,7 +87,9 @@ class LedgerSettings(_Section):
         parts = urlsplit(v)
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("use a postgresql://user@host:port/database URL")
-        if parts.password or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+        # libpq and asyncpg also take the password from the query string (`?password=`).
+        in_query = any(k.lower() == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+        if parts.password or in_query:
             raise ValueError("no password in the DSN: use `password_env` or `password_file`")
         return v
 
