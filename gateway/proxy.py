@@ -158,6 +158,8 @@ class ProxyEndpoint:
             self.in_flight.dec()
             if ex.reservation is not NO_LIMITS:
                 await self.limiter.settle(ex.reservation, _tokens_used(ex, self.limiter))
+            if ex.prompt_tokens is None and ex.upstream_sent is not None:
+                _estimate_usage(ex, self.limiter)
             ex.finished = time.perf_counter()
             if ex.fault is Fault.BACKEND:
                 self.log.warning("upstream failure", backend=ex.backend, reason=ex.reason, cause=ex.error)
@@ -204,9 +206,11 @@ class ProxyEndpoint:
             if principal.team in self.capture_teams and isinstance(req.body.get("messages"), list):
                 ex.messages = req.body["messages"]  # kept by the ledger (gateway/ledger/rows.py)
         # 4. limit (settled in __call__, whatever happens next)
+        # Only validated values the endpoint honours feed the estimates (receive.parse); they stand
+        # in for vLLM's usage when it never arrives (_estimate_usage).
+        ex.body_bytes = len(raw)
+        ex.completion_budget = self.limiter.estimate(0, req.max_tokens, req.n)
         if self.limiter.enabled:
-            # Only validated values the endpoint honours feed the reservation (receive.parse).
-            ex.body_bytes = len(raw)
             estimate = self.limiter.estimate(len(raw), req.max_tokens, req.n)
             ex.reservation = await self.limiter.admit(principal, estimate, s.timeouts.total)
         if self.budgets is not None:  # the team's monthly budget (gateway/ledger/budget.py)
@@ -413,6 +417,22 @@ def _job_receive(raw: bytes) -> Receive:
         raise AssertionError("unreachable")
 
     return receive
+
+
+def _estimate_usage(ex: Exchange, limiter: RateLimiter) -> None:
+    """Tokens for a request whose usage vLLM never reported (the client left, a deadline or the
+    backend cut it off), so the ledger, budgets and token metrics do not record it as free.
+
+    The same estimate the token limits are charged (``_tokens_used``): the prompt from the body's
+    size; a stream's completion is one token per relayed event (at least what the client got), a
+    plain request's is its completion budget (vLLM may have generated up to it). Nothing when the
+    backend refused the request (4xx) or failed before sending a token. Sets ``usage_estimated``.
+    """
+    if ex.reason == "upstream_client_error" or (ex.fault is Fault.BACKEND and not ex.events):
+        return
+    ex.prompt_tokens = limiter.estimate(ex.body_bytes, 0)
+    ex.completion_tokens = ex.events if ex.stream else ex.completion_budget
+    ex.usage_estimated = True
 
 
 async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.errors import GatewayError
+from gateway.errors import Fault, GatewayError
 from gateway.ledger.config import BudgetSettings, LedgerSettings
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.rows import cost_of
@@ -58,6 +58,7 @@ class BudgetExceeded(GatewayError):
     type = "insufficient_quota"  # OpenAI's type for a spent quota (the SDK raises RateLimitError)
     code = "budget_exceeded"
     reason = "budget_exceeded"
+    fault = Fault.CLIENT  # the team spent its own budget
     budget_headers: list[tuple[bytes, bytes]] = []
 
     def headers(self) -> list[tuple[bytes, bytes]]:

@@ -44,6 +44,8 @@ class Exchange:
     completing: bool = False  # the last body message is being sent
     reservation: Reservation = field(default_factory=lambda: NO_LIMITS)
     body_bytes: int = 0
+    completion_budget: int = 0  # max_tokens x n as validated (the limiter's completion estimate)
+    usage_estimated: bool = False  # vLLM's usage never arrived: tokens are proxy._estimate_usage's
     tokens_charged: int | None = None  # charged against token budgets (None: no token limit)
     events: int = 0  # SSE data events relayed: the token count if usage never arrives
     disconnected: bool = False
