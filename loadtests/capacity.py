@@ -109,7 +109,9 @@ def tree_rss(root: int) -> dict[str, int]:
 class Stack:
     """A simulator and (optionally) a gateway in front of it; stopped by PID."""
 
-    def __init__(self, src: Path, sim_flags: Sequence[str], workers: int | None) -> None:
+    def __init__(
+        self, src: Path, sim_flags: Sequence[str], workers: int | None, extra: dict[str, Any] | None = None
+    ) -> None:
         py, env = sys.executable, {"PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
         self.children: list[Child] = []
         self.config: Path | None = None
@@ -132,6 +134,7 @@ class Stack:
                     {
                         "backends": [{"url": self.sim_url, "max_in_flight": BIG}],
                         "admission": {"max_queue": BIG},
+                        **(extra or {}),
                     },
                 )
                 env = {**env, **auth_env}
@@ -206,9 +209,30 @@ async def run_step(
     return out
 
 
-def curve(src: Path, sim_flags: Sequence[str], target: str, rates: Sequence[float], secs: float) -> Any:
-    workers = {"direct": None, "gateway-1w": 1, "gateway-2w": 2}[target]
-    stack = Stack(src, sim_flags, workers)
+def curve(
+    src: Path,
+    sim_flags: Sequence[str],
+    target: str,
+    rates: Sequence[float],
+    secs: float,
+    ledger_dsn: str | None = None,
+) -> Any:
+    workers = {"direct": None, "gateway-1w": 1, "gateway-2w": 2, "gateway-1w-ledger": 1}[target]
+    extra: dict[str, Any] | None = None
+    if target == "gateway-1w-ledger":
+        # The usage ledger on (docs/ledger.md): a schema of this run's own, PostgreSQL from --ledger-dsn.
+        if not ledger_dsn:
+            raise SystemExit("gateway-1w-ledger needs --ledger-dsn")
+        scratch = Path(tempfile.mkdtemp(prefix="capacity-ledger-"))
+        extra = {
+            "ledger": {
+                "dsn": ledger_dsn,
+                "schema_name": f"capacity_{os.getpid()}_{int(time.time())}",
+                "auto_migrate": True,
+                "spool_dir": str(scratch / "spool"),
+            }
+        }
+    stack = Stack(src, sim_flags, workers, extra)
     steps: list[dict[str, Any]] = []
     try:
         watch = {"sim": stack.sim.pid}
@@ -420,7 +444,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.capacity", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 rates, 3 s steps, 500 streams, 30 s soak")
     p.add_argument("--parts", default="curve,memory,soak", help="comma-separated: curve, memory, soak")
-    p.add_argument("--targets", default="direct,gateway-1w,gateway-2w", help="curves to run")
+    p.add_argument(
+        "--targets",
+        default="direct,gateway-1w,gateway-2w",
+        help="curves to run: direct, gateway-1w, gateway-2w, gateway-1w-ledger (needs --ledger-dsn)",
+    )
     p.add_argument("--rates", default=None, help="request rates of the curve steps (comma-separated)")
     p.add_argument("--step-seconds", type=float, default=None, help="default 8 (quick: 3)")
     p.add_argument("--streams", type=int, default=None, help="default 2000 (quick: 500)")
@@ -429,6 +457,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--soak-rate", type=float, default=None, help="default: half the 1-worker max")
     p.add_argument("--soak-seconds", type=float, default=None, help="default 300 (quick: 30)")
     p.add_argument("--gateway-src", type=Path, default=ROOT)
+    p.add_argument(
+        "--ledger-dsn",
+        default=None,
+        help="PostgreSQL for the gateway-1w-ledger curve (e.g. postgresql://127.0.0.1:5432/test)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     quick: dict[str, Any] = {"rates": QUICK_RATES, "step_seconds": 3.0, "streams": 500, "soak_seconds": 30.0}
@@ -465,7 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["curves"] = []
         for target in args.targets.split(","):
             log(f"curve {target}")
-            report["curves"].append(curve(args.gateway_src, sim_flags, target, rates, args.step_seconds))
+            report["curves"].append(
+                curve(args.gateway_src, sim_flags, target, rates, args.step_seconds, args.ledger_dsn)
+            )
     if "memory" in parts:
         report["memory"] = []
         for w in args.memory_workers.split(","):
