@@ -96,6 +96,7 @@ class Accountant:
                 stream=ex.stream,
                 prompt_tokens=ex.prompt_tokens,
                 completion_tokens=ex.completion_tokens,
+                usage_estimated=ex.usage_estimated,
                 tokens_charged=ex.tokens_charged,
                 ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 2),
                 duration_ms=round(duration * 1000, 2),
