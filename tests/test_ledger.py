@@ -8,6 +8,7 @@ start). Shared PostgreSQL tests use a schema of their own; outage tests a server
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from tests.ledger_pg import (
 )
 from tests.procs import ROOT, Gateway, Sim
 
+OUTAGE_SECONDS = float(os.environ.get("LEDGER_OUTAGE_SECONDS", "60"))
 PROMPT_PRICE, COMPLETION_PRICE = 0.5, 1.5  # USD per million tokens of `tiny`
 
 
@@ -306,8 +308,14 @@ def test_postgres_outage_under_load_loses_and_duplicates_nothing(
         wait_for(lambda: metric(gw, "gateway_ledger_rows_written_total") >= 50, 30, "rows written before")
         down = time.monotonic()
         private_pg.stop()
+        # Down for the 60 s (LEDGER_OUTAGE_SECONDS), under load the whole time.
         wait_for(
-            lambda: metric(gw, "gateway_ledger_rows_spooled_total") >= 200, 60, "rows spooled while down"
+            lambda: (
+                metric(gw, "gateway_ledger_rows_spooled_total") >= 200
+                and time.monotonic() - down >= OUTAGE_SECONDS
+            ),
+            OUTAGE_SECONDS + 60,
+            f"rows spooled while down for {OUTAGE_SECONDS:g} s",
         )
         up = time.monotonic()
         private_pg.start()
