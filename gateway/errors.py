@@ -14,8 +14,12 @@ gateway's own string (documented), never a number.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    from gateway.asgi import Send
 
 
 class Fault(StrEnum):
@@ -222,3 +226,21 @@ def error_body(message: str, type_: str, param: str | None, code: str | None) ->
 def sse_error_event(exc: GatewayError) -> bytes:
     """The final SSE event sent when a stream fails after it has started."""
     return b"data: " + exc.body() + b"\n\ndata: [DONE]\n\n"
+
+
+async def send_error(send: Send, exc: GatewayError) -> None:
+    """Answer ``exc`` as a whole ASGI response: its status, OpenAI-shaped JSON body and headers
+    (``Retry-After`` when it has one), for paths that answer before any pipeline stage did."""
+    body = exc.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *exc.headers(),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

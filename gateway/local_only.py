@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from gateway.asgi import Scope, Send
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.asgi import Scope
+from gateway.errors import GatewayError, InvalidRequest, send_error
 
 PROBES = frozenset({"/live", "/ready", "/health", "/metrics"})
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -116,17 +116,4 @@ def refusal(scope: Scope) -> GatewayError | None:
     return None
 
 
-async def send_refusal(send: Send, exc: GatewayError) -> None:
-    """The OpenAI-shaped error response for a refused request."""
-    body = exc.body()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+send_refusal = send_error  # the OpenAI-shaped error response for a refused request

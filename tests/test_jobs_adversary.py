@@ -218,7 +218,9 @@ def test_lines_finishing_while_an_expiring_batch_finalizes_appear_exactly_once(t
     finalize writes the output file, then marks the lines without a result `batch_expired`. A
     line that finishes between those two steps must not vanish from both files.
     """
-    sim = Sim(None, "--model", "tiny", "--ttft", "0.02", "--itl", "0.01", "--max-num-seqs", "1024")
+    # Lines of up to 500 tokens at 30 ms each (up to 15 s): some are always running when the 6 s
+    # window ends, however fast the machine (at 10 ms the whole batch could finish in time).
+    sim = Sim(None, "--model", "tiny", "--ttft", "0.02", "--itl", "0.03", "--max-num-seqs", "1024")
     path, _ = jobs_config(tmp_path, concurrency=300)
     cfg = yaml.safe_load(path.read_text())
     cfg["backends"] = [{"url": sim.url, "max_in_flight": 512}]

@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from gateway.asgi import Receive, Scope, Send, header
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, send_error
 from gateway.jobs.store import owner_key
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.receive import Endpoint
@@ -139,35 +139,14 @@ async def submit_async(
             ikey,
         )
     except GatewayError as exc:
-        body_bytes = exc.body()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body_bytes)).encode()),
-                    *exc.headers(),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body_bytes})
+        await send_error(send, exc)
         return
     except receive_stage.ClientGone:
         return
     except (RedisError, OSError):
         from gateway.jobs.service import JobsUnavailable
 
-        down = JobsUnavailable()
-        body_bytes = down.body()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": down.status,
-                "headers": [(b"content-type", b"application/json"), *down.headers()],
-            }
-        )
-        await send({"type": "http.response.body", "body": body_bytes})
+        await send_error(send, JobsUnavailable())
         return
     out = orjson.dumps(job)
     await send(

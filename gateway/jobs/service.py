@@ -784,8 +784,7 @@ class Jobs:
             await self.r.delete(lock)
 
     async def _finalize(self, doc: dict[str, Any], expired: bool) -> None:
-        bid, owner = doc["id"], doc["owner"]
-        out_id = err_id = None
+        bid = doc["id"]
         if expired:
             # Lines never run are reported as expired (OpenAI: "batch_expired"), in the input's order.
             try:
@@ -812,34 +811,35 @@ class Jobs:
                 self.log.warning("expired batch's input file is gone; unrun lines not listed", batch=bid)
         # The output file is written after the expired lines are marked: a line ending in between
         # is either in it or refused (it already has its `batch_expired` result), never lost.
-        if await self.r.hlen(self.store.out_key(bid)):
-            out = await self.files.create_output(
-                owner, f"{bid}_output.jsonl", "batch_output", self._lines(self.store.out_key(bid))
-            )
-            out_id = out["id"]
-        if await self.r.hlen(self.store.err_key(bid)):
-            err = await self.files.create_output(
-                owner, f"{bid}_error.jsonl", "batch_output", self._lines(self.store.err_key(bid))
-            )
-            err_id = err["id"]
-        done, failed = await self.store.counts(bid)
         now = int(time.time())
         final = "expired" if expired else "completed"
-        stamp = {"expired_at": now} if expired else {"completed_at": now}
-        await self.store.transition(
-            "batch",
-            bid,
-            ("finalizing",),
-            final,
-            output_file_id=out_id or "",
-            error_file_id=err_id or "",
-            completed_count=done,
-            failed_count=failed,
-            **stamp,
+        done, failed = await self._end_batch(
+            doc, "finalizing", final, **({"expired_at": now} if expired else {"completed_at": now})
         )
-        if expired:
-            await self._purge_queue(bid)
         self.log.info("batch finished", batch=bid, status=final, completed=done, failed=failed)
+
+    async def _end_batch(self, doc: dict[str, Any], frm: str, to: str, **stamp: int) -> tuple[int, int]:
+        """Write a batch's output and error files (streamed from its results), move it from
+        ``frm`` to ``to`` with the counts and ``stamp``, and, unless it completed, take its unrun
+        lines out of the queue. Returns (completed, failed)."""
+        bid, owner = doc["id"], doc["owner"]
+        ids: dict[str, str] = {}
+        for field, key, name in (
+            ("output_file_id", self.store.out_key(bid), f"{bid}_output.jsonl"),
+            ("error_file_id", self.store.err_key(bid), f"{bid}_error.jsonl"),
+        ):
+            ids[field] = ""
+            if await self.r.hlen(key):
+                ids[field] = (await self.files.create_output(owner, name, "batch_output", self._lines(key)))[
+                    "id"
+                ]
+        done, failed = await self.store.counts(bid)
+        await self.store.transition(
+            "batch", bid, (frm,), to, completed_count=done, failed_count=failed, **ids, **stamp
+        )
+        if to != "completed":
+            await self._purge_queue(bid)
+        return done, failed
 
     async def _purge_queue(self, bid: str) -> None:
         """Take a finished batch's lines still queued out of the queue: they will never run, and
@@ -873,44 +873,11 @@ class Jobs:
         since = time.time() - self.s.visibility_timeout
         if await self.store.running_count("batch", bid, since):
             return
-        if got is None:
-            return
         lock = f"{self.s.key_prefix}batch:{bid}:finalize"
         if not await self.r.set(lock, self.consumer, nx=True, ex=_FINALIZE_LOCK_SECONDS):
             return
         try:
-            doc = got[0]
-            out_id = err_id = None
-            if await self.r.hlen(self.store.out_key(bid)):
-                out_id = (
-                    await self.files.create_output(
-                        doc["owner"],
-                        f"{bid}_output.jsonl",
-                        "batch_output",
-                        self._lines(self.store.out_key(bid)),
-                    )
-                )["id"]
-            if await self.r.hlen(self.store.err_key(bid)):
-                err_id = (
-                    await self.files.create_output(
-                        doc["owner"],
-                        f"{bid}_error.jsonl",
-                        "batch_output",
-                        self._lines(self.store.err_key(bid)),
-                    )
-                )["id"]
-            done, failed = await self.store.counts(bid)
-            await self.store.transition(
-                "batch",
-                bid,
-                ("cancelling",),
-                "cancelled",
-                cancelled_at=int(time.time()),
-                output_file_id=out_id or "",
-                error_file_id=err_id or "",
-                completed_count=done,
-                failed_count=failed,
-            )
+            await self._end_batch(got[0], "cancelling", "cancelled", cancelled_at=int(time.time()))
             await self._purge_queue(bid)
         finally:
             await self.r.delete(lock)
