@@ -41,6 +41,7 @@ from gateway.proxy import ProxyEndpoint
 from gateway.retry import RetryBudget
 
 if TYPE_CHECKING:
+    from gateway.cache.stage import ResponseCache
     from gateway.jobs.service import Jobs
     from gateway.ledger.budget import BudgetBook
     from gateway.ledger.writer import LedgerWriter
@@ -67,6 +68,7 @@ class Gateway:
     router: Router
     fallback: ExternalFallback | None
     budgets: BudgetBook | None = None  # monthly team budgets (gateway/ledger/budget.py)
+    cache: ResponseCache | None = None  # the response cache (gateway/cache/stage.py)
 
 
 class GatewayApp:
@@ -141,7 +143,7 @@ def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Ga
             b.breaker.on_available = admission.dispatch
     metrics = GatewayMetrics(pool, admission, multiprocess_dir)
     upstream = UpstreamClient(settings.timeouts)
-    return Gateway(
+    gateway = Gateway(
         settings=settings,
         pool=pool,
         upstream=upstream,
@@ -157,6 +159,17 @@ def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Ga
         router=Router(settings.routing),
         fallback=ExternalFallback(settings.external, settings) if settings.external else None,
     )
+    if settings.cache is not None:
+        from gateway.cache.metrics import CacheMetrics
+        from gateway.cache.stage import ResponseCache
+
+        gateway.cache = ResponseCache(
+            settings.cache,
+            pool,
+            CacheMetrics(metrics.registry, set(settings.teams)),
+            settings.timeouts.total + settings.timeouts.connect,
+        )
+    return gateway
 
 
 def check_startup(settings: Settings) -> None:
@@ -207,6 +220,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         await gateway.upstream.start()
         await gateway.auth.start()
         await gateway.poller.start()
+        if gateway.cache is not None:
+            await gateway.cache.start()
         gateway.drain.install()
         for jobs in jobs_box:
             await jobs.start()
@@ -223,6 +238,8 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
             await gateway.poller.stop()
             await gateway.auth.stop()
             await gateway.limiter.close()
+            if gateway.cache is not None:
+                await gateway.cache.close()
             gateway.metrics.worker_exit()
             await gateway.upstream.close()
             if gateway.fallback is not None:
@@ -246,6 +263,10 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     api.include_router(build_router(gateway))
     if usage_api is not None:
         api.include_router(usage_api.router())
+    if gateway.cache is not None:
+        from gateway.cache.api import build_cache_router
+
+        api.include_router(build_cache_router(gateway.cache, gateway.auth))
     accountant = Accountant(
         metrics,
         structlog.get_logger("gateway.access"),

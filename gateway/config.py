@@ -29,6 +29,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.cache.config import CacheSettings
 from gateway.config_auth import AuthSettings, LimitValues, RateLimitSettings, TeamSettings
 from gateway.config_routing import ExternalSettings, RoutingSettings
 from gateway.jobs.config import JobsSettings
@@ -340,6 +341,13 @@ class Settings(BaseSettings):
         default_factory=JobsSettings,
         description="Async jobs: Files and Batch APIs, `Prefer: respond-async` (docs/jobs.md).",
     )
+    cache: CacheSettings | None = Field(
+        None,
+        description=(
+            "The response cache on Redis: exact-match answers, scoped per team, streams replayed, "
+            "one upstream call for identical concurrent misses (docs/cache.md). None: off."
+        ),
+    )
     ledger: LedgerSettings | None = Field(
         None,
         description=(
@@ -374,6 +382,12 @@ class Settings(BaseSettings):
                 if values.priority is not None:
                     raise ValueError(
                         f"teams.{name}.tiers.{tier}.priority: priorities are set on `tiers` only"
+                    )
+        if self.cache is not None:
+            for route in self.cache.routes:
+                if route != "default" and route not in self.routing.routes:
+                    raise ValueError(
+                        f"cache.routes.{route}: no such route (a task type of `routing.routes`, or `default`)"
                     )
         if self.auth.default_tier is not None and self.auth.default_tier not in known:
             raise ValueError(f"auth.default_tier: no such tier `{self.auth.default_tier}`")

@@ -77,6 +77,7 @@ class ProxyEndpoint:
         self.in_flight = gateway.metrics.in_flight.labels(endpoint.name)
         self.accountant = accountant
         self.budgets = gateway.budgets
+        self.cache = gateway.cache
         self.log_content_teams = {n for n, t in gateway.settings.teams.items() if t.log_content}
         self.capture_teams = {n for n, t in gateway.settings.teams.items() if t.capture}
         self.log = structlog.get_logger("gateway.proxy")
@@ -163,7 +164,10 @@ class ProxyEndpoint:
             ex.finished = time.perf_counter()
             if ex.fault is Fault.BACKEND:
                 self.log.warning("upstream failure", backend=ex.backend, reason=ex.reason, cause=ex.error)
-            self.accountant.record(ex, self.pool.known_model(ex.model))
+            known = self.pool.known_model(ex.model)
+            self.accountant.record(ex, known)
+            if ex.cache_look is not None and self.cache is not None:
+                self.cache.finish(ex, known)  # metrics; the fill runs in a task of its own
             structlog.contextvars.unbind_contextvars("request_id")
 
     async def _handle(
@@ -205,10 +209,25 @@ class ProxyEndpoint:
             ex.capture, ex.prompt_text = [], prompt_text(req.body)
             if principal.team in self.capture_teams and isinstance(req.body.get("messages"), list):
                 ex.messages = req.body["messages"]  # kept by the ledger (gateway/ledger/rows.py)
+        ex.body_bytes = len(raw)
+        # 3b. cache: a stored answer to the same request (gateway/cache/stage.py); never fails for
+        # Redis' sake. A hit is limited as a request (its tokens only with cache.charge_tokens).
+        cache = self.cache
+        if cache is not None:
+            look = await cache.lookup(scope, principal, self.endpoint.name, plan.name, req, total_deadline)
+            ex.cache_look, ex.cache = look, look.status
+            if look.entry is not None:
+                if self.limiter.enabled:
+                    entry = look.entry
+                    cost = entry.prompt_tokens + entry.completion_tokens if cache.charge_tokens else 0
+                    ex.reservation = await self.limiter.admit(principal, cost, s.timeouts.total)
+                await cache.serve(look, req, send, ex)
+                return
+            if look.store:
+                ex.cache_tap, ex.cache_room = [], look.policy.max_bytes if look.policy else 0
         # 4. limit (settled in __call__, whatever happens next)
         # Only validated values the endpoint honours feed the estimates (receive.parse); they stand
         # in for vLLM's usage when it never arrives (_estimate_usage).
-        ex.body_bytes = len(raw)
         ex.completion_budget = self.limiter.estimate(0, req.max_tokens, req.n)
         if self.limiter.enabled:
             estimate = self.limiter.estimate(len(raw), req.max_tokens, req.n)
@@ -387,7 +406,9 @@ def _tokens_used(ex: Exchange, limiter: RateLimiter) -> int:
     backend, the reservation stands (it may have generated up to max_tokens).
     """
     p, c = ex.prompt_tokens, ex.completion_tokens
-    if isinstance(p, int):  # a backend's numbers, bounded: never a refund beyond the reservation
+    if ex.cache == "hit":  # no GPU used: charged only when cache.charge_tokens says so
+        used = ex.reservation.reserved_tokens
+    elif isinstance(p, int):  # a backend's numbers, bounded: never a refund beyond the reservation
         used = max(0, p) + (max(0, c) if isinstance(c, int) else 0)
     elif ex.upstream_sent is None:
         used = 0  # never sent to a backend (refused by the gateway, queue full, no replica)

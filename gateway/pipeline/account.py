@@ -63,10 +63,12 @@ class Accountant:
         team = ex.principal.team
         team_label = "none" if team is None else team if team in self._teams else "other"
         # Counters only go up: a count that is not positive (never from vLLM) is not recorded.
-        if ex.prompt_tokens is not None and ex.prompt_tokens > 0:
-            m.child(m.prompt_tokens, model, team_label).inc(ex.prompt_tokens)
-        if ex.completion_tokens is not None and ex.completion_tokens > 0:
-            m.child(m.completion_tokens, model, team_label).inc(ex.completion_tokens)
+        # A cache hit's tokens were not processed again: gateway_cache_saved_tokens counts them.
+        if ex.cache != "hit":
+            if ex.prompt_tokens is not None and ex.prompt_tokens > 0:
+                m.child(m.prompt_tokens, model, team_label).inc(ex.prompt_tokens)
+            if ex.completion_tokens is not None and ex.completion_tokens > 0:
+                m.child(m.completion_tokens, model, team_label).inc(ex.completion_tokens)
         if ex.tokens_charged is not None and ex.tokens_charged > 0:
             m.child(m.tokens_charged, team_label).inc(ex.tokens_charged)
         if ex.limited is not None:
@@ -91,6 +93,7 @@ class Accountant:
                 backend=ex.backend,
                 route=ex.route,
                 fallback=ex.fallback,
+                cache=ex.cache,
                 queue_priority=ex.priority,
                 status=int(status),
                 stream=ex.stream,

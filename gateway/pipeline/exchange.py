@@ -50,3 +50,8 @@ class Exchange:
     events: int = 0  # SSE data events relayed: the token count if usage never arrives
     disconnected: bool = False
     job: bool = False  # a job line run by a worker (gateway/jobs), not a client's request
+    cache: str | None = None  # hit, miss or bypass (gateway/cache); None: not cacheable / cache off
+    cache_look: object = None  # the cache stage's decision (gateway/cache/stage.Lookup)
+    cache_tap: list[bytes] | None = None  # the answer as vLLM sent it, kept for a cache fill
+    cache_room: int = 0  # bytes the tap may still take (over it: the tap is dropped)
+    cache_complete: bool = False  # the relay saw a complete answer (stream: [DONE], no failure)

@@ -49,12 +49,19 @@ DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024  # config.StreamingSettings.max_event_
 
 
 def gateway_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
-    """What the gateway did: which route, which backend, whether it fell back (and why)."""
-    return [
+    """What the gateway did: which route, which backend, whether it fell back (and why), and
+    what the response cache did (``x-gateway-cache``; a miss's ``Age`` is 0, a hit's is set by
+    gateway/cache/stage.py)."""
+    out = [
         (b"x-gateway-route", ex.route.encode()),
         (b"x-gateway-backend", (ex.backend or "-").encode()),
         (b"x-gateway-fallback", ex.fallback.encode() if ex.fallback else b"false"),
     ]
+    if ex.cache is not None:
+        out.append((b"x-gateway-cache", ex.cache.encode()))
+        if ex.cache == "miss":
+            out.append((b"age", b"0"))
+    return out
 
 
 def _headers(content_type: bytes, request_id: bytes, ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -86,6 +93,9 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
             _read_usage(ex, parsed.get("usage"))
             if ex.capture is not None:
                 _capture_choices(parsed.get("choices"), ex.capture, MAX_LOGGED_CHARS)
+            if ex.cache_tap is not None and len(body) <= ex.cache_room and _finished(parsed):
+                ex.cache_tap.append(body)  # kept for the response cache (gateway/cache)
+                ex.cache_complete = True
         except (orjson.JSONDecodeError, AttributeError):
             raise UpstreamError("The backend sent a response that is not JSON.") from None
         content_type = b"application/json"
@@ -248,12 +258,14 @@ async def relay_sse(
                     f"The backend sent an SSE event longer than {max_event_bytes} bytes.",
                     code="upstream_event_too_large",
                 ) from None
+            if out and ex.cache_tap is not None:
+                _tap(ex, out)
             if out:
                 new_from = 0
                 if held:
                     new_from, out, held = len(held), held + out, b""
                 if _USAGE_MARK in out or _USAGE_MARK_SPACED in out:
-                    out = _take_usage(out, ex, strip_usage)
+                    out = take_usage(out, ex, strip_usage)
                 elif strip_usage and _find_finish(out, new_from) >= 0 and not out.endswith(DONE):
                     out, held = _hold_terminal(out, new_from)
                 if _ERROR_MARK in out:
@@ -326,7 +338,36 @@ async def relay_sse(
     finally:
         if dog is not None:
             dog.handle.cancel()
+    ex.cache_complete = failure is None
     return failure is None
+
+
+_FINISHED = frozenset({"stop", "length", "tool_calls"})
+
+
+def _finished(answer: Any) -> bool:
+    """A plain answer the cache may keep: every choice finished (stop, length or tool calls),
+    or an embeddings list."""
+    choices = answer.get("choices")
+    if choices is None:
+        return isinstance(answer.get("data"), list)
+    return (
+        isinstance(choices, list)
+        and bool(choices)
+        and all(isinstance(c, dict) and c.get("finish_reason") in _FINISHED for c in choices)
+    )
+
+
+def _tap(ex: Exchange, out: bytes) -> None:
+    """Keep a stream's events as vLLM sent them (usage chunk included) for the response cache,
+    up to ``ex.cache_room`` bytes (beyond it the answer is not kept)."""
+    room = ex.cache_room - len(out)
+    if room < 0:
+        ex.cache_tap = None
+        return
+    ex.cache_room = room
+    assert ex.cache_tap is not None
+    ex.cache_tap.append(out)
 
 
 def _cancelled_by_watchdog(ex: Exchange, dog: _Watchdog | None) -> bool:
@@ -468,7 +509,7 @@ def _event_at(out: bytes, at: int) -> tuple[int, int]:
     return (0 if prev < 0 else prev + 2), (len(out) if end < 0 else end + 2)
 
 
-def _take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
+def take_usage(out: bytes, ex: Exchange, strip: bool) -> bytes:
     """Read vLLM's usage chunk; when the gateway asked for it (``strip``), drop it.
 
     Dropping it must leave what vLLM sends without ``include_usage``: there the terminal chunk of

@@ -1,0 +1,452 @@
+"""The cache stage: between route plan and limit, answer from the cache or arrange to fill it.
+
+    lookup → (hit) limit as a request → serve the entry → account
+           → (miss) the rest of the pipeline, the relay tapping the answer → fill after the response
+
+A lookup never fails a request: Redis down, slow or saturated makes it a bypass within
+``cache.timeout``, and after a failure the cache is skipped for ``cache.retry_interval``
+(so an outage costs one timeout per interval, not one per request). Fills are written after
+the client has its answer, in a task of their own. Identical concurrent misses make one upstream
+call: the first takes a lock in Redis (the single-flight lock, any replica), the others wait
+for its notice (``cache.single_flight_wait`` at most) and are served the entry; when the fill
+fails they go upstream themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from gateway.asgi import Scope, Send, header
+from gateway.auth.principal import Principal
+from gateway.cache.config import CacheSettings
+from gateway.cache.entry import PLAIN, STREAM, Entry, plain_from_stream, stream_from_plain
+from gateway.cache.key import CacheKey, deterministic, make_key, segment
+from gateway.cache.metrics import CacheMetrics
+from gateway.cache.store import CacheBusy, CacheStore
+from gateway.errors import GatewayError
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.receive import ParsedRequest
+from gateway.pipeline.relay import gateway_headers, take_usage
+
+if TYPE_CHECKING:
+    from gateway.backends import BackendPool
+
+HIT: Final = "hit"
+MISS: Final = "miss"
+BYPASS: Final = "bypass"
+FINISHED_OK: Final = frozenset({b"stop", b"length", b"tool_calls"})
+_FINISH = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
+_CC_TOKEN = re.compile(r"\s*([A-Za-z-]+)\s*(?:=\s*\"?([^,\"]*)\"?)?\s*(?:,|$)")
+
+
+class CacheOnlyMiss(GatewayError):
+    """504: ``Cache-Control: only-if-cached`` and nothing stored (RFC 9111 5.2.1.7)."""
+
+    status = 504
+    type = "invalid_request_error"
+    code = "cache_miss"
+    reason = "cache_miss"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    when: str
+    ttl_ms: int
+    max_bytes: int
+
+
+@dataclass(slots=True)
+class CacheControl:
+    no_cache: bool = False
+    no_store: bool = False
+    only_if_cached: bool = False
+    max_age: float | None = None
+
+
+def parse_cache_control(raw: bytes | None) -> CacheControl | None:
+    """The request's Cache-Control directives (RFC 9111 5.2.1); unknown ones are ignored, and a
+    ``max-age`` that is not a non-negative integer is ignored too (as RFC 9111 1.2.2 says)."""
+    if not raw:
+        return None
+    cc = CacheControl()
+    for m in _CC_TOKEN.finditer(raw.decode("latin-1")):
+        name = m.group(1).lower()
+        if name == "no-cache":
+            cc.no_cache = True
+        elif name == "no-store":
+            cc.no_store = True
+        elif name == "only-if-cached":
+            cc.only_if_cached = True
+        elif name == "max-age" and m.group(2) is not None and m.group(2).strip().isdigit():
+            cc.max_age = float(m.group(2).strip())
+    return cc
+
+
+class Lookup:
+    """What the cache stage decided for one request (kept on ``Exchange.cache_look``)."""
+
+    __slots__ = ("body", "entry", "filler", "key", "policy", "reason", "status", "store", "token", "waited")
+
+    def __init__(self, status: str, reason: str | None = None) -> None:
+        self.status = status  # hit, miss or bypass: the x-gateway-cache header
+        self.reason = reason  # why a bypass (the metric's label)
+        self.key: CacheKey | None = None
+        self.policy: Policy | None = None
+        self.entry: Entry | None = None  # a hit's entry
+        self.body: bytes | None = None  # a hit's response body, in the form the client asked for
+        self.store = False  # store the answer if it is complete and successful
+        self.filler = False  # this request holds the single-flight lock
+        self.token = ""  # ... under this value (released only by its holder)
+        self.waited = False  # served after waiting for another request's fill
+
+
+class ResponseCache:
+    """The cache stage, owned by the app's lifespan (``start``/``close``)."""
+
+    def __init__(
+        self, settings: CacheSettings, pool: BackendPool, metrics: CacheMetrics, lock_seconds: float
+    ) -> None:
+        self.s = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.store = CacheStore(
+            settings.storage, settings.key_prefix, settings.timeout, settings.max_connections
+        )
+        self.charge_tokens = settings.charge_tokens
+        self._default = Policy(settings.when, int(settings.ttl * 1000), settings.max_entry_bytes)
+        self._routes = {
+            name: Policy(
+                r.when or settings.when,
+                int((r.ttl or settings.ttl) * 1000),
+                r.max_entry_bytes or settings.max_entry_bytes,
+            )
+            for name, r in settings.routes.items()
+        }
+        self._lock_ms = max(1000, int(lock_seconds * 1000))
+        self._token = secrets.token_hex(6) + ":"
+        self._ids = itertools.count()
+        self._down_until = 0.0
+        self._local: dict[str, asyncio.Future[Entry | None]] = {}  # fills this process runs
+        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}  # waiting on a fill anywhere
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.log = structlog.get_logger("gateway.cache")
+
+    async def start(self) -> None:
+        self.store.listen(self._notice)
+
+    async def close(self) -> None:
+        if self._tasks:  # fills of the last answers: a short grace, then dropped (a cache, not a ledger)
+            await asyncio.wait(self._tasks, timeout=2.0)
+        await self.store.close()
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    async def lookup(
+        self,
+        scope: Scope,
+        principal: Principal,
+        endpoint: str,
+        route: str,
+        req: ParsedRequest,
+        deadline: float,
+    ) -> Lookup:
+        """Decide hit, miss or bypass for a request whose body names the served model.
+
+        Never raises for Redis' sake; raises CacheOnlyMiss for ``only-if-cached`` without a hit.
+        ``deadline``: the request's total deadline (loop time), which bounds a single-flight wait.
+        """
+        policy = self._routes.get(route, self._default)
+        cc = parse_cache_control(header(scope, b"cache-control"))
+        look = self._decide(policy, cc, endpoint, req.body)
+        if look is None:
+            look = await self._lookup(principal, endpoint, req, policy, cc, deadline)
+        if cc is not None and cc.only_if_cached and look.status != HIT:
+            raise CacheOnlyMiss("Cache-Control: only-if-cached, and no stored answer matches this request.")
+        return look
+
+    def _decide(
+        self, policy: Policy, cc: CacheControl | None, endpoint: str, body: dict[str, Any]
+    ) -> Lookup | None:
+        """A bypass decided without Redis, or None to go on."""
+        if policy.when == "never":
+            return Lookup(BYPASS, "never")
+        if policy.when == "deterministic" and not deterministic(endpoint, body):
+            return Lookup(BYPASS, "nondeterministic")
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("continuous_usage_stats"):
+            return Lookup(BYPASS, "uncacheable")  # usage on every chunk: not what entries keep
+        if cc is not None and cc.no_store:
+            return Lookup(BYPASS, "no_store")
+        if time.monotonic() < self._down_until:
+            return Lookup(BYPASS, "unavailable")
+        return None
+
+    async def _lookup(
+        self,
+        principal: Principal,
+        endpoint: str,
+        req: ParsedRequest,
+        policy: Policy,
+        cc: CacheControl | None,
+        deadline: float,
+    ) -> Lookup:
+        s = self.s
+        try:
+            key = make_key(
+                s.key_prefix, principal, s.scope, endpoint, req.model, self._version(req.model), req.body
+            )
+        except (TypeError, ValueError):
+            return Lookup(BYPASS, "uncacheable")
+        look = Lookup(MISS)
+        look.key, look.policy, look.store = key, policy, True
+        if cc is not None and cc.no_cache:
+            return look  # a fresh answer, stored for the next ones
+        max_age = cc.max_age if cc is not None else None
+        local = self._local.get(key.digest)
+        if local is not None:  # this process is already asking the backend for the same answer
+            return await self._wait_local(look, local, req, endpoint, max_age, deadline)
+        single = s.single_flight_wait > 0
+        token = f"{self._token}{next(self._ids)}"
+        try:
+            stream, plain, locked = await self.store.lookup(key, token, self._lock_ms, single)
+        except CacheBusy:
+            return Lookup(BYPASS, "busy")
+        except Exception as exc:
+            return self._failed(exc)
+        if self._answer(look, stream, plain, req, endpoint, max_age):
+            return look
+        if locked:
+            look.filler, look.token = True, token
+            self._local[key.digest] = asyncio.get_running_loop().create_future()
+            return look
+        if single and stream is None and plain is None:
+            return await self._wait_remote(look, req, endpoint, max_age, deadline)
+        return look  # stored entries too old for max-age, or not servable in this form
+
+    def _answer(
+        self,
+        look: Lookup,
+        stream: bytes | None,
+        plain: bytes | None,
+        req: ParsedRequest,
+        endpoint: str,
+        max_age: float | None,
+    ) -> bool:
+        """Make ``look`` a hit from the stored entries when one serves this request."""
+        now = time.time()
+        same, other = (stream, plain) if req.stream else (plain, stream)
+        for raw in (same, other):
+            if raw is None:
+                continue
+            entry = Entry.decode(raw)
+            if entry is None or (max_age is not None and now - entry.created > max_age):
+                continue
+            body = self._render(entry, req, endpoint)
+            if body is not None:
+                look.status, look.entry, look.body, look.store = HIT, entry, body, False
+                return True
+        return False
+
+    def _render(self, entry: Entry, req: ParsedRequest, endpoint: str) -> bytes | None:
+        if req.stream:
+            if entry.kind == STREAM:
+                return entry.body
+            return stream_from_plain(entry.body, endpoint, req.client_wants_usage)
+        if entry.kind == PLAIN:
+            return entry.body
+        if endpoint == "embeddings":
+            return None
+        return plain_from_stream(entry.body, endpoint)
+
+    async def _wait_local(
+        self,
+        look: Lookup,
+        fut: asyncio.Future[Entry | None],
+        req: ParsedRequest,
+        endpoint: str,
+        max_age: float | None,
+        deadline: float,
+    ) -> Lookup:
+        try:
+            async with asyncio.timeout(self._wait_bound(deadline)):
+                entry = await asyncio.shield(fut)
+        except TimeoutError:
+            return look
+        if entry is not None:
+            body = self._render(entry, req, endpoint)
+            if body is not None:
+                look.status, look.entry, look.body, look.store, look.waited = HIT, entry, body, False, True
+        return look
+
+    async def _wait_remote(
+        self, look: Lookup, req: ParsedRequest, endpoint: str, max_age: float | None, deadline: float
+    ) -> Lookup:
+        assert look.key is not None
+        digest = look.key.digest
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(digest, [])
+        waiters.append(fut)
+        try:
+            # Registered first, then looked again: a notice sent before this point is not missed.
+            stream, plain = await self.store.get(look.key)
+            if self._answer(look, stream, plain, req, endpoint, max_age):
+                look.waited = True
+                return look
+            try:
+                async with asyncio.timeout(self._wait_bound(deadline)):
+                    stored = await fut
+            except TimeoutError:
+                return look
+            if stored:
+                stream, plain = await self.store.get(look.key)
+                if self._answer(look, stream, plain, req, endpoint, max_age):
+                    look.waited = True
+            return look
+        except CacheBusy:
+            return look
+        except Exception as exc:
+            self._failed(exc)
+            return look
+        finally:
+            waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(digest, None)
+
+    def _wait_bound(self, deadline: float) -> float:
+        """A single-flight wait: ``single_flight_wait``, leaving the request time to go upstream."""
+        left = deadline - asyncio.get_running_loop().time()
+        return max(0.0, min(self.s.single_flight_wait, left / 2))
+
+    def _notice(self, digest: str, stored: bool) -> None:
+        for fut in self._waiters.get(digest, ()):
+            if not fut.done():
+                fut.set_result(stored)
+
+    def _failed(self, exc: BaseException) -> Lookup:
+        """Redis failed or was slow: skip the cache for ``retry_interval`` seconds."""
+        self._down_until = time.monotonic() + self.s.retry_interval
+        self.metrics.errors.inc()
+        self.log.warning(
+            "cache unavailable, bypassing", cause=type(exc).__name__, retry_in=self.s.retry_interval
+        )
+        return Lookup(BYPASS, "unavailable")
+
+    def _version(self, model: str) -> str:
+        v = self.s.model_versions.get(model)
+        if v is not None:
+            return v
+        roots = {str(card.get("root")) for b in self.pool.backends if (card := b.models.get(model))}
+        return "|".join(sorted(roots))
+
+    # -- serve ----------------------------------------------------------------------------------
+
+    async def serve(self, look: Lookup, req: ParsedRequest, send: Send, ex: Exchange) -> None:
+        """Answer a hit: the entry in the form the client asked for, with ``Age``."""
+        entry, body = look.entry, look.body
+        assert entry is not None and body is not None
+        ex.backend = "cache"
+        ex.prompt_tokens, ex.completion_tokens = entry.prompt_tokens, entry.completion_tokens
+        age = str(max(0, int(time.time() - entry.created))).encode()
+        if req.stream:
+            if entry.kind == STREAM and not req.client_wants_usage:
+                body = take_usage(body, ex, True)
+            content_type = b"text/event-stream; charset=utf-8"
+            extra = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        else:
+            content_type = b"application/json"
+            extra = []
+        ex.status = 200
+        ex.response_started = ex.completing = True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", ex.request_id.encode()),
+                    *gateway_headers(ex),
+                    (b"age", age),
+                    *ex.reservation.headers,
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # -- fill and account -----------------------------------------------------------------------
+
+    def finish(self, ex: Exchange, known_model: bool) -> None:
+        """After the request: metrics, and the fill (or the lock's release) in a task of its own."""
+        look = ex.cache_look
+        assert isinstance(look, Lookup)
+        self.metrics.record(ex, look, known_model)
+        if not look.store or look.key is None or look.policy is None:
+            return
+        entry = self._storable(ex)
+        fut = self._local.pop(look.key.digest, None) if look.filler else None
+        if fut is not None and not fut.done():
+            fut.set_result(entry)
+        if entry is not None:
+            self._spawn(self._fill(look.key, entry, look.policy.ttl_ms, look.token))
+        elif look.filler:
+            self._spawn(self._release(look.key, look.token))
+
+    def _storable(self, ex: Exchange) -> Entry | None:
+        """The entry to keep: a complete, successful answer from a local replica, within size."""
+        tap = ex.cache_tap
+        if (
+            tap is None
+            or ex.status != 200
+            or ex.reason is not None
+            or ex.fallback is not None
+            or ex.disconnected
+            or not ex.cache_complete
+            or ex.usage_estimated
+        ):
+            return None
+        body = b"".join(tap)
+        if ex.stream:
+            reasons = _FINISH.findall(body)
+            if not reasons or not FINISHED_OK.issuperset(reasons):
+                return None
+        return Entry(
+            STREAM if ex.stream else PLAIN,
+            time.time(),
+            ex.prompt_tokens or 0,
+            ex.completion_tokens or 0,
+            body,
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fill(self, key: CacheKey, entry: Entry, ttl_ms: int, token: str) -> None:
+        try:
+            await self.store.fill(key, entry.kind, entry.encode(), ttl_ms, token)
+            self.metrics.fills.inc()
+        except Exception as exc:
+            self._failed(exc)
+
+    async def _release(self, key: CacheKey, token: str) -> None:
+        try:
+            await self.store.release(key, token)
+        except Exception as exc:
+            self._failed(exc)
+
+    async def purge(self, team: str | None, model: str | None) -> int:
+        """Delete the entries of ``team`` (team and principal scopes) and/or ``model``; all when
+        both are None. Returns how many. Raises redis-py's errors (the admin is told)."""
+        return await self.store.purge(
+            None if team is None else segment(team), None if model is None else segment(model)
+        )

@@ -1,0 +1,182 @@
+"""The cache's Redis calls: look up (and take the single-flight lock), fill, release, purge, and
+the notices that wake requests waiting on another replica's fill.
+
+Every call is one round trip (a Lua script or one command) under ``timeout``; at most
+``max_connections`` run at once and the others wait for a turn (running out of local
+connections is back-pressure, not an outage). Notices travel on one pub/sub channel,
+``{prefix}n``: the message is ``<digest>:1`` (stored) or ``<digest>:0`` (the fill failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from gateway.cache.key import CacheKey
+
+# KEYS: stream entry, plain entry, lock. ARGV: lock token, lock ms, take the lock on a miss (1/0).
+_LOOKUP = """
+local s = redis.call('GET', KEYS[1])
+local j = redis.call('GET', KEYS[2])
+if s or j or ARGV[3] == '0' then return {s, j, 0} end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, false, 1} end
+return {false, false, 0}
+"""
+# KEYS: entry, lock. ARGV: value, ttl ms, lock token, channel, notice.
+_FILL = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+# KEYS: lock. ARGV: lock token, channel, notice.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return 1
+"""
+
+
+class CacheBusy(Exception):
+    """Every connection of this process was taken for the whole timeout (a burst, not an outage)."""
+
+
+class CacheStore:
+    """The cache's storage: one Redis server or primary (not Redis Cluster)."""
+
+    def __init__(self, url: str, prefix: str, timeout: float, max_connections: int) -> None:
+        import redis.asyncio as aioredis
+
+        self.prefix = prefix
+        self.channel = prefix + "n"
+        self._timeout = timeout
+        pool = aioredis.ConnectionPool.from_url(
+            url,
+            max_connections=max_connections + 2,  # + the notices' connection, + a purge
+            socket_timeout=max(timeout, 1.0),
+            socket_connect_timeout=max(timeout, 1.0),
+            health_check_interval=30,
+        )
+        self.redis = aioredis.Redis(connection_pool=pool)
+        self._slots = asyncio.Semaphore(max_connections)
+        self._lookup = self.redis.register_script(_LOOKUP)
+        self._fill = self.redis.register_script(_FILL)
+        self._release = self.redis.register_script(_RELEASE)
+        self._listener: asyncio.Task[None] | None = None
+        self.log = structlog.get_logger("gateway.cache")
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """One call under ``timeout``, once it has a connection slot.
+
+        Raises CacheBusy when no slot came within ``timeout`` (this process's own limit: not a
+        Redis failure), TimeoutError or redis-py's errors when Redis failed.
+        """
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise CacheBusy from None
+        else:
+            await slots.acquire()  # free: returns at once
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await fn()
+        finally:
+            slots.release()
+
+    async def lookup(
+        self, key: CacheKey, token: str, lock_ms: int, take_lock: bool
+    ) -> tuple[bytes | None, bytes | None, bool]:
+        """(stored stream, stored plain answer, whether this caller took the single-flight lock)."""
+        out = await self._call(
+            lambda: self._lookup(
+                keys=[key.entry + "s", key.entry + "j", key.lock],
+                args=[token, lock_ms, 1 if take_lock else 0],
+            )
+        )
+        return out[0], out[1], bool(out[2])
+
+    async def get(self, key: CacheKey) -> tuple[bytes | None, bytes | None]:
+        out = await self._call(lambda: self.redis.mget([key.entry + "s", key.entry + "j"]))
+        return out[0], out[1]
+
+    async def fill(self, key: CacheKey, kind: bytes, value: bytes, ttl_ms: int, token: str) -> None:
+        """Store an entry, release the lock when ``token`` holds it, and wake the waiters."""
+        await self._call(
+            lambda: self._fill(
+                keys=[key.entry + kind.decode(), key.lock],
+                args=[value, ttl_ms, token, self.channel, key.digest + ":1"],
+            )
+        )
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        """Give the lock back without an entry (the answer was not storable) and wake the waiters."""
+        await self._call(
+            lambda: self._release(keys=[key.lock], args=[token, self.channel, key.digest + ":0"])
+        )
+
+    async def purge(self, team_seg: str | None, model_seg: str | None) -> int:
+        """Delete the entries of a team and/or a model (all entries when both are None); returns
+        how many. SCAN in batches with UNLINK: Redis is never blocked for long; not under the
+        lookup timeout (an admin call may take seconds on a large cache)."""
+        pattern = f"{_glob_escape(self.prefix)}e:{team_seg or '*'}:{model_seg or '*'}:*"
+        deleted = 0
+        batch: list[bytes] = []
+        async for k in self.redis.scan_iter(match=pattern, count=1000):
+            batch.append(k)
+            if len(batch) >= 500:
+                deleted += int(await self.redis.unlink(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(await self.redis.unlink(*batch))
+        return deleted
+
+    def listen(self, on_notice: Callable[[str, bool], None]) -> None:
+        """Start the notices' subscriber (reconnects with backoff while Redis is away)."""
+        self._listener = asyncio.get_running_loop().create_task(self._listen(on_notice))
+
+    async def _listen(self, on_notice: Callable[[str, bool], None]) -> None:
+        pause = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                pause = 0.1
+                while True:
+                    msg = await pubsub.get_message(timeout=30.0)
+                    if msg is None:
+                        continue
+                    data = msg.get("data")
+                    if isinstance(data, bytes):
+                        digest, _, ok = data.decode("ascii", "replace").partition(":")
+                        on_notice(digest, ok == "1")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: waiters fall back to their bound meanwhile
+                self.log.info("cache notices interrupted", cause=type(exc).__name__)
+                await asyncio.sleep(pause)
+                pause = min(5.0, pause * 2)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
