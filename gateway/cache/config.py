@@ -50,7 +50,7 @@ class CacheSettings(BaseModel):
         1024 * 1024, ge=1, description="Largest answer stored, in bytes (larger ones are served, not kept)."
     )
     timeout: float = Field(
-        0.05,
+        0.1,
         gt=0,
         description=(
             "Seconds one cache call to Redis may take before the request goes on without the cache "

@@ -213,7 +213,8 @@ class ResponseCache:
         local = self._local.get(key.digest)
         if local is not None:  # this process is already asking the backend for the same answer
             return await self._wait_local(look, local, req, endpoint, max_age, deadline)
-        single = s.single_flight_wait > 0
+        # only-if-cached never asks the backend: it must not hold others back with the lock
+        single = s.single_flight_wait > 0 and not (cc is not None and cc.only_if_cached)
         token = f"{self._token}{next(self._ids)}"
         try:
             stream, plain, locked = await self.store.lookup(key, token, self._lock_ms, single)

@@ -70,6 +70,8 @@ class CacheStore:
         self._fill = self.redis.register_script(_FILL)
         self._release = self.redis.register_script(_RELEASE)
         self._listener: asyncio.Task[None] | None = None
+        self._warm: asyncio.Task[None] | None = None
+        self._size = max_connections
         self.log = structlog.get_logger("gateway.cache")
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
@@ -141,8 +143,21 @@ class CacheStore:
         return deleted
 
     def listen(self, on_notice: Callable[[str, bool], None]) -> None:
-        """Start the notices' subscriber (reconnects with backoff while Redis is away)."""
-        self._listener = asyncio.get_running_loop().create_task(self._listen(on_notice))
+        """Start the notices' subscriber (reconnects with backoff while Redis is away) and warm
+        the connections up (a first burst of lookups would otherwise open them all at once and
+        load the scripts, and time out)."""
+        loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen(on_notice))
+        self._warm = loop.create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                for script in (self._lookup, self._fill, self._release):
+                    await self.redis.script_load(script.script)
+                await asyncio.gather(*(self.redis.ping() for _ in range(min(8, self._size))))
+        except Exception as exc:  # Redis away at start: lookups bypass until it answers
+            self.log.info("cache warm-up skipped", cause=type(exc).__name__)
 
     async def _listen(self, on_notice: Callable[[str, bool], None]) -> None:
         pause = 0.1
@@ -170,10 +185,11 @@ class CacheStore:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+        for task in (self._listener, self._warm):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()
 

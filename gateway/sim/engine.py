@@ -269,13 +269,14 @@ def vllm_validation_error(message: str, parameter: str, value: Any = None) -> by
     return error(f"{message} ({', '.join(extras)})", "BadRequestError", parameter, 400)
 
 
-def model_card(name: str, max_model_len: int, created: int) -> dict[str, Any]:
+def model_card(name: str, max_model_len: int, created: int, weights: str = "") -> dict[str, Any]:
+    """vLLM's model card; ``weights`` (a version tag) changes ``root`` as new weights would."""
     return {
         "id": name,
         "object": "model",
         "created": created,
         "owned_by": "vllm",
-        "root": f"/models/{name}",
+        "root": f"/models/{name}{'@' + weights if weights else ''}",
         "parent": None,
         "max_model_len": max_model_len,
         "permission": [

@@ -24,6 +24,7 @@ class SimConfig:
     # "crlf", "cr" (line endings), "bare" (LF, `data:` without its space, comments, event/id lines)
     sse_framing: str = "vllm"
     seed: int = 0
+    weights: str = ""  # a version tag of the served weights, shown in /v1/models `root`
 
     def update(self, changes: dict[str, object]) -> list[str]:
         """Apply runtime changes from POST /sim/control; return unknown keys."""

@@ -78,7 +78,8 @@ class Simulator:
                     )
                     return
                 cards = [
-                    engine.model_card(m, self.config.max_model_len, self.created) for m in self.all_models()
+                    engine.model_card(m, self.config.max_model_len, self.created, self.config.weights)
+                    for m in self.all_models()
                 ]
                 await respond(send, 200, orjson.dumps({"object": "list", "data": cards}))
                 return
