@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # `make run`: the gateway on 127.0.0.1:8080 in front of the bundled vLLM simulator on :8000.
 # With BACKEND=url (or GATEWAY_BACKENDS set) the simulator is skipped and the gateway fronts that vLLM.
-# PORT and SIM_PORT change the two ports. Async jobs are on when Redis answers (JOBS_REDIS, JOBS=0).
+# PORT and SIM_PORT change the two ports. Async jobs and the response cache are on when Redis
+# answers (JOBS_REDIS; JOBS=0, CACHE=0).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 PORT=${PORT:-8080}
 SIM_PORT=${SIM_PORT:-8000}
-# Async jobs (docs/jobs.md) need Redis: on when one answers at JOBS_REDIS (default the local one),
-# off with a word on how to get it otherwise. JOBS=0 keeps them off.
+# Async jobs (docs/jobs.md) and the response cache (docs/cache.md) need Redis: on when one answers
+# at JOBS_REDIS (default the local one), off with a word on how to get it otherwise. JOBS=0 and
+# CACHE=0 keep them off.
 JOBS_REDIS=${JOBS_REDIS:-redis://127.0.0.1:6379/0}
-if [ "${JOBS:-1}" != "0" ] && [ -z "${GATEWAY_JOBS__ENABLED:-}" ]; then
-  if "$BIN/python" -c "import sys, redis
+redis_ok() {
+  "$BIN/python" -c "import sys, redis
 try:
     sys.exit(not redis.Redis.from_url(sys.argv[1], socket_timeout=1, socket_connect_timeout=1).ping())
 except Exception:
-    sys.exit(1)" "$JOBS_REDIS" 2>/dev/null; then
+    sys.exit(1)" "$JOBS_REDIS" 2>/dev/null
+}
+redis_state=unknown
+if { [ "${JOBS:-1}" != "0" ] && [ -z "${GATEWAY_JOBS__ENABLED:-}" ]; } ||
+  { [ "${CACHE:-1}" != "0" ] && [ -z "${GATEWAY_CACHE__STORAGE:-}" ]; }; then
+  if redis_ok; then redis_state=up; else redis_state=down; fi
+fi
+if [ "${JOBS:-1}" != "0" ] && [ -z "${GATEWAY_JOBS__ENABLED:-}" ]; then
+  if [ "$redis_state" = up ]; then
     export GATEWAY_JOBS__ENABLED=true GATEWAY_JOBS__QUEUE="$JOBS_REDIS"
     export GATEWAY_JOBS__FILES="${GATEWAY_JOBS__FILES:-file://$PWD/.data/files}"
     echo "jobs: on (Batch API, Prefer: respond-async) with Redis at $JOBS_REDIS, files in .data/files"
   else
     echo "jobs: off, no Redis answers at $JOBS_REDIS (docker compose up -d redis, or install" \
       "redis-server; JOBS_REDIS=url for another); everything else works without it"
+  fi
+fi
+if [ "${CACHE:-1}" != "0" ] && [ -z "${GATEWAY_CACHE__STORAGE:-}" ]; then
+  if [ "$redis_state" = up ]; then
+    export GATEWAY_CACHE__STORAGE="$JOBS_REDIS"
+    echo "cache: on for requests with temperature 0 or a seed (x-gateway-cache header), Redis at $JOBS_REDIS"
+  else
+    echo "cache: off, no Redis answers at $JOBS_REDIS"
   fi
 fi
 if [ -n "${BACKEND:-}" ]; then
