@@ -500,3 +500,38 @@ def test_metrics_count_hits_and_saved_tokens(cgw: Gateway, csim: Sim) -> None:
         in text
     )
     assert "gateway_cache_hit_seconds_bucket" in text
+
+
+def test_job_lines_are_served_from_the_cache(tmp_path: Path) -> None:
+    """A job line runs through the same stage (ProxyEndpoint.execute): a duplicate is a hit."""
+    sim = Sim(None, "--ttft", "0.01", "--itl", "0.002")
+    cfg = cache_config(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["jobs"] = {
+        "enabled": True,
+        "key_prefix": f"test:jobs:{secrets.token_hex(4)}:",
+        "files": f"file://{tmp_path / 'files'}",
+    }
+    cfg.write_text(yaml.safe_dump(data))
+    gw = Gateway([sim.url], config=cfg)
+    try:
+        body = chat_body(secrets.token_hex(4))
+        h = {"authorization": f"Bearer {ALICE}"}
+        sync = ask(gw, ALICE, body)
+        assert sync.headers["x-gateway-cache"] == "miss"
+        _wait_hit(gw, ALICE, body)
+        before = received(sim)
+        r = httpx.post(gw.v1 + "/chat/completions", json=body, headers={**h, "prefer": "respond-async"})
+        assert r.status_code == 202, r.text
+        done = poll(
+            lambda: httpx.get(gw.url + r.headers["location"], headers=h).json(),
+            lambda j: j["status"] in ("completed", "failed"),
+            30,
+            "the job",
+        )
+        assert done["response"]["status_code"] == 200
+        assert done["response"]["body"] == sync.json()
+        assert received(sim) == before
+    finally:
+        gw.stop()
+        sim.stop()
