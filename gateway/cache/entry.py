@@ -132,7 +132,11 @@ def plain_from_stream(body: bytes, endpoint: str) -> bytes | None:
         if endpoint == "completions":
             out_choices.append({"index": index, "text": "".join(acc["text"]), "logprobs": None, **finish})
             continue
-        message: dict[str, Any] = {"role": acc["role"] or "assistant", "content": "".join(acc["text"])}
+        message: dict[str, Any] = {
+            "role": acc["role"] or "assistant",
+            "content": "".join(acc["text"]),
+            "refusal": None,  # required (nullable) by OpenAI's schema; vLLM sends it too
+        }
         if acc["reasoning"]:
             message[acc["reasoning"][0][0]] = "".join(part for _, part in acc["reasoning"])
         if acc["tools"]:
