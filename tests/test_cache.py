@@ -553,7 +553,9 @@ def _nullable(node: Any) -> Any:
     if isinstance(node, dict):
         node = {k: _nullable(v) for k, v in node.items()}
         if node.pop("nullable", False) is True and "type" in node:
-            node["type"] = [node["type"], "null"] if isinstance(node["type"], str) else [*node["type"], "null"]
+            node["type"] = (
+                [node["type"], "null"] if isinstance(node["type"], str) else [*node["type"], "null"]
+            )
             if "enum" in node:
                 node["enum"] = [*node["enum"], None]
         return node
@@ -573,12 +575,19 @@ def test_converted_answers_match_openais_schema(cgw: Gateway, csim: Sim) -> None
     valid against OpenAI's published schemas, for chat and completions."""
     chat, chunk, comp = (
         _validator(n)
-        for n in ("chat_completion.schema.json", "chat_completion_chunk.schema.json", "completion.schema.json")
+        for n in (
+            "chat_completion.schema.json",
+            "chat_completion_chunk.schema.json",
+            "completion.schema.json",
+        )
     )
     tag = secrets.token_hex(4)
     ask(cgw, ALICE, chat_body(tag, stream=True, n=2))
     folded = poll(
-        lambda: ask(cgw, ALICE, chat_body(tag, n=2)), lambda r: r.headers["x-gateway-cache"] == "hit", 10, "fold"
+        lambda: ask(cgw, ALICE, chat_body(tag, n=2)),
+        lambda r: r.headers["x-gateway-cache"] == "hit",
+        10,
+        "fold",
     ).json()
     assert [c["index"] for c in folded["choices"]] == [0, 1]
     chat.validate(_vllms_usage(folded))
@@ -602,7 +611,10 @@ def test_converted_answers_match_openais_schema(cgw: Gateway, csim: Sim) -> None
         if e.startswith(b"data: {") and b'"choices":[]' not in e
     )
     plain = poll(
-        lambda: httpx.post(url, json=prompt, headers=h), lambda r: r.headers["x-gateway-cache"] == "hit", 10, "c"
+        lambda: httpx.post(url, json=prompt, headers=h),
+        lambda r: r.headers["x-gateway-cache"] == "hit",
+        10,
+        "c",
     ).json()
     assert plain["choices"][0]["text"] == text
     comp.validate(_vllms_usage(plain))
