@@ -298,3 +298,62 @@ def test_batch_and_async_job_on_real_vllm(stack: Stack, tmp_path: Path) -> None:
         assert job["response"]["body"]["object"] == "chat.completion"
     finally:
         gw.stop()
+
+
+def test_response_cache_on_real_vllm(stack: Stack, tmp_path: Path) -> None:
+    """Real vLLM's answers stored and served in both forms: a stream replayed byte for byte, a
+    stream folded into one body, a body cut into chunks (the SDK parses each)."""
+    from tests.jobs_helpers import ALICE, poll
+    from tests.test_cache import cache_config
+
+    gw = Gateway([stack.vllm.url], config=cache_config(tmp_path))
+    try:
+        c = openai.OpenAI(base_url=gw.v1, api_key=ALICE, max_retries=0, timeout=120)
+        h = {"Authorization": f"Bearer {ALICE}"}
+        body: dict[str, Any] = {"model": "tiny", "messages": MSG, "max_tokens": 8, "temperature": 0}
+
+        def post(b: dict[str, Any]) -> httpx.Response:
+            return httpx.post(gw.v1 + "/chat/completions", json=b, headers=h, timeout=120)
+
+        first = post({**body, "stream": True})
+        assert first.headers["x-gateway-cache"] == "miss"
+        replay = poll(
+            lambda: post({**body, "stream": True}),
+            lambda r: r.headers["x-gateway-cache"] == "hit",
+            30,
+            "the stream stored",
+        )
+        assert replay.content == first.content
+        text = "".join(
+            ch["choices"][0]["delta"].get("content") or ""
+            for ch in (orjson.loads(e[6:]) for e in first.content.split(b"\n\n") if e.startswith(b"data: {"))
+            if ch["choices"]
+        )
+        folded = c.chat.completions.with_raw_response.create(
+            model="tiny", messages=MSG, max_tokens=8, temperature=0
+        )  # type: ignore[arg-type]
+        assert folded.headers["x-gateway-cache"] == "hit"
+        assert folded.parse().choices[0].message.content == text
+        # A plain answer first, then served as a stream.
+        other = [{"role": "user", "content": "Name three colours."}]
+        plain = c.chat.completions.create(model="tiny", messages=other, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+
+        def streamed() -> tuple[str, str]:
+            raw = c.chat.completions.with_raw_response.create(
+                model="tiny",
+                messages=other,  # type: ignore[arg-type]
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = list(raw.parse())
+            assert chunks[-1].usage is not None
+            return raw.headers["x-gateway-cache"], "".join(
+                ch.choices[0].delta.content or "" for ch in chunks if ch.choices
+            )
+
+        _, cut = poll(streamed, lambda r: r[0] == "hit", 30, "the plain answer as a stream")
+        assert cut == plain.choices[0].message.content
+    finally:
+        gw.stop()
