@@ -75,7 +75,15 @@ class CacheSettings(BaseModel):
             "request for `requests_per_minute`)."
         ),
     )
-    max_connections: int = Field(64, ge=1, le=1024, description="Redis connections per gateway process.")
+    connections: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Pipelined Redis connections per gateway process for lookups and fills (each carries "
+            "many calls at once)."
+        ),
+    )
     routes: dict[str, CacheRouteSettings] = Field(
         default_factory=dict,
         description="Per-route overrides by route name (a task type of `routing.routes`, or `default`).",

@@ -2,7 +2,7 @@
 
 ``gateway_cache_requests_total{endpoint,route,model,team,result}`` (result: hit, miss, bypass),
 ``gateway_cache_bypasses_total{reason}`` (never, nondeterministic, no_store, uncacheable,
-unavailable, busy), ``gateway_cache_saved_tokens_total{route,model,team,kind}`` (kind: prompt,
+unavailable), ``gateway_cache_saved_tokens_total{route,model,team,kind}`` (kind: prompt,
 completion: what hits did not cost the GPU), ``gateway_cache_hit_seconds{endpoint}`` (a hit from
 arrival to its answer sent), ``gateway_cache_fills_total`` and ``gateway_cache_errors_total``
 (Redis calls that failed or timed out; each starts a ``retry_interval`` of bypasses).

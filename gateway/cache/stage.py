@@ -30,7 +30,7 @@ from gateway.cache.config import CacheSettings
 from gateway.cache.entry import PLAIN, STREAM, Entry, plain_from_stream, stream_from_plain
 from gateway.cache.key import CacheKey, deterministic, make_key, segment
 from gateway.cache.metrics import CacheMetrics
-from gateway.cache.store import CacheBusy, CacheStore
+from gateway.cache.store import CacheStore
 from gateway.errors import GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
@@ -117,9 +117,7 @@ class ResponseCache:
         self.s = settings
         self.pool = pool
         self.metrics = metrics
-        self.store = CacheStore(
-            settings.storage, settings.key_prefix, settings.timeout, settings.max_connections
-        )
+        self.store = CacheStore(settings.storage, settings.key_prefix, settings.timeout, settings.connections)
         self.charge_tokens = settings.charge_tokens
         self._default = Policy(settings.when, int(settings.ttl * 1000), settings.max_entry_bytes)
         self._routes = {
@@ -218,8 +216,6 @@ class ResponseCache:
         token = f"{self._token}{next(self._ids)}"
         try:
             stream, plain, locked = await self.store.lookup(key, token, self._lock_ms, single)
-        except CacheBusy:
-            return Lookup(BYPASS, "busy")
         except Exception as exc:
             return self._failed(exc)
         if self._answer(look, stream, plain, req, endpoint, max_age):
@@ -310,8 +306,6 @@ class ResponseCache:
                 stream, plain = await self.store.get(look.key)
                 if self._answer(look, stream, plain, req, endpoint, max_age):
                     look.waited = True
-            return look
-        except CacheBusy:
             return look
         except Exception as exc:
             self._failed(exc)

@@ -1,9 +1,8 @@
 """The cache's Redis calls: look up (and take the single-flight lock), fill, release, purge, and
 the notices that wake requests waiting on another replica's fill.
 
-Every call is one round trip (a Lua script or one command) under ``timeout``; at most
-``max_connections`` run at once and the others wait for a turn (running out of local
-connections is back-pressure, not an outage). Notices travel on one pub/sub channel,
+Every per-request call is one round trip (a Lua script or one command) under ``timeout`` on the
+pipelined client (resp.py). Notices travel on one pub/sub channel,
 ``{prefix}n``: the message is ``<digest>:1`` (stored) or ``<digest>:0`` (the fill failed).
 """
 
@@ -11,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from gateway.cache.key import CacheKey
+from gateway.cache.resp import RespClient
 
 # KEYS: stream entry, plain entry, lock. ARGV: lock token, lock ms, take the lock on a miss (1/0).
 _LOOKUP = """
@@ -44,87 +45,70 @@ return 1
 """
 
 
-class CacheBusy(Exception):
-    """Every connection of this process was taken for the whole timeout (a burst, not an outage)."""
+class _Script:
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
 
 
 class CacheStore:
-    """The cache's storage: one Redis server or primary (not Redis Cluster)."""
+    """The cache's storage: one Redis server or primary (not Redis Cluster).
 
-    def __init__(self, url: str, prefix: str, timeout: float, max_connections: int) -> None:
+    The per-request calls (``lookup``, ``get``, ``fill``, ``release``) go through the pipelined
+    client (``resp.py``), each under ``timeout``; purges, notices and the warm-up through
+    redis-py.
+    """
+
+    def __init__(self, url: str, prefix: str, timeout: float, connections: int) -> None:
         import redis.asyncio as aioredis
 
         self.prefix = prefix
         self.channel = prefix + "n"
         self._timeout = timeout
-        pool = aioredis.ConnectionPool.from_url(
-            url,
-            max_connections=max_connections + 2,  # + the notices' connection, + a purge
-            socket_timeout=max(timeout, 1.0),
-            socket_connect_timeout=max(timeout, 1.0),
-            health_check_interval=30,
+        self.fast = RespClient(url, connections, connect_timeout=max(timeout, 1.0))
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30, max_connections=8
         )
-        self.redis = aioredis.Redis(connection_pool=pool)
-        self._slots = asyncio.Semaphore(max_connections)
-        self._lookup = self.redis.register_script(_LOOKUP)
-        self._fill = self.redis.register_script(_FILL)
-        self._release = self.redis.register_script(_RELEASE)
+        self._lookup = _Script(_LOOKUP)
+        self._fill = _Script(_FILL)
+        self._release = _Script(_RELEASE)
         self._listener: asyncio.Task[None] | None = None
         self._warm: asyncio.Task[None] | None = None
-        self._size = max_connections
         self.log = structlog.get_logger("gateway.cache")
 
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        """One call under ``timeout``, once it has a connection slot.
-
-        Raises CacheBusy when no slot came within ``timeout`` (this process's own limit: not a
-        Redis failure), TimeoutError or redis-py's errors when Redis failed.
-        """
-        slots = self._slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                raise CacheBusy from None
-        else:
-            await slots.acquire()  # free: returns at once
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await fn()
-        finally:
-            slots.release()
+    async def _eval(self, script: _Script, keys: list[str], args: list[bytes | str | int]) -> Any:
+        async with asyncio.timeout(self._timeout):
+            return await self.fast.evalsha(script.sha, script.text, keys, args)
 
     async def lookup(
         self, key: CacheKey, token: str, lock_ms: int, take_lock: bool
     ) -> tuple[bytes | None, bytes | None, bool]:
         """(stored stream, stored plain answer, whether this caller took the single-flight lock)."""
-        out = await self._call(
-            lambda: self._lookup(
-                keys=[key.entry + "s", key.entry + "j", key.lock],
-                args=[token, lock_ms, 1 if take_lock else 0],
-            )
+        out = await self._eval(
+            self._lookup,
+            [key.entry + "s", key.entry + "j", key.lock],
+            [token, lock_ms, 1 if take_lock else 0],
         )
         return out[0], out[1], bool(out[2])
 
     async def get(self, key: CacheKey) -> tuple[bytes | None, bytes | None]:
-        out = await self._call(lambda: self.redis.mget([key.entry + "s", key.entry + "j"]))
+        async with asyncio.timeout(self._timeout):
+            out = await self.fast.call(b"MGET", key.entry + "s", key.entry + "j")
         return out[0], out[1]
 
     async def fill(self, key: CacheKey, kind: bytes, value: bytes, ttl_ms: int, token: str) -> None:
         """Store an entry, release the lock when ``token`` holds it, and wake the waiters."""
-        await self._call(
-            lambda: self._fill(
-                keys=[key.entry + kind.decode(), key.lock],
-                args=[value, ttl_ms, token, self.channel, key.digest + ":1"],
-            )
+        await self._eval(
+            self._fill,
+            [key.entry + kind.decode(), key.lock],
+            [value, ttl_ms, token, self.channel, key.digest + ":1"],
         )
 
     async def release(self, key: CacheKey, token: str) -> None:
         """Give the lock back without an entry (the answer was not storable) and wake the waiters."""
-        await self._call(
-            lambda: self._release(keys=[key.lock], args=[token, self.channel, key.digest + ":0"])
-        )
+        await self._eval(self._release, [key.lock], [token, self.channel, key.digest + ":0"])
 
     async def purge(self, team_seg: str | None, model_seg: str | None) -> int:
         """Delete the entries of a team and/or a model (all entries when both are None); returns
@@ -154,8 +138,9 @@ class CacheStore:
         try:
             async with asyncio.timeout(5.0):
                 for script in (self._lookup, self._fill, self._release):
-                    await self.redis.script_load(script.script)
-                await asyncio.gather(*(self.redis.ping() for _ in range(min(8, self._size))))
+                    await self.redis.script_load(script.text)
+                for _ in range(len(self.fast._conns)):
+                    await self.fast.call(b"PING")
         except Exception as exc:  # Redis away at start: lookups bypass until it answers
             self.log.info("cache warm-up skipped", cause=type(exc).__name__)
 
@@ -190,6 +175,7 @@ class CacheStore:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        self.fast.close()
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()
 
