@@ -9,6 +9,7 @@ model's entries without reading them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -44,6 +45,7 @@ def deterministic(endpoint: str, body: dict[str, Any]) -> bool:
     return type(seed) is int
 
 
+@functools.lru_cache(maxsize=1024)
 def segment(name: str) -> str:
     """A short, glob-safe stand-in for a team or model name in Redis keys (hex)."""
     return hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
