@@ -30,6 +30,7 @@ from gateway.cache.config import CacheSettings
 from gateway.cache.entry import PLAIN, STREAM, Entry, plain_from_stream, stream_from_plain
 from gateway.cache.key import CacheKey, deterministic, make_key, segment
 from gateway.cache.metrics import CacheMetrics
+from gateway.cache.resp import RespError
 from gateway.cache.store import CacheStore
 from gateway.errors import GatewayError
 from gateway.pipeline.exchange import Exchange
@@ -326,9 +327,16 @@ class ResponseCache:
                 fut.set_result(stored)
 
     def _failed(self, exc: BaseException) -> Lookup:
-        """Redis failed or was slow: skip the cache for ``retry_interval`` seconds."""
-        self._down_until = time.monotonic() + self.s.retry_interval
+        """Redis failed or was slow: skip the cache for ``retry_interval`` seconds.
+
+        An error reply (``OOM`` when a Redis without eviction is full, say) fails only that call:
+        Redis answers, and lookups may still hit.
+        """
         self.metrics.errors.inc()
+        if isinstance(exc, RespError):
+            self.log.warning("cache call refused by Redis", cause=str(exc)[:200])
+            return Lookup(BYPASS, "unavailable")
+        self._down_until = time.monotonic() + self.s.retry_interval
         self.log.warning(
             "cache unavailable, bypassing", cause=type(exc).__name__, retry_in=self.s.retry_interval
         )
