@@ -84,7 +84,7 @@ def db_upgrade(config: Path) -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "at revision 0003" in out.stdout
+    assert "at revision 0004" in out.stdout
 
 
 def metric(gw: Gateway, name: str) -> float:

@@ -264,7 +264,7 @@ class BudgetBook:
     def charge(self, ex: Exchange) -> None:
         """Add a finished request's cost and tokens to its team's month (not awaited; teams with a budget)."""
         team = ex.principal.team
-        if team is None or team not in self._teams:
+        if team is None or team not in self._teams or ex.cache == "hit":  # a hit costs nothing
             return
         tokens = max(0, ex.prompt_tokens or 0) + max(0, ex.completion_tokens or 0)
         if not tokens:

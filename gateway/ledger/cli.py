@@ -264,7 +264,7 @@ async def _purge_rows(ledger: Any, team: str, before: Any) -> int:
     try:
         async with conn.transaction():
             # The watermark keeps content captured before it out for good: rows still in a
-            # gateway's spool are replayed without it (gateway/ledger/writer.py INSERT).
+            # gateway's spool are replayed without it (gateway/ledger/writer.py insert_sql).
             await conn.execute(
                 "INSERT INTO capture_purges (team, before) VALUES ($1, coalesce($2, now()))", team, before
             )

@@ -44,11 +44,16 @@ COLUMNS: tuple[str, ...] = (
     "queue_wait_ms",
     "fallback",
     "client_disconnected",
-    "cost_usd",  # numeric: USD from the price table at write time
+    "cost_usd",  # numeric: USD from the price table at write time; 0 for a cache hit
+    "cache",  # hit, miss, bypass, or NULL (cache off / not looked up); migration 0004
+    "cost_saved_usd",  # numeric: what a cache hit's tokens would have cost; 0 otherwise
 )
+# The columns before migration 0004 (a schema not yet upgraded, and rows spooled by earlier versions).
+COLUMNS_0003: tuple[str, ...] = COLUMNS[:-2]
 # A row as the writer holds and spools it: the events' columns, then what a capture keeps.
 ROW_COLUMNS: tuple[str, ...] = (*COLUMNS, "messages", "completion")
 COST = COLUMNS.index("cost_usd")
+SAVED = COLUMNS.index("cost_saved_usd")
 Row = tuple[Any, ...]
 Pending = tuple[float, Exchange, bool]  # (time.time() at the end, the exchange, model known)
 
@@ -60,6 +65,8 @@ def provider_of(ex: Exchange) -> str:
     """``local``, the external provider's label (a fallback), or ``-`` (never reached one)."""
     if ex.fallback is not None:
         return ex.backend or "-"
+    if ex.cache == "hit":
+        return "cache"
     return "local" if ex.backend is not None else "-"
 
 
@@ -104,9 +111,20 @@ def to_row(item: Pending, prices: PriceTable) -> Row:
         ex.queue_wait * 1000.0,
         ex.fallback,
         ex.disconnected,
-        prices.cost(model, provider if external else None, ex.prompt_tokens, ex.completion_tokens),
-        *(_captured(ex) if ex.messages is not None else (None, None)),
+        *_costs(ex, prices, model, provider if external else None),
+        *(_captured(ex) if ex.messages is not None and ex.cache != "hit" else (None, None)),
     )
+
+
+_ZERO = Decimal(0)
+
+
+def _costs(ex: Exchange, prices: PriceTable, model: str, provider: str | None) -> tuple[Any, ...]:
+    """(cost_usd, cache, cost_saved_usd): a cache hit costs nothing and saves its tokens' price."""
+    cost = prices.cost(model, provider, ex.prompt_tokens, ex.completion_tokens)
+    if ex.cache == "hit":
+        return _ZERO, "hit", cost
+    return cost, ex.cache, _ZERO
 
 
 def _captured(ex: Exchange) -> tuple[str, str | None]:
@@ -153,7 +171,7 @@ def encode_batch(rows: list[Row]) -> bytes:
         ts: datetime = r[0]
         delta = ts - _EPOCH
         micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-        out.append((micros, *r[1:COST], str(r[COST]), *r[COST + 1 :]))
+        out.append((micros, *r[1:COST], str(r[COST]), r[COST + 1], str(r[SAVED]), *r[SAVED + 1 :]))
     return orjson.dumps(out) + b"\n"
 
 
@@ -163,8 +181,25 @@ def decode_batch(line: bytes) -> list[Row]:
     if not isinstance(data, list):
         raise ValueError("not a batch")
     rows: list[Row] = []
+    old = len(ROW_COLUMNS) - 2  # a row spooled before migration 0004: no cache columns
     for r in data:
-        if not isinstance(r, list) or len(r) != len(ROW_COLUMNS):
+        if not isinstance(r, list) or len(r) not in (len(ROW_COLUMNS), old):
             raise ValueError("not a row")
-        rows.append((_EPOCH + timedelta(microseconds=r[0]), *r[1:COST], Decimal(r[COST]), *r[COST + 1 :]))
+        if len(r) == old:
+            r = [*r[: COST + 1], None, "0", *r[COST + 1 :]]
+        rows.append(
+            (
+                _EPOCH + timedelta(microseconds=r[0]),
+                *r[1:COST],
+                Decimal(r[COST]),
+                r[COST + 1],
+                Decimal(r[SAVED]),
+                *r[SAVED + 1 :],
+            )
+        )
     return rows
+
+
+def without_cache_columns(rows: list[Row]) -> list[Row]:
+    """Rows for a schema before migration 0004 (``COLUMNS_0003`` + the capture's two)."""
+    return [(*r[: COST + 1], *r[SAVED + 1 :]) for r in rows]

@@ -34,33 +34,55 @@ from prometheus_client import Counter
 from gateway.ledger.config import LedgerSettings, ModelPrice
 from gateway.ledger.metrics import LedgerMetrics
 from gateway.ledger.pricing import PriceTable
-from gateway.ledger.rows import COLUMNS, ROW_COLUMNS, Pending, Row, decode_batch, encode_batch, to_row
+from gateway.ledger.rows import (
+    COLUMNS,
+    COLUMNS_0003,
+    ROW_COLUMNS,
+    Pending,
+    Row,
+    decode_batch,
+    encode_batch,
+    to_row,
+    without_cache_columns,
+)
 from gateway.ledger.spool import Spool
 
 if TYPE_CHECKING:
     from gateway.pipeline.exchange import Exchange
 
 STAGING = "ledger_staging"
-_COLS = ", ".join(COLUMNS)
-# The rollup's keys are NOT NULL: a missing team is '' (shown as "no team" by the queries).
-INSERT = f"""
+
+
+def insert_sql(columns: tuple[str, ...], purged: str) -> str:
+    """The batch's insert from the staging table: events, captures and the hourly rollup.
+
+    ``columns``: the events' columns of the schema (``COLUMNS``, or ``COLUMNS_0003`` before the
+    cache's migration); ``purged``: the captures' purge-watermark condition (or "").
+    """
+    cols = ", ".join(columns)
+    cache = "cache" in columns
+    # The rollup's keys are NOT NULL: a missing team is '' (shown as "no team" by the queries).
+    return f"""
 WITH ins AS (
-    INSERT INTO events ({_COLS}) SELECT {_COLS} FROM pg_temp.{STAGING}
+    INSERT INTO events ({cols}) SELECT {cols} FROM pg_temp.{STAGING}
     ON CONFLICT (ts, id) DO NOTHING
     RETURNING ts, team, subject, model, route, provider, status, prompt_tokens, completion_tokens, cost_usd
+        {", cache, cost_saved_usd" if cache else ""}
 ), captured AS (
     INSERT INTO captures (ts, id, team, request_id, model, status, messages, completion)
     SELECT ts, id, team, request_id, model, status, messages, completion FROM pg_temp.{STAGING} s
     WHERE messages IS NOT NULL AND team IS NOT NULL
-      {{purged}}
+      {purged}
     ON CONFLICT (ts, id) DO NOTHING
 )
 INSERT INTO usage_hourly AS u
     (hour, team, subject, model, route, provider,
-     requests, errors, prompt_tokens, completion_tokens, cost_usd)
+     requests, errors, prompt_tokens, completion_tokens, cost_usd
+     {", cache_hits, cost_saved_usd" if cache else ""})
 SELECT date_trunc('hour', ts), coalesce(team, ''), subject, model, route, provider,
        count(*), count(*) FILTER (WHERE status >= 400 OR status = 0),
        coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), sum(cost_usd)
+       {", count(*) FILTER (WHERE cache = 'hit'), sum(cost_saved_usd)" if cache else ""}
 FROM ins
 GROUP BY 1, 2, 3, 4, 5, 6
 ORDER BY 1, 2, 3, 4, 5, 6
@@ -70,7 +92,11 @@ ON CONFLICT (hour, team, subject, model, route, provider) DO UPDATE SET
     prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
     completion_tokens = u.completion_tokens + excluded.completion_tokens,
     cost_usd = u.cost_usd + excluded.cost_usd
+    {", cache_hits = u.cache_hits + excluded.cache_hits" if cache else ""}
+    {", cost_saved_usd = u.cost_saved_usd + excluded.cost_saved_usd" if cache else ""}
 """
+
+
 # Purge watermarks (migration 0003): captured content older than a team's purge is not inserted.
 _NOT_PURGED = "AND NOT EXISTS (SELECT 1 FROM capture_purges p WHERE p.team = s.team AND s.ts < p.before)"
 MAINTENANCE_INTERVAL = 3600.0  # partitions ahead, retention, orphaned spool segments
@@ -114,7 +140,8 @@ class LedgerWriter:
         self._next_connect = 0.0
         self._next_maintenance = 0.0
         self._migrated = False
-        self._insert_sql = INSERT.format(purged=_NOT_PURGED)
+        self._insert_sql = insert_sql(COLUMNS, _NOT_PURGED)
+        self._cache_columns = True  # the schema has migration 0004's columns (checked on connect)
         self._days: set[date] = set()  # partitions known to exist
         self._log = structlog.get_logger("gateway.ledger")
 
@@ -265,7 +292,14 @@ class LedgerWriter:
             for attempt in range(3):
                 try:
                     async with conn.transaction():
-                        await conn.copy_records_to_table(STAGING, records=rows, columns=ROW_COLUMNS)
+                        if self._cache_columns:
+                            await conn.copy_records_to_table(STAGING, records=rows, columns=ROW_COLUMNS)
+                        else:  # a schema not yet at 0004 still takes rows, without their cache columns
+                            await conn.copy_records_to_table(
+                                STAGING,
+                                records=without_cache_columns(rows),
+                                columns=(*COLUMNS_0003, "messages", "completion"),
+                            )
                         await conn.execute(self._insert_sql)
                     return
                 except _RETRY_IN_TRANSACTION:
@@ -304,13 +338,20 @@ class LedgerWriter:
                 )
                 # A schema not yet at 0003 (deployed before `db upgrade`) still takes rows.
                 purges = await conn.fetchval("SELECT to_regclass('capture_purges') IS NOT NULL")
+                cache_columns = await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
+                    " current_schema() AND table_name = 'events' AND column_name = 'cost_saved_usd')"
+                )
         except Exception as exc:
             self._failed("connect", exc)
             if conn is not None:
                 conn.terminate()
             return False
         self._conn = conn
-        self._insert_sql = INSERT.format(purged=_NOT_PURGED if purges else "")
+        self._cache_columns = bool(cache_columns)
+        self._insert_sql = insert_sql(
+            COLUMNS if cache_columns else COLUMNS_0003, _NOT_PURGED if purges else ""
+        )
         self._days.clear()
         self._m.up.set(1)
         self._log.info("ledger connected", dsn=s.safe_dsn(), schema=s.schema_name)
