@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,9 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 
 from gateway.config import Settings, load_settings
+from tests.jobs_helpers import poll
 from tests.procs import ROOT, Gateway, Sim, python_m
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -37,7 +40,7 @@ def check_config(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_examples_are_there() -> None:
     names = {p.name for p in EXAMPLES}
-    assert {"auth-limits.yaml", "vllm-two-models.yaml", "production.yaml"} <= names
+    assert {"auth-limits.yaml", "vllm-two-models.yaml", "production.yaml", "cache.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -80,6 +83,18 @@ def test_production_requires_its_secrets_where_serve_runs() -> None:
     p = check_config("--require-secrets", "examples/production.yaml")
     assert p.returncode == 2
     assert "OPENAI_API_KEY (named by external.api_key_env) is not set" in p.stderr
+
+
+def test_cache_has_redis_team_scope_and_a_classification_route_cached_always_for_a_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = example("cache.yaml", monkeypatch)
+    assert s.cache is not None and s.cache.storage.startswith("redis://")
+    assert (s.cache.scope, s.cache.when, s.cache.ttl) == ("team", "deterministic", 3600)
+    assert s.cache.routes["classification"].when == "always"
+    assert s.cache.routes["classification"].ttl == 86400
+    assert set(s.cache.routes) <= set(s.routing.routes)
+    assert {k.team for k in s.auth.api_keys} == set(s.teams)
 
 
 # ---------------------------------------------------------------- vllm-two-models.yaml, served
@@ -131,3 +146,107 @@ def test_vllm_two_models_routes_as_its_comments_say(
 def test_vllm_two_models_lists_models_and_aliases(two_models: Gateway) -> None:
     ids = {m["id"] for m in httpx.get(two_models.v1 + "/models", timeout=10).json()["data"]}
     assert ids == {"qwen2.5-7b", "qwen2.5-0.5b", "default", "fast"}
+
+
+# ---------------------------------------------------------------- cache.yaml, served
+
+SUPPORT, SEARCH = "sk-demo-support-key", "sk-demo-search-key"  # the keys its comments name
+
+
+@pytest.fixture(scope="module")
+def cache_example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str]]:
+    """The example in front of a simulator, on the test Redis under a key prefix of its own."""
+    data: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "cache.yaml").read_text())
+    prefix = f"test:examples:{secrets.token_hex(4)}:"
+    data["cache"]["key_prefix"] = prefix
+    sim = Sim(None)
+    try:
+        data["backends"][0]["url"] = sim.url
+        cfg = tmp_path_factory.mktemp("cache") / "gw.yaml"
+        cfg.write_text(yaml.safe_dump(data))
+        gw = Gateway([], config=cfg)
+        yield gw, prefix
+        gw.stop()
+    finally:
+        sim.stop()
+        r = redis.Redis.from_url(data["cache"]["storage"])
+        for key in r.scan_iter(match=prefix + "*", count=1000):
+            r.unlink(key)
+        r.close()
+
+
+def cached_chat(gw: Gateway, key: str, task: str | None, temperature: float, tag: str) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}", **({"x-task-type": task} if task else {})}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": f"label {tag}"}],
+        "temperature": temperature,
+        "max_tokens": 3,
+    }
+    r = httpx.post(gw.v1 + "/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def until_hit(gw: Gateway, key: str, task: str | None, temperature: float, tag: str) -> httpx.Response:
+    """The same request again until the first one's answer is stored (fills follow the response)."""
+    return poll(
+        lambda: cached_chat(gw, key, task, temperature, tag),
+        lambda r: r.headers["x-gateway-cache"] == "hit",
+        10,
+        "a hit",
+    )
+
+
+def entry_keys(gw_prefix: str) -> set[bytes]:
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        return set(r.scan_iter(match=gw_prefix + "e:*", count=1000))
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize(
+    ("task", "temperature", "first"),
+    [
+        ("classification", 0.9, "miss"),  # when: always
+        (None, 0.0, "miss"),  # the default route: deterministic requests
+        (None, 0.9, "bypass"),
+        ("generation", 0.0, "bypass"),  # when: never
+    ],
+)
+def test_cache_example_caches_as_its_comments_say(
+    cache_example: tuple[Gateway, str], task: str | None, temperature: float, first: str
+) -> None:
+    gw, _ = cache_example
+    tag = secrets.token_hex(4)
+    assert cached_chat(gw, SUPPORT, task, temperature, tag).headers["x-gateway-cache"] == first
+    if first == "miss":
+        hit = until_hit(gw, SUPPORT, task, temperature, tag)
+        assert int(hit.headers["age"]) >= 0 and hit.headers["x-gateway-backend"] == "cache"
+    else:
+        assert cached_chat(gw, SUPPORT, task, temperature, tag).headers["x-gateway-cache"] == "bypass"
+
+
+def test_cache_example_keeps_teams_apart(cache_example: tuple[Gateway, str]) -> None:
+    gw, _ = cache_example
+    tag = secrets.token_hex(4)
+    cached_chat(gw, SUPPORT, "classification", 0.9, tag)
+    until_hit(gw, SUPPORT, "classification", 0.9, tag)
+    assert cached_chat(gw, SEARCH, "classification", 0.9, tag).headers["x-gateway-cache"] == "miss"
+
+
+def test_cache_example_keeps_classification_answers_a_day(cache_example: tuple[Gateway, str]) -> None:
+    gw, prefix = cache_example
+    tag = secrets.token_hex(4)
+    before = entry_keys(prefix)
+    cached_chat(gw, SUPPORT, "classification", 0.9, tag)
+    until_hit(gw, SUPPORT, "classification", 0.9, tag)
+    new = entry_keys(prefix) - before
+    assert new, "no entry stored"
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        ttls = {r.ttl(k) for k in new}
+    finally:
+        r.close()
+    assert all(3600 < t <= 86400 for t in ttls), ttls  # the route's ttl, not cache.ttl (3600)

@@ -33,6 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.jobs_helpers import PrivateRedis
 from tests.procs import ROOT, Gateway, Proc, Sim, free_port, wait_http
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -198,12 +199,15 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def write_config(path: Path, keys: list[dict[str, Any]], tiers: dict[str, Any], teams: list[str]) -> Path:
+def write_config(
+    path: Path, keys: list[dict[str, Any]], tiers: dict[str, Any], teams: list[str], **sections: Any
+) -> Path:
     cfg = {
         "auth": {"api_keys": keys},
         "tiers": tiers,
         "teams": {t: {} for t in teams},
         "rate_limits": {"storage": "memory://"},
+        **sections,
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -398,7 +402,8 @@ def test_prometheus_stores_the_gateway_series(prometheus_bin: Path, tmp_path: Pa
         "min(count_over_time(gateway_requests_total[1m]))",
         lambda r: bool(r) and float(r[0]["value"][1]) >= 2,
     )
-    no_data_expected = ("gateway_fallbacks_total",)
+    # No fallback is configured here, nor the cache (its panels: the next test).
+    no_data_expected = ("gateway_fallbacks_total", "gateway_cache_")
     for title, expr in dashboard_queries():
         promql = expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
         result = prom.query(promql)
@@ -429,6 +434,81 @@ def test_prometheus_stores_the_gateway_series(prometheus_bin: Path, tmp_path: Pa
     assert active["GatewayBackendDown"]["severity"] == "warning"
     assert active.get("GatewayNoReadyReplica", {}).get("severity") == "critical", prom.alerts()
     assert active["GatewayNoReadyReplica"]["job"] == JOB
+
+
+def test_cache_panels_have_data_and_its_alert_watches_redis(
+    prometheus_bin: Path, tmp_path: Path, stack: list[Any]
+) -> None:
+    """A gateway with the response cache on: every cache panel of the dashboard has data; when its
+    Redis stops, requests still succeed and GatewayCacheUnavailable goes pending."""
+    key = f"sk-{UID}-cache"
+    redis_server = started(stack, lambda: PrivateRedis(tmp_path))
+    redis_server.start()
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        [{"sha256": key_hash(key), "subject": f"{UID}-cache", "team": "search"}],
+        {},
+        ["search"],
+        cache={"storage": redis_server.url, "key_prefix": f"test:prom:{UID}:", "retry_interval": 0.5},
+    )
+    sim = started(stack, lambda: Sim(None, "--ttft", "0", "--itl", "0"))
+    gw = started(stack, lambda: Gateway([sim.url], config=config))
+    prom = started(stack, lambda: Prometheus(prometheus_bin, {JOB: [f"127.0.0.1:{gw.port}"]}, [ALERTS]))
+    prom.wait(f'up{{job="{JOB}"}} == 1', lambda r: len(r) == 1)
+    url, headers = gw.v1 + "/chat/completions", {"authorization": f"Bearer {key}"}
+    hits = 0
+
+    def ask(c: httpx.Client, tag: str, temperature: float = 0.0, stream: bool = False) -> str:
+        """The x-gateway-cache of a request that must succeed whatever the cache's state."""
+        nonlocal hits
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"say {tag}"}], "max_tokens": 3}
+        with c.stream(
+            "POST", url, json={**body, "temperature": temperature, "stream": stream}, headers=headers
+        ) as r:
+            r.read()
+            assert r.status_code == 200, r.text
+            hits += r.headers["x-gateway-cache"] == "hit"
+            return r.headers["x-gateway-cache"]
+
+    def is_hit(c: httpx.Client, tag: str) -> Callable[[], bool]:
+        return lambda: ask(c, tag) == "hit"
+
+    def a_round(c: httpx.Client) -> None:
+        """Misses, hits (plain and streamed) and a bypass, on prompts of their own."""
+        for _ in range(3):
+            tag = secrets.token_hex(4)
+            assert ask(c, tag) == "miss"
+            until(is_hit(c, tag), "a hit")  # the fill follows the response
+            assert ask(c, tag, stream=True) == "hit"
+            assert ask(c, tag, temperature=0.7) == "bypass"
+
+    with httpx.Client(timeout=30) as c:
+        # Two rounds a scrape apart, so that every counter rises inside the panels' rate window.
+        a_round(c)
+        prom.wait(f'sum(gateway_cache_requests_total{{result="hit"}}) == {hits}', lambda r: len(r) == 1)
+        a_round(c)
+        prom.wait(f'sum(gateway_cache_requests_total{{result="hit"}}) == {hits}', lambda r: len(r) == 1)
+
+        for title, expr in dashboard_queries():
+            if "gateway_cache_" in expr:
+                promql = expr.replace("$__rate_interval", "1m")
+                assert prom.query(promql), f"panel {title!r}: no data for {promql}"
+        until(
+            lambda: all(r["health"] == "ok" for g in prom.api("rules")["groups"] for r in g["rules"]),
+            "rules ok",
+        )
+        assert prom.alerts() == []
+
+        # Redis stops: every cacheable request is a bypass, none fails, and the alert goes pending.
+        redis_server.stop()
+
+        def cache_alert() -> list[dict[str, Any]]:
+            assert {ask(c, secrets.token_hex(4)) for _ in range(10)} == {"bypass"}
+            return [a for a in prom.alerts() if a["labels"]["alertname"] == "GatewayCacheUnavailable"]
+
+        active = until(cache_alert, "GatewayCacheUnavailable pending", prom.alerts, timeout=60)
+    assert active[0]["labels"]["instance"] == f"127.0.0.1:{gw.port}"
+    assert active[0]["state"] == "pending" and active[0]["labels"]["severity"] == "warning"
 
 
 def test_series_stay_bounded_with_300_principals(

@@ -53,6 +53,7 @@ VLLM_METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32.0-cpu" / "metric
 GATEWAY_METRICS_SOURCES = (
     ROOT / "gateway" / "metrics.py",
     ROOT / "gateway" / "jobs" / "metrics.py",
+    ROOT / "gateway" / "cache" / "metrics.py",
     ROOT / "gateway" / "ledger" / "metrics.py",
     ROOT / "gateway" / "ledger" / "budget.py",
 )
@@ -342,6 +343,8 @@ def compose_rules(f: Findings, doc: dict[str, Any], gpu: bool) -> None:
     )
     env = _as_mapping(gw.get("environment"))
     f.check("127.0.0.1" not in str(env.get("GATEWAY_BACKENDS")), "compose gateway must reach vllm by name")
+    for var in ("GATEWAY_RATE_LIMITS__STORAGE", "GATEWAY_JOBS__QUEUE", "GATEWAY_CACHE__STORAGE"):
+        f.check("127.0.0.1" not in str(env.get(var, "")), f"compose gateway: {var} must reach redis by name")
     vllm = active.get("vllm", {})
     hc = vllm.get("healthcheck") or {}
     f.check("/health" in " ".join(map(str, hc.get("test", []))), "vllm health check must hit /health")
