@@ -272,7 +272,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
         structlog.get_logger("gateway.access"),
         settings.logging.access_log,
         teams=set(settings.teams),
-        backends={b.label for b in pool.backends}
+        backends={"cache", *(b.label for b in pool.backends)}
         | ({gateway.fallback.backend.label} if gateway.fallback else set()),
         write_line=audit_writer(settings.logging),
         ledger=ledger,
