@@ -167,7 +167,6 @@ def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Ga
             settings.cache,
             pool,
             CacheMetrics(metrics.registry, set(settings.teams)),
-            settings.timeouts.total + settings.timeouts.connect,
         )
     return gateway
 
@@ -266,7 +265,7 @@ def create_app(settings: Settings, multiprocess_dir: str | None = None) -> Gatew
     if gateway.cache is not None:
         from gateway.cache.api import build_cache_router
 
-        api.include_router(build_cache_router(gateway.cache, gateway.auth))
+        api.include_router(build_cache_router(gateway.cache, gateway.auth, settings.routing.aliases))
     accountant = Accountant(
         metrics,
         structlog.get_logger("gateway.access"),

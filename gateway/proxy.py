@@ -26,6 +26,7 @@ import structlog
 from gateway.asgi import Receive, Scope, Send, header
 from gateway.auth.principal import Principal
 from gateway.backends import Backend
+from gateway.cache.stage import CacheOnlyMiss
 from gateway.drain import CUT_GRACE
 from gateway.errors import Fault, GatewayError, ShuttingDown, sse_error_event
 from gateway.pipeline import receive as receive_stage
@@ -214,8 +215,15 @@ class ProxyEndpoint:
         # Redis' sake. A hit is limited as a request (its tokens only with cache.charge_tokens).
         cache = self.cache
         if cache is not None:
-            look = await cache.lookup(scope, principal, self.endpoint.name, plan.name, req, total_deadline)
+            priority = self.admission.job_priority if ex.job else self.admission.priority_of(principal.tier)
+            look = await cache.lookup(
+                scope, principal, self.endpoint.name, plan.name, req, total_deadline, priority
+            )
             ex.cache_look, ex.cache = look, look.status
+            if look.only_if_cached:
+                raise CacheOnlyMiss(
+                    "Cache-Control: only-if-cached, and no stored answer matches this request."
+                )
             if look.entry is not None:
                 if self.limiter.enabled:
                     entry = look.entry

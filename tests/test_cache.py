@@ -25,6 +25,8 @@ from tests.procs import Gateway, Sim
 
 ADMIN = "sk-admin-" + "d" * 24
 PLAIN_ONLY = "sk-plain-" + "e" * 24  # team search, tier `tight`: 3 requests / 60 tokens a minute
+LONE = "sk-lone-" + "f" * 24  # subject `lone`, no team
+JWT_SECRET = "cache-test-secret-" + "x" * 32
 
 
 def cache_config(tmp: Path, storage: str = "redis://127.0.0.1:6379/0", **cache: Any) -> Path:
@@ -36,11 +38,13 @@ def cache_config(tmp: Path, storage: str = "redis://127.0.0.1:6379/0", **cache: 
                 {"sha256": sha(CAROL), "subject": "carol", "team": "research"},
                 {"sha256": sha(ADMIN), "subject": "root", "team": "ops", "scopes": ["admin"]},
                 {"sha256": sha(PLAIN_ONLY), "subject": "tight", "team": "search", "tier": "tight"},
-            ]
+                {"sha256": sha(LONE), "subject": "lone"},
+            ],
+            "jwt": {"secret": JWT_SECRET},
         },
         "tiers": {"tight": {"requests_per_minute": 3, "tokens_per_minute": 60}},
         "teams": {"search": {}, "research": {}, "ops": {}},
-        "routing": {"routes": {"classify": {}, "chat": {}}},
+        "routing": {"routes": {"classify": {}, "chat": {}}, "aliases": {"fast": "tiny"}},
         "cache": {
             "storage": storage,
             "key_prefix": f"test:cache:{secrets.token_hex(4)}:",
@@ -618,3 +622,129 @@ def test_converted_answers_match_openais_schema(cgw: Gateway, csim: Sim) -> None
     ).json()
     assert plain["choices"][0]["text"] == text
     comp.validate(_vllms_usage(plain))
+
+
+# -- what adversarial review found (each failed before its fix) -------------------------------------
+
+
+def test_a_jwt_subject_never_shares_an_api_keys_entries(cgw: Gateway, csim: Sim) -> None:
+    import time
+
+    from jose import jwt as jose_jwt
+
+    body = chat_body(secrets.token_hex(4))
+    ask(cgw, LONE, body)
+    assert _wait_hit(cgw, LONE, body).headers["x-gateway-cache"] == "hit"
+    token = jose_jwt.encode({"sub": "lone", "exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
+    as_jwt = ask(cgw, token, body)
+    assert as_jwt.status_code == 200
+    assert as_jwt.headers["x-gateway-cache"] == "miss"
+
+
+def test_every_cache_control_line_counts(cgw: Gateway, csim: Sim) -> None:
+    body = chat_body(secrets.token_hex(4))
+    r = httpx.post(
+        cgw.v1 + "/chat/completions",
+        json=body,
+        headers=[
+            ("authorization", f"Bearer {ALICE}"),
+            ("cache-control", "max-age=60"),
+            ("cache-control", "no-store"),
+        ],
+    )
+    assert r.headers["x-gateway-cache"] == "bypass"
+    assert ask(cgw, ALICE, body, {"cache-control": "no-store;"}).headers["x-gateway-cache"] == "bypass"
+    refused = ask(cgw, ALICE, body, {"cache-control": "only-if-cached"})
+    assert refused.status_code == 504
+    assert refused.headers["x-gateway-cache"] == "miss"
+
+
+def test_one_spelling_per_number(cgw: Gateway, csim: Sim) -> None:
+    body = chat_body(secrets.token_hex(4))
+    ask(cgw, ALICE, body)
+    _wait_hit(cgw, ALICE, body)
+    assert ask(cgw, ALICE, {**body, "temperature": 0.0}).headers["x-gateway-cache"] == "hit"
+    assert ask(cgw, ALICE, {**body, "temperature": -0.0}).headers["x-gateway-cache"] == "hit"
+
+
+def test_purge_refuses_what_it_does_not_understand(cgw: Gateway, csim: Sim) -> None:
+    h = {"authorization": f"Bearer {ADMIN}"}
+    for params in ({"teams": "search"}, {}, {"all": "yes"}, {"all": "true", "team": "search"}):
+        r = httpx.delete(cgw.v1 + "/cache", params=params, headers=h)
+        assert r.status_code == 400, params
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    twice = httpx.delete(cgw.v1 + "/cache?team=search&team=research", headers=h)
+    assert twice.status_code == 400
+    body = chat_body(secrets.token_hex(4))
+    ask(cgw, CAROL, body)
+    _wait_hit(cgw, CAROL, body)
+    by_alias = httpx.delete(cgw.v1 + "/cache", params={"model": "fast", "team": "research"}, headers=h)
+    assert by_alias.json()["model"] == "tiny" and by_alias.json()["deleted"] >= 1
+    assert ask(cgw, CAROL, body).headers["x-gateway-cache"] == "miss"
+
+
+def test_a_waiter_does_not_outwait_a_redis_that_died(tmp_path: Path) -> None:
+    """Another replica's waiter sees Redis go and asks the backend itself, without waiting out
+    `single_flight_wait` for a notice that cannot come."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    sim = Sim(None, "--ttft", "4", "--itl", "0.01")
+    cfg = cache_config(tmp_path, storage=server.url, single_flight_wait=60)
+    a, b = Gateway([sim.url], config=cfg), Gateway([sim.url], config=cfg)
+    lock_seen = redis_client(server.url)
+    try:
+        body = chat_body(secrets.token_hex(4))
+        before = received(sim)
+        with ThreadPoolExecutor(2) as pool:
+            filler = pool.submit(ask, a, ALICE, body)
+            poll(lambda: lock_seen.keys("*:l:*"), bool, 10, "the filler's lock")
+            waiter = pool.submit(ask, b, ALICE, body)
+            poll(lambda: received(sim), lambda n: n == before + 1, 10, "the filler at the backend")
+            server.stop()
+            poll(lambda: received(sim), lambda n: n == before + 2, 10, "the waiter asking the backend")
+            assert filler.result().status_code == 200
+            assert waiter.result().status_code == 200
+    finally:
+        lock_seen.close()
+        a.stop()
+        b.stop()
+        sim.stop()
+        server.stop()
+
+
+def test_a_better_priority_does_not_wait_behind_a_job(tmp_path: Path) -> None:
+    """The filler is a job line (the lowest admission priority): an interactive request for the
+    same answer asks the backend itself instead of waiting behind it."""
+    sim = Sim(None, "--ttft", "4", "--itl", "0.01")
+    cfg = cache_config(tmp_path, single_flight_wait=60)
+    data = yaml.safe_load(cfg.read_text())
+    data["jobs"] = {
+        "enabled": True,
+        "key_prefix": f"test:jobs:{secrets.token_hex(4)}:",
+        "files": f"file://{tmp_path / 'files'}",
+    }
+    cfg.write_text(yaml.safe_dump(data))
+    gw = Gateway([sim.url], config=cfg)
+    r = redis_client("redis://127.0.0.1:6379/0")
+    try:
+        body = chat_body(secrets.token_hex(4))
+        before = received(sim)
+        h = {"authorization": f"Bearer {ALICE}", "prefer": "respond-async"}
+        assert httpx.post(gw.v1 + "/chat/completions", json=body, headers=h).status_code == 202
+        prefix = data["cache"]["key_prefix"]
+        poll(lambda: r.keys(prefix + "l:*"), bool, 10, "the job's lock")
+        poll(lambda: received(sim), lambda n: n == before + 1, 10, "the job at the backend")
+        with ThreadPoolExecutor(1) as pool:
+            interactive = pool.submit(ask, gw, ALICE, body)
+            poll(lambda: received(sim), lambda n: n == before + 2, 10, "the interactive request upstream")
+            assert interactive.result().status_code == 200
+    finally:
+        r.close()
+        gw.stop()
+        sim.stop()
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url)

@@ -94,7 +94,7 @@ def plain_from_stream(body: bytes, endpoint: str) -> bytes | None:
                 return None
             if c.get("logprobs") is not None:
                 return None
-            acc = choices.setdefault(c["index"], {"text": [], "reasoning": [], "tools": {}, "role": None})
+            acc = choices.setdefault(c["index"], {"text": [], "reasoning": {}, "tools": {}, "role": None})
             if c.get("finish_reason") is not None:
                 acc["finish_reason"] = c["finish_reason"]
                 acc["stop_reason"] = c.get("stop_reason")
@@ -109,9 +109,9 @@ def plain_from_stream(body: bytes, endpoint: str) -> bytes | None:
                 acc["role"] = delta["role"]
             if isinstance(delta.get("content"), str):
                 acc["text"].append(delta["content"])
-            for key in ("reasoning_content", "reasoning"):
+            for key in ("reasoning_content", "reasoning"):  # vLLM may send both, the same text
                 if isinstance(delta.get(key), str):
-                    acc["reasoning"].append((key, delta[key]))
+                    acc["reasoning"].setdefault(key, []).append(delta[key])
             for call in delta.get("tool_calls") or ():
                 if not isinstance(call, dict):
                     return None
@@ -137,12 +137,12 @@ def plain_from_stream(body: bytes, endpoint: str) -> bytes | None:
             "content": "".join(acc["text"]),
             "refusal": None,  # required (nullable) by OpenAI's schema; vLLM sends it too
         }
-        if acc["reasoning"]:
-            message[acc["reasoning"][0][0]] = "".join(part for _, part in acc["reasoning"])
+        for key, parts in acc["reasoning"].items():
+            message[key] = "".join(parts)
         if acc["tools"]:
             message["tool_calls"] = [acc["tools"][k] for k in sorted(acc["tools"])]
-            if not acc["text"]:
-                message["content"] = None
+            if not message["content"]:
+                message["content"] = None  # as vLLM's plain answer with tool calls
         out_choices.append({"index": index, "message": message, "logprobs": None, **finish})
     answer: dict[str, Any] = {
         "id": first.get("id"),

@@ -34,6 +34,14 @@ class CacheKey:
     lock: str  # Redis key of the single-flight lock
 
 
+def _number(v: Any) -> Any:
+    """One spelling per number among the top-level fields (sampling parameters): ``0``, ``0.0``
+    and ``-0.0`` are one temperature. Only floats that are whole and exactly representable."""
+    if type(v) is float and v.is_integer() and -(2.0**53) <= v <= 2.0**53:
+        return int(v)
+    return v
+
+
 def deterministic(endpoint: str, body: dict[str, Any]) -> bool:
     """Whether the answer is reproducible: embeddings, ``temperature: 0``, or a ``seed``."""
     if endpoint == "embeddings":
@@ -59,7 +67,8 @@ def scope_of(principal: Principal, scope: str) -> tuple[str, str]:
     team_seg = segment(team) if team is not None else "-"
     if scope == "team" and team is not None:
         return "t:" + team, team_seg
-    return "p:" + principal.subject, team_seg
+    # A JWT's `sub` and an API key's configured subject are different namespaces.
+    return f"p:{principal.via}:{principal.subject}", team_seg
 
 
 def make_key(
@@ -74,7 +83,9 @@ def make_key(
     """The cache key of a request whose body names the served model. Raises TypeError or
     orjson.JSONEncodeError for a body orjson cannot write (never a validated one)."""
     who, team_seg = scope_of(principal, scope)
-    canon = orjson.dumps({k: v for k, v in body.items() if k not in IGNORED}, option=orjson.OPT_SORT_KEYS)
+    canon = orjson.dumps(
+        {k: _number(v) for k, v in body.items() if k not in IGNORED}, option=orjson.OPT_SORT_KEYS
+    )
     h = hashlib.blake2b(digest_size=16)
     for part in (who, endpoint, model, version):
         h.update(part.encode())

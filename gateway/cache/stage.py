@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from gateway.asgi import Scope, Send, header
+from gateway.asgi import Scope, Send
 from gateway.auth.principal import Principal
 from gateway.cache.config import CacheSettings
 from gateway.cache.entry import PLAIN, STREAM, Entry, plain_from_stream, stream_from_plain
@@ -45,7 +45,20 @@ MISS: Final = "miss"
 BYPASS: Final = "bypass"
 FINISHED_OK: Final = frozenset({b"stop", b"length", b"tool_calls"})
 _FINISH = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
-_CC_TOKEN = re.compile(r"\s*([A-Za-z-]+)\s*(?:=\s*\"?([^,\"]*)\"?)?\s*(?:,|$)")
+_NO_STORE = re.compile(r"(?<![a-z-])no-store(?![a-z-])")
+_NO_CACHE = re.compile(r"(?<![a-z-])no-cache(?![a-z-])")
+_MAX_AGE = re.compile(r"(?<![a-z-])max-age\s*=\s*\"?(\d{1,10})\"?(?![\d.])")
+LOCK_LEASE_MS: Final = 5000  # the single-flight lock's expiry, renewed by its holder (lease)
+LOCK_RENEW: Final = 2.0  # seconds between renewals
+WAIT_POLL: Final = 1.0  # seconds between a waiter's looks at the lock and the entry
+
+
+def _priority_of(holder: bytes) -> int:
+    """The admission priority in a lock's value (``<process>:<n>:<priority>``)."""
+    try:
+        return int(holder.rsplit(b":", 1)[1])
+    except (IndexError, ValueError):
+        return 1 << 30
 
 
 class CacheOnlyMiss(GatewayError):
@@ -72,29 +85,42 @@ class CacheControl:
     max_age: float | None = None
 
 
-def parse_cache_control(raw: bytes | None) -> CacheControl | None:
-    """The request's Cache-Control directives (RFC 9111 5.2.1); unknown ones are ignored, and a
-    ``max-age`` that is not a non-negative integer is ignored too (as RFC 9111 1.2.2 says)."""
-    if not raw:
+def parse_cache_control(scope: Scope) -> CacheControl | None:
+    """The request's Cache-Control directives (RFC 9111 5.2.1) from every ``Cache-Control`` line
+    (RFC 9110 5.3: several lines are one comma-separated list). Unknown directives are ignored, a
+    ``max-age`` that is not a non-negative integer too (RFC 9111 1.2.2); ``no-store`` and
+    ``no-cache`` are honoured wherever they appear, even with junk around them (``no-store;``)."""
+    values = [v for k, v in scope["headers"] if k == b"cache-control"]
+    if not values:
         return None
     cc = CacheControl()
-    for m in _CC_TOKEN.finditer(raw.decode("latin-1")):
-        name = m.group(1).lower()
-        if name == "no-cache":
-            cc.no_cache = True
-        elif name == "no-store":
-            cc.no_store = True
-        elif name == "only-if-cached":
-            cc.only_if_cached = True
-        elif name == "max-age" and m.group(2) is not None and m.group(2).strip().isdigit():
-            cc.max_age = float(m.group(2).strip())
+    text = b",".join(values).decode("latin-1").lower()
+    cc.no_store = _NO_STORE.search(text) is not None
+    cc.no_cache = _NO_CACHE.search(text) is not None
+    cc.only_if_cached = "only-if-cached" in text
+    for m in _MAX_AGE.finditer(text):
+        age = float(m.group(1))
+        cc.max_age = age if cc.max_age is None else min(cc.max_age, age)
     return cc
 
 
 class Lookup:
     """What the cache stage decided for one request (kept on ``Exchange.cache_look``)."""
 
-    __slots__ = ("body", "entry", "filler", "key", "policy", "reason", "status", "store", "token", "waited")
+    __slots__ = (
+        "body",
+        "entry",
+        "filler",
+        "key",
+        "only_if_cached",
+        "policy",
+        "reason",
+        "renewal",
+        "status",
+        "store",
+        "token",
+        "waited",
+    )
 
     def __init__(self, status: str, reason: str | None = None) -> None:
         self.status = status  # hit, miss or bypass: the x-gateway-cache header
@@ -107,14 +133,14 @@ class Lookup:
         self.filler = False  # this request holds the single-flight lock
         self.token = ""  # ... under this value (released only by its holder)
         self.waited = False  # served after waiting for another request's fill
+        self.only_if_cached = False  # Cache-Control: only-if-cached (a miss is answered 504)
+        self.renewal: asyncio.TimerHandle | None = None  # the filler's lock lease renewal
 
 
 class ResponseCache:
     """The cache stage, owned by the app's lifespan (``start``/``close``)."""
 
-    def __init__(
-        self, settings: CacheSettings, pool: BackendPool, metrics: CacheMetrics, lock_seconds: float
-    ) -> None:
+    def __init__(self, settings: CacheSettings, pool: BackendPool, metrics: CacheMetrics) -> None:
         self.s = settings
         self.pool = pool
         self.metrics = metrics
@@ -129,11 +155,11 @@ class ResponseCache:
             )
             for name, r in settings.routes.items()
         }
-        self._lock_ms = max(1000, int(lock_seconds * 1000))
         self._token = secrets.token_hex(6) + ":"
         self._ids = itertools.count()
         self._down_until = 0.0
-        self._local: dict[str, asyncio.Future[Entry | None]] = {}  # fills this process runs
+        # Fills this process runs: digest → (the entry when stored, the filler's priority).
+        self._local: dict[str, tuple[asyncio.Future[Entry | None], int]] = {}
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}  # waiting on a fill anywhere
         self._tasks: set[asyncio.Task[None]] = set()
         self.log = structlog.get_logger("gateway.cache")
@@ -156,19 +182,22 @@ class ResponseCache:
         route: str,
         req: ParsedRequest,
         deadline: float,
+        priority: int,
     ) -> Lookup:
         """Decide hit, miss or bypass for a request whose body names the served model.
 
-        Never raises for Redis' sake; raises CacheOnlyMiss for ``only-if-cached`` without a hit.
-        ``deadline``: the request's total deadline (loop time), which bounds a single-flight wait.
+        Never raises; ``only_if_cached`` on the result says a miss must be refused (504, by the
+        caller, once the decision is recorded). ``deadline``: the request's total deadline (loop
+        time), which bounds a single-flight wait; ``priority``: its admission priority (lower is
+        served first), compared with the filler's before waiting on it.
         """
         policy = self._routes.get(route, self._default)
-        cc = parse_cache_control(header(scope, b"cache-control"))
+        cc = parse_cache_control(scope)
         look = self._decide(policy, cc, endpoint, req.body)
         if look is None:
-            look = await self._lookup(principal, endpoint, req, policy, cc, deadline)
+            look = await self._lookup(principal, endpoint, req, policy, cc, deadline, priority)
         if cc is not None and cc.only_if_cached and look.status != HIT:
-            raise CacheOnlyMiss("Cache-Control: only-if-cached, and no stored answer matches this request.")
+            look.only_if_cached, look.store = True, False
         return look
 
     def _decide(
@@ -196,6 +225,7 @@ class ResponseCache:
         policy: Policy,
         cc: CacheControl | None,
         deadline: float,
+        priority: int,
     ) -> Lookup:
         s = self.s
         try:
@@ -208,26 +238,36 @@ class ResponseCache:
         look.key, look.policy, look.store = key, policy, True
         if cc is not None and cc.no_cache:
             return look  # a fresh answer, stored for the next ones
-        max_age = cc.max_age if cc is not None else None
+        # The route's TTL bounds the age of what it serves (an entry may come from a longer-lived route).
+        max_age = policy.ttl_ms / 1000
+        if cc is not None and cc.max_age is not None:
+            max_age = min(max_age, cc.max_age)
+        only_cached = cc is not None and cc.only_if_cached
         local = self._local.get(key.digest)
-        if local is not None:  # this process is already asking the backend for the same answer
-            return await self._wait_local(look, local, req, endpoint, max_age, deadline)
+        if local is not None and not only_cached:  # this process already asks the backend for it
+            fut, held_by = local
+            if priority < held_by:
+                return look  # the filler waits behind this request in admission: do not wait for it
+            return await self._wait_local(look, fut, req, endpoint, deadline)
         # only-if-cached never asks the backend: it must not hold others back with the lock
-        single = s.single_flight_wait > 0 and not (cc is not None and cc.only_if_cached)
-        token = f"{self._token}{next(self._ids)}"
+        single = s.single_flight_wait > 0 and not only_cached
+        token = f"{self._token}{next(self._ids)}:{priority}"
         try:
-            stream, plain, locked = await self.store.lookup(key, token, self._lock_ms, single)
+            stream, plain, locked, holder = await self.store.lookup(key, token, LOCK_LEASE_MS, single)
         except Exception as exc:
             return self._failed(exc)
         if self._answer(look, stream, plain, req, endpoint, max_age):
             return look
         if locked:
             look.filler, look.token = True, token
-            self._local[key.digest] = asyncio.get_running_loop().create_future()
+            self._local[key.digest] = (asyncio.get_running_loop().create_future(), priority)
+            look.renewal = asyncio.get_running_loop().call_later(LOCK_RENEW, self._renew, look)
             return look
-        if single and stream is None and plain is None:
+        if single and stream is None and plain is None and holder is not None:
+            if priority < _priority_of(holder):
+                return look  # the filler waits behind this request in admission: do not wait for it
             return await self._wait_remote(look, req, endpoint, max_age, deadline)
-        return look  # stored entries too old for max-age, or not servable in this form
+        return look  # stored entries too old, or not servable in this form
 
     def _answer(
         self,
@@ -270,7 +310,6 @@ class ResponseCache:
         fut: asyncio.Future[Entry | None],
         req: ParsedRequest,
         endpoint: str,
-        max_age: float | None,
         deadline: float,
     ) -> Lookup:
         try:
@@ -285,41 +324,58 @@ class ResponseCache:
         return look
 
     async def _wait_remote(
-        self, look: Lookup, req: ParsedRequest, endpoint: str, max_age: float | None, deadline: float
+        self, look: Lookup, req: ParsedRequest, endpoint: str, max_age: float, deadline: float
     ) -> Lookup:
-        assert look.key is not None
-        digest = look.key.digest
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(digest, [])
+        """Wait for another request's fill: its notice, or (every ``WAIT_POLL`` s) a look at the
+        lock and the entry, so a filler that died, a fill that failed and a Redis that went away
+        all end the wait within a second rather than at its bound."""
+        key = look.key
+        assert key is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        waiters = self._waiters.setdefault(key.digest, [])
         waiters.append(fut)
+        end = loop.time() + self._wait_bound(deadline)
         try:
-            # Registered first, then looked again: a notice sent before this point is not missed.
-            stream, plain = await self.store.get(look.key)
-            if self._answer(look, stream, plain, req, endpoint, max_age):
-                look.waited = True
-                return look
-            try:
-                async with asyncio.timeout(self._wait_bound(deadline)):
-                    stored = await fut
-            except TimeoutError:
-                return look
-            if stored:
-                stream, plain = await self.store.get(look.key)
+            while True:
+                # Registered first, then looked: a notice sent before this point is not missed.
+                stream, plain, holder = await self.store.peek(key)
                 if self._answer(look, stream, plain, req, endpoint, max_age):
                     look.waited = True
-            return look
+                    return look
+                left = end - loop.time()
+                if holder is None or left <= 0:
+                    return look  # the lock is gone without an entry, or waited long enough
+                if not fut.done():
+                    await asyncio.wait((fut,), timeout=min(WAIT_POLL, left))
+                if fut.done() and not fut.result():
+                    return look  # the fill failed: ask the backend
         except Exception as exc:
             self._failed(exc)
             return look
         finally:
             waiters.remove(fut)
             if not waiters:
-                self._waiters.pop(digest, None)
+                self._waiters.pop(key.digest, None)
 
     def _wait_bound(self, deadline: float) -> float:
         """A single-flight wait: ``single_flight_wait``, leaving the request time to go upstream."""
         left = deadline - asyncio.get_running_loop().time()
         return max(0.0, min(self.s.single_flight_wait, left / 2))
+
+    def _renew(self, look: Lookup) -> None:
+        """Extend the filler's lock while its request runs (a filler that dies lets go within
+        ``LOCK_LEASE_MS``)."""
+        if look.key is None or not look.filler:
+            return
+        self._spawn(self._renew_lease(look.key, look.token))
+        look.renewal = asyncio.get_running_loop().call_later(LOCK_RENEW, self._renew, look)
+
+    async def _renew_lease(self, key: CacheKey, token: str) -> None:
+        try:
+            await self.store.renew(key, token, LOCK_LEASE_MS)
+        except Exception as exc:
+            self._failed(exc)
 
     def _notice(self, digest: str, stored: bool) -> None:
         for fut in self._waiters.get(digest, ()):
@@ -394,8 +450,11 @@ class ResponseCache:
         self.metrics.record(ex, look, known_model)
         if not look.store or look.key is None or look.policy is None:
             return
+        if look.renewal is not None:
+            look.renewal.cancel()
         entry = self._storable(ex)
-        fut = self._local.pop(look.key.digest, None) if look.filler else None
+        local = self._local.pop(look.key.digest, None) if look.filler else None
+        fut = local[0] if local is not None else None
         if fut is not None and not fut.done():
             fut.set_result(entry)
         if entry is not None:
@@ -440,6 +499,8 @@ class ResponseCache:
             self.metrics.fills.inc()
         except Exception as exc:
             self._failed(exc)
+            if token:  # let the waiters go (if Redis still answers; else their polls see it)
+                await self._release(key, token)
 
     async def _release(self, key: CacheKey, token: str) -> None:
         try:

@@ -26,7 +26,12 @@ local s = redis.call('GET', KEYS[1])
 local j = redis.call('GET', KEYS[2])
 if s or j or ARGV[3] == '0' then return {s, j, 0} end
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, false, 1} end
-return {false, false, 0}
+return {false, false, 0, redis.call('GET', KEYS[3])}
+"""
+# KEYS: lock. ARGV: lock token, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 # KEYS: entry, lock. ARGV: value, ttl ms, lock token, channel, notice.
 _FILL = """
@@ -74,6 +79,7 @@ class CacheStore:
         self._lookup = _Script(_LOOKUP)
         self._fill = _Script(_FILL)
         self._release = _Script(_RELEASE)
+        self._renew = _Script(_RENEW)
         self._listener: asyncio.Task[None] | None = None
         self._warm: asyncio.Task[None] | None = None
         self.log = structlog.get_logger("gateway.cache")
@@ -84,19 +90,25 @@ class CacheStore:
 
     async def lookup(
         self, key: CacheKey, token: str, lock_ms: int, take_lock: bool
-    ) -> tuple[bytes | None, bytes | None, bool]:
-        """(stored stream, stored plain answer, whether this caller took the single-flight lock)."""
+    ) -> tuple[bytes | None, bytes | None, bool, bytes | None]:
+        """(stored stream, stored plain answer, whether this caller took the single-flight lock,
+        the lock's value when another request holds it)."""
         out = await self._eval(
             self._lookup,
             [key.entry + "s", key.entry + "j", key.lock],
             [token, lock_ms, 1 if take_lock else 0],
         )
-        return out[0], out[1], bool(out[2])
+        return out[0], out[1], bool(out[2]), out[3] if len(out) > 3 else None
 
-    async def get(self, key: CacheKey) -> tuple[bytes | None, bytes | None]:
+    async def peek(self, key: CacheKey) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(stored stream, stored plain answer, the lock's value or None)."""
         async with asyncio.timeout(self._timeout):
-            out = await self.fast.call(b"MGET", key.entry + "s", key.entry + "j")
-        return out[0], out[1]
+            out = await self.fast.call(b"MGET", key.entry + "s", key.entry + "j", key.lock)
+        return out[0], out[1], out[2]
+
+    async def renew(self, key: CacheKey, token: str, lease_ms: int) -> None:
+        """Extend the lock's expiry while ``token`` holds it."""
+        await self._eval(self._renew, [key.lock], [token, lease_ms])
 
     async def fill(self, key: CacheKey, kind: bytes, value: bytes, ttl_ms: int, token: str) -> None:
         """Store an entry, release the lock when ``token`` holds it, and wake the waiters."""
@@ -137,7 +149,7 @@ class CacheStore:
     async def _warm_up(self) -> None:
         try:
             async with asyncio.timeout(5.0):
-                for script in (self._lookup, self._fill, self._release):
+                for script in (self._lookup, self._fill, self._release, self._renew):
                     await self.redis.script_load(script.text)
                 for _ in range(len(self.fast._conns)):
                     await self.fast.call(b"PING")
