@@ -5,6 +5,11 @@ with results), mapped onto the gateway's identities: ``project_id`` is the team,
 principal's subject, ``line_item`` the model. Only principals with the ``admin`` scope may read
 them (403 otherwise; also without authentication configured). Cold path: a small connection pool
 opened on first use.
+
+Two fields are the gateway's own, beside OpenAI's (clients that do not know them ignore them, as
+the OpenAI SDK does): a usage result's ``num_cache_hits`` (of its ``num_model_requests``, the ones
+the response cache answered) and a cost result's ``cache_saved_amount`` (what those hits would
+have cost, in the shape of ``amount``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from fastapi.responses import Response
 
 from gateway.errors import Forbidden, GatewayError, InvalidRequest
 from gateway.ledger.config import LedgerSettings
-from gateway.ledger.usage import GROUPS, WIDTHS, bucketed, usd
+from gateway.ledger.usage import GROUPS, WIDTHS, bucketed, has_cache_columns, usd
 
 if TYPE_CHECKING:
     from gateway.pipeline.authenticate import Authenticator
@@ -49,6 +54,7 @@ class UsageApi:
         self._s = settings
         self._auth = auth
         self._pool: asyncpg.Pool | None = None
+        self._cache_columns = False  # migration 0004 seen (asked again until it is: no restart needed)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -164,7 +170,9 @@ class UsageApi:
         pool = await self._conn_pool()
         try:
             async with pool.acquire() as conn:
-                rows = await bucketed(conn, start, stop, width, groups, filters)
+                if not self._cache_columns:
+                    self._cache_columns = await has_cache_columns(conn)
+                rows = await bucketed(conn, start, stop, width, groups, filters, self._cache_columns)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise _unavailable(exc) from None
         by_bucket: dict[int, list[dict[str, Any]]] = {}
@@ -205,6 +213,7 @@ def _usage(r: asyncpg.Record, groups: list[str]) -> dict[str, Any]:
         "input_audio_tokens": 0,
         "output_audio_tokens": 0,
         "num_model_requests": int(r["requests"]),
+        "num_cache_hits": int(r["cache_hits"]),
         "project_id": (g.get("project_id") or None),
         "user_id": g.get("user_id"),
         "api_key_id": None,
@@ -220,6 +229,7 @@ def _cost(r: asyncpg.Record, groups: list[str]) -> dict[str, Any]:
     return {
         "object": "organization.costs.result",
         "amount": {"value": usd(r["cost_usd"]), "currency": "usd"},
+        "cache_saved_amount": {"value": usd(r["cost_saved_usd"]), "currency": "usd"},
         "line_item": g.get("line_item"),
         "project_id": (g.get("project_id") or None),
         "api_key_id": None,

@@ -10,7 +10,8 @@ The ledger is the source of truth: a missing hash (a new month, a Redis restart 
 seeded from the ledger's hourly rollup before the first check answers, so a restart never resets a
 month's spend (a check waits for the seed at most the storage timeout: a slow ledger is served
 unchecked until the seed lands). Charges only land on a seeded hash; a request that ends between a
-flush and the seeding is in the ledger, and the seeding counts it once its row is written.
+flush and the seeding is in the ledger, and the seeding counts it once its row is written. A
+response-cache hit is charged nothing, neither its cost nor its tokens, live or in a seed.
 
 How close the limit holds: a request is admitted while the spend is under the budget, and its
 cost is known only when it ends, so the requests in flight when the budget is crossed all finish
@@ -238,9 +239,13 @@ class BudgetBook:
                 server_settings={"search_path": s.schema_name, "timezone": "UTC"},
             )
             try:
+                # Cache hits are charged nothing (``charge``): their cost is 0 in the ledger, and
+                # their tokens, which it keeps, are left out. Hits are the rollup's `cache`
+                # provider, whatever the schema's revision (gateway/ledger/rows.py provider_of).
                 row = await conn.fetchrow(
                     "SELECT coalesce(sum(cost_usd), 0) AS usd,"
-                    " coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens"
+                    " coalesce(sum(prompt_tokens + completion_tokens)"
+                    " FILTER (WHERE provider <> 'cache'), 0) AS tokens"
                     " FROM usage_hourly WHERE team = $1 AND hour >= $2",
                     team,
                     start,

@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
     cur.add_argument("--config", help="YAML config file with a `ledger` section")
     cur.set_defaults(func=_current)
 
-    usage = subparsers.add_parser("usage", help="requests, tokens and cost from the ledger, as a table")
+    usage = subparsers.add_parser(
+        "usage", help="requests, tokens, cost and cache savings from the ledger, as a table"
+    )
     usage.add_argument("--config", help="YAML config file with a `ledger` section")
     usage.add_argument("--since", default="30d", help="how far back: 30d, 12h, 90m, or a date (UTC)")
     usage.add_argument("--until", help="end (exclusive): a date or date-time (UTC); default now")
@@ -133,6 +135,7 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"usage failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     header = [*by, "requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd"]
+    header += ["cache_hits", "cost_saved_usd"]
     table = [
         [
             *((r[GROUPS[b]] or "-") for b in by),
@@ -141,9 +144,14 @@ def _usage(args: argparse.Namespace) -> int:
             str(r["prompt_tokens"]),
             str(r["completion_tokens"]),
             f"{r['cost_usd']:.6f}",
+            str(r["cache_hits"]),
+            f"{r['cost_saved_usd']:.6f}",
         ]
         for r in rows
     ]
+    if not args.csv and not any(r["cache_hits"] for r in rows):
+        # The table a person reads has the cache's columns when the range has hits; CSV always.
+        header, table = header[:-2], [row[:-2] for row in table]
     if args.csv:
         import csv
 
@@ -160,11 +168,11 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 async def _usage_rows(ledger: Any, start: int, end: int, by: list[str]) -> list[Any]:
-    from gateway.ledger.usage import totals
+    from gateway.ledger.usage import has_cache_columns, totals
 
     conn = await _connect(ledger)
     try:
-        return await totals(conn, start, end, by)
+        return await totals(conn, start, end, by, await has_cache_columns(conn))
     finally:
         await conn.close()
 

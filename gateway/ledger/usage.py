@@ -2,7 +2,8 @@
 
 ``1h`` and ``1d`` buckets and totals read the hourly rollup (``usage_hourly``), so their cost does
 not grow with the number of requests; ``1m`` buckets read the events themselves (a day at most).
-Bucket edges are aligned to the bucket width in UTC.
+Bucket edges are aligned to the bucket width in UTC. Cache hits and the cost they saved come from
+migration 0004's columns; on a schema not yet upgraded they read as 0 (``has_cache_columns``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ GROUPS = {
 FILTERS = {"project_ids": "team", "user_ids": "subject", "models": "model"}
 
 
+async def has_cache_columns(conn: Conn) -> bool:
+    """Whether the schema has migration 0004's ``cache_hits``/``cost_saved_usd`` (the rollup's)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
+            " current_schema() AND table_name = 'usage_hourly' AND column_name = 'cache_hits')"
+        )
+    )
+
+
 async def bucketed(
     conn: Conn,
     start: int,
@@ -40,12 +51,15 @@ async def bucketed(
     width: int,
     group_by: Sequence[str],
     filters: dict[str, list[str]],
+    cache: bool = True,
 ) -> list[asyncpg.Record]:
-    """Rows ``(bucket, <group columns>, requests, input_tokens, output_tokens, cost_usd)``.
+    """Rows ``(bucket, <group columns>, requests, input_tokens, output_tokens, cost_usd,
+    cache_hits, cost_saved_usd)``.
 
     ``bucket`` is the bucket's start in epoch seconds; ``start``/``end`` are epoch seconds, ``end``
     exclusive; ``group_by`` are keys of GROUPS, ``filters`` keys of FILTERS (validated by the
-    caller). Empty buckets have no row.
+    caller); ``cache``: the schema has migration 0004's columns (else hits and savings are 0).
+    Empty buckets have no row.
     """
     raw = width < 3600
     t = "ts" if raw else "hour"
@@ -65,6 +79,7 @@ async def bucketed(
         else "sum(requests) AS requests, sum(prompt_tokens) AS input_tokens,"
         " sum(completion_tokens) AS output_tokens, sum(cost_usd) AS cost_usd"
     )
+    sums += _cache_sums(raw, cache)
     group = ", ".join(["1", *[str(i + 2) for i in range(len(cols))]])
     sql = (
         f"SELECT (floor(extract(epoch FROM {t}) / $3) * $3)::bigint AS bucket"
@@ -75,19 +90,37 @@ async def bucketed(
     return list(await conn.fetch(sql, *args))
 
 
-async def totals(conn: Conn, start: int, end: int, by: Sequence[str]) -> list[asyncpg.Record]:
-    """Totals per group over ``[start, end)`` (epoch seconds) from the rollup, costliest first."""
+async def totals(
+    conn: Conn, start: int, end: int, by: Sequence[str], cache: bool = True
+) -> list[asyncpg.Record]:
+    """Totals per group over ``[start, end)`` (epoch seconds) from the rollup, costliest first.
+
+    Columns: the groups', ``requests``, ``errors``, ``prompt_tokens``, ``completion_tokens``,
+    ``cost_usd``, ``cache_hits``, ``cost_saved_usd`` (0 unless ``cache``: see ``bucketed``).
+    """
     cols = list(dict.fromkeys(GROUPS[g] for g in by))
     select = "".join(f"{c}, " for c in cols)
     group = f" GROUP BY {', '.join(cols)}" if cols else ""
     sql = (
         f"SELECT {select}sum(requests) AS requests, sum(errors) AS errors,"
         " sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,"
-        " sum(cost_usd) AS cost_usd FROM usage_hourly"
+        f" sum(cost_usd) AS cost_usd{_cache_sums(False, cache)} FROM usage_hourly"
         " WHERE hour >= to_timestamp($1) AND hour < to_timestamp($2)"
         f"{group} ORDER BY cost_usd DESC NULLS LAST, requests DESC"
     )
     return [r for r in await conn.fetch(sql, start, end) if r["requests"] is not None]
+
+
+def _cache_sums(raw: bool, cache: bool) -> str:
+    """The select list's ``cache_hits`` and ``cost_saved_usd``: from the events, the rollup, or 0."""
+    if not cache:
+        return ", 0::bigint AS cache_hits, 0::numeric AS cost_saved_usd"
+    if raw:
+        return (
+            ", count(*) FILTER (WHERE cache = 'hit') AS cache_hits,"
+            " coalesce(sum(cost_saved_usd), 0) AS cost_saved_usd"
+        )
+    return ", sum(cache_hits) AS cache_hits, sum(cost_saved_usd) AS cost_saved_usd"
 
 
 def usd(value: Decimal | None) -> float:

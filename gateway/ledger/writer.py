@@ -141,7 +141,7 @@ class LedgerWriter:
         self._next_maintenance = 0.0
         self._migrated = False
         self._insert_sql = insert_sql(COLUMNS, _NOT_PURGED)
-        self._cache_columns = True  # the schema has migration 0004's columns (checked on connect)
+        self._cache_columns = True  # the schema has migration 0004's columns (_adopt_schema)
         self._days: set[date] = set()  # partitions known to exist
         self._log = structlog.get_logger("gateway.ledger")
 
@@ -332,30 +332,44 @@ class LedgerWriter:
                 },
             )
             async with asyncio.timeout(s.write_timeout):
-                await conn.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE events INCLUDING DEFAULTS,"
-                    " messages jsonb, completion text) ON COMMIT DELETE ROWS"
-                )
-                # A schema not yet at 0003 (deployed before `db upgrade`) still takes rows.
-                purges = await conn.fetchval("SELECT to_regclass('capture_purges') IS NOT NULL")
-                cache_columns = await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
-                    " current_schema() AND table_name = 'events' AND column_name = 'cost_saved_usd')"
-                )
+                await self._adopt_schema(conn, new=True)
         except Exception as exc:
             self._failed("connect", exc)
             if conn is not None:
                 conn.terminate()
             return False
         self._conn = conn
-        self._cache_columns = bool(cache_columns)
-        self._insert_sql = insert_sql(
-            COLUMNS if cache_columns else COLUMNS_0003, _NOT_PURGED if purges else ""
-        )
         self._days.clear()
         self._m.up.set(1)
         self._log.info("ledger connected", dsn=s.safe_dsn(), schema=s.schema_name)
         return True
+
+    async def _adopt_schema(self, conn: asyncpg.Connection, new: bool) -> None:
+        """Match the staging table and the insert to the schema's revision.
+
+        A gateway deployed before ``db upgrade`` still writes: without the purge watermark before
+        0003, without the cache columns before 0004. Asked at connection and at each maintenance,
+        so an upgrade done while the gateway runs is taken up within ``MAINTENANCE_INTERVAL``.
+        """
+        purges = bool(await conn.fetchval("SELECT to_regclass('capture_purges') IS NOT NULL"))
+        cache_columns = bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
+                " current_schema() AND table_name = 'events' AND column_name = 'cost_saved_usd')"
+            )
+        )
+        if not new and cache_columns != self._cache_columns:
+            # The staging table is a copy of the events' columns when it was created.
+            await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{STAGING}")
+            self._log.info("ledger schema changed", cache_columns=cache_columns)
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE events INCLUDING DEFAULTS,"
+            " messages jsonb, completion text) ON COMMIT DELETE ROWS"
+        )
+        self._cache_columns = cache_columns
+        self._insert_sql = insert_sql(
+            COLUMNS if cache_columns else COLUMNS_0003, _NOT_PURGED if purges else ""
+        )
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -433,6 +447,7 @@ class LedgerWriter:
                 await conn.execute(
                     "DELETE FROM captures WHERE ts < $1", datetime.now(UTC) - timedelta(days=s.retention_days)
                 )
+                await self._adopt_schema(conn, new=False)
         except Exception as exc:
             self._failed("maintenance", exc)
             await self._disconnect()
