@@ -87,6 +87,15 @@ class ExternalSettings(_Section):
         description="Base URL, e.g. https://api.openai.com/v1 or https://api.anthropic.com/v1."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _own_label(cls, v: str) -> str:
+        if v in ("cache", "local", "-"):
+            raise ValueError(
+                f"`{v}` is the gateway's own label (a cache hit, the replicas, none): choose another"
+            )
+        return v
+
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
