@@ -748,3 +748,10 @@ def redis_client(url: str) -> Any:
     import redis
 
     return redis.Redis.from_url(url)
+
+
+def test_an_external_provider_cannot_take_the_caches_label() -> None:
+    from gateway.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="external.name"):
+        load_settings(external={"base_url": "https://provider.example", "name": "cache"})
