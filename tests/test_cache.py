@@ -753,5 +753,5 @@ def redis_client(url: str) -> Any:
 def test_an_external_provider_cannot_take_the_caches_label() -> None:
     from gateway.config import ConfigError, load_settings
 
-    with pytest.raises(ConfigError, match="external.name"):
+    with pytest.raises(ConfigError, match=r"external\.name"):
         load_settings(external={"base_url": "https://provider.example", "name": "cache"})

@@ -41,6 +41,9 @@ def encode(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(out)
 
 
+_SKIP = encode((b"CLIENT", b"REPLY", b"SKIP"))
+
+
 class _Connection(asyncio.Protocol):
     __slots__ = ("closed", "pending", "reader", "transport")
 
@@ -131,6 +134,19 @@ class RespClient:
         except asyncio.CancelledError:
             conn.close(ConnectionError("a call to Redis was abandoned"))
             raise
+
+    def send_noreply(self, *args: bytes | str | int) -> bool:
+        """Write one command with ``CLIENT REPLY SKIP`` before it: Redis runs it and answers nothing,
+        so nothing is awaited (no task, no timer, no wake-up for a reply). Returns False when no
+        connection is open to write on (the caller does it the awaited way). Errors are silent:
+        only for writes whose loss is harmless (a cache fill)."""
+        for _ in range(len(self._conns)):
+            i = self._next = (self._next + 1) % len(self._conns)
+            conn = self._conns[i]
+            if conn is not None and not conn.closed and conn.transport is not None:
+                conn.transport.write(_SKIP + encode(args))
+                return True
+        return False
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[bytes | str | int]) -> Any:
         """A Lua script by its SHA1, sent in full once when Redis does not have it (NOSCRIPT)."""

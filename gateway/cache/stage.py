@@ -458,7 +458,10 @@ class ResponseCache:
         if fut is not None and not fut.done():
             fut.set_result(entry)
         if entry is not None:
-            self._spawn(self._fill(look.key, entry, look.policy.ttl_ms, look.token))
+            if self.store.fill_nowait(look.key, entry.kind, entry.encode(), look.policy.ttl_ms, look.token):
+                self.metrics.fills.inc()  # written; an error reply (OOM) is not seen: the lease expires
+            else:
+                self._spawn(self._fill(look.key, entry, look.policy.ttl_ms, look.token))
         elif look.filler:
             self._spawn(self._release(look.key, look.token))
 

@@ -20,13 +20,30 @@ import structlog
 from gateway.cache.key import CacheKey
 from gateway.cache.resp import RespClient
 
-# KEYS: stream entry, plain entry, lock. ARGV: lock token, lock ms, take the lock on a miss (1/0).
+# KEYS: stream entry, plain entry, lock, waiters' mark. ARGV: lock token, lock ms, take the lock
+# on a miss (1/0). A caller that finds the lock held marks it waited: only then do fills publish.
 _LOOKUP = """
 local s = redis.call('GET', KEYS[1])
 local j = redis.call('GET', KEYS[2])
 if s or j or ARGV[3] == '0' then return {s, j, 0} end
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, false, 1} end
+redis.call('SET', KEYS[4], 1, 'PX', ARGV[2])
 return {false, false, 0, redis.call('GET', KEYS[3])}
+"""
+# KEYS: entry, lock, waiters' mark. ARGV: value, ttl ms, lock token, channel, notice.
+_FILL = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+# KEYS: lock, waiters' mark. ARGV: lock token, channel, notice.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+end
+return 1
 """
 # KEYS: lock. ARGV: lock token, lease ms.
 _RENEW = """
@@ -95,7 +112,7 @@ class CacheStore:
         the lock's value when another request holds it)."""
         out = await self._eval(
             self._lookup,
-            [key.entry + "s", key.entry + "j", key.lock],
+            [key.entry + "s", key.entry + "j", key.lock, key.lock + ":w"],
             [token, lock_ms, 1 if take_lock else 0],
         )
         return out[0], out[1], bool(out[2]), out[3] if len(out) > 3 else None
@@ -110,17 +127,34 @@ class CacheStore:
         """Extend the lock's expiry while ``token`` holds it."""
         await self._eval(self._renew, [key.lock], [token, lease_ms])
 
+    def fill_nowait(self, key: CacheKey, kind: bytes, value: bytes, ttl_ms: int, token: str) -> bool:
+        """``fill`` written without waiting for Redis' answer (its cost on the request path is
+        the write); False when no connection is open (then ``fill``)."""
+        return self.fast.send_noreply(
+            b"EVAL",
+            self._fill.text,
+            3,
+            key.entry + kind.decode(),
+            key.lock,
+            key.lock + ":w",
+            value,
+            ttl_ms,
+            token,
+            self.channel,
+            key.digest + ":1",
+        )
+
     async def fill(self, key: CacheKey, kind: bytes, value: bytes, ttl_ms: int, token: str) -> None:
         """Store an entry, release the lock when ``token`` holds it, and wake the waiters."""
         await self._eval(
             self._fill,
-            [key.entry + kind.decode(), key.lock],
+            [key.entry + kind.decode(), key.lock, key.lock + ":w"],
             [value, ttl_ms, token, self.channel, key.digest + ":1"],
         )
 
     async def release(self, key: CacheKey, token: str) -> None:
         """Give the lock back without an entry (the answer was not storable) and wake the waiters."""
-        await self._eval(self._release, [key.lock], [token, self.channel, key.digest + ":0"])
+        await self._eval(self._release, [key.lock, key.lock + ":w"], [token, self.channel, key.digest + ":0"])
 
     async def purge(self, team_seg: str | None, model_seg: str | None) -> int:
         """Delete the entries of a team and/or a model (all entries when both are None); returns
