@@ -64,3 +64,20 @@ def test_capacity_smoke(tmp_path: Path) -> None:
     (curve,) = report["curves"]  # type: ignore[misc]
     (step,) = curve["steps"]
     assert step["ok"] == step["requests"] > 0, step
+
+
+def test_cache_smoke(tmp_path: Path) -> None:
+    report = _run(["loadtests.cache", "--smoke"], tmp_path)
+    dedup = report["dedup"]
+    on, off = dedup["cache_on"], dedup["cache_off"]  # type: ignore[index]
+    assert on["ok"] == off["ok"] == on["sent"], dedup
+    # every hit is a request the simulator never saw; every miss (or bypass) one it did
+    seen = on["cache_headers"]["miss"] + on["cache_headers"]["bypass"]
+    assert on["cache_headers"]["hit"] > 0 and on["backend_received"] == seen, dedup
+    assert off["backend_received"] == off["sent"], dedup
+    assert report["latency"]["hit_ms"]["n"] > 0  # type: ignore[index]
+    for rate in report["cpu"]["by_rate"]:  # type: ignore[index]
+        assert rate["cache_on"]["cache_headers"]["hit"] == 0, rate  # unique prompts only
+        assert rate["cache_off"]["ok"] == rate["cache_off"]["requests"], rate
+    assert all(us > 0 for us in report["stage"]["us_per_call"].values())  # type: ignore[index]
+    assert report["deleted_keys"] > 0  # type: ignore[operator]
