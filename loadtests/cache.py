@@ -613,7 +613,7 @@ async def stage_run(redis_url: str, prefix: str, n: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
 
     async def miss(i: int) -> None:
-        look = await cache.lookup(scope, principal, "chat", "default", reqs[i], loop.time() + 60)
+        look = await cache.lookup(scope, principal, "chat", "default", reqs[i], loop.time() + 60, 10)
         assert look.status == "miss" and look.filler, look.status
         ex = Exchange("rid", "chat", time.perf_counter(), principal=principal, model="tiny", status=200)
         ex.cache_look, ex.cache = look, look.status
@@ -635,7 +635,7 @@ async def stage_run(redis_url: str, prefix: str, n: int) -> dict[str, Any]:
     us["make_key (canonical JSON + BLAKE2b)"] = await _cpu_per_call(key_only, ids, n)
 
     async def decide(i: int) -> None:
-        cache._decide(cache._default, parse_cache_control(None), "chat", body)
+        cache._decide(cache._default, parse_cache_control({"headers": []}), "chat", body)
 
     us["_decide + parse_cache_control (no header)"] = await _cpu_per_call(decide, ids, n)
 
