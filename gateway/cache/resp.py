@@ -41,15 +41,12 @@ def encode(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(out)
 
 
-_SKIP = encode((b"CLIENT", b"REPLY", b"SKIP"))
-
-
 class _Connection(asyncio.Protocol):
     __slots__ = ("closed", "pending", "reader", "transport")
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.pending: deque[asyncio.Future[Any] | None] = deque()  # None: a reply nobody awaits
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -72,8 +69,8 @@ class _Connection(asyncio.Protocol):
                 self.close(ConnectionError("Redis sent a reply nobody asked for"))
                 return
             fut = pending.popleft()
-            if fut.done():
-                continue  # its caller timed out or left: the reply is dropped
+            if fut is None or fut.done():
+                continue  # nobody waits for it (a fill), or its caller timed out: dropped
             if isinstance(reply, hiredis.ReplyError):
                 fut.set_exception(RespError(str(reply)))
             else:
@@ -92,7 +89,7 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         while self.pending:
             fut = self.pending.popleft()
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(exc)
 
 
@@ -136,15 +133,17 @@ class RespClient:
             raise
 
     def send_noreply(self, *args: bytes | str | int) -> bool:
-        """Write one command with ``CLIENT REPLY SKIP`` before it: Redis runs it and answers nothing,
-        so nothing is awaited (no task, no timer, no wake-up for a reply). Returns False when no
-        connection is open to write on (the caller does it the awaited way). Errors are silent:
-        only for writes whose loss is harmless (a cache fill)."""
+        """Write one command without waiting for its reply: its place in the connection's reply
+        order is held by ``None``, so the reply (or error) is read and
+        dropped in order, and no task, timer or wake-up serves it. Returns False when no
+        connection is open to write on (the caller does it the awaited way). Only for writes
+        whose loss is harmless (a cache fill): an error reply is not seen."""
         for _ in range(len(self._conns)):
             i = self._next = (self._next + 1) % len(self._conns)
             conn = self._conns[i]
             if conn is not None and not conn.closed and conn.transport is not None:
-                conn.transport.write(_SKIP + encode(args))
+                conn.pending.append(None)  # a reply nobody waits for
+                conn.transport.write(encode(args))
                 return True
         return False
 

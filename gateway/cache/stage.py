@@ -47,6 +47,7 @@ FINISHED_OK: Final = frozenset({b"stop", b"length", b"tool_calls"})
 _FINISH = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
 _NO_STORE = re.compile(r"(?<![a-z-])no-store(?![a-z-])")
 _NO_CACHE = re.compile(r"(?<![a-z-])no-cache(?![a-z-])")
+_ONLY_IF_CACHED = re.compile(r"(?<![a-z-])only-if-cached(?![a-z-])")
 _MAX_AGE = re.compile(r"(?<![a-z-])max-age\s*=\s*\"?(\d{1,10})\"?(?![\d.])")
 LOCK_LEASE_MS: Final = 5000  # the single-flight lock's expiry, renewed by its holder (lease)
 LOCK_RENEW: Final = 2.0  # seconds between renewals
@@ -97,7 +98,7 @@ def parse_cache_control(scope: Scope) -> CacheControl | None:
     text = b",".join(values).decode("latin-1").lower()
     cc.no_store = _NO_STORE.search(text) is not None
     cc.no_cache = _NO_CACHE.search(text) is not None
-    cc.only_if_cached = "only-if-cached" in text
+    cc.only_if_cached = _ONLY_IF_CACHED.search(text) is not None
     for m in _MAX_AGE.finditer(text):
         age = float(m.group(1))
         cc.max_age = age if cc.max_age is None else min(cc.max_age, age)
@@ -145,6 +146,7 @@ class ResponseCache:
         self.pool = pool
         self.metrics = metrics
         self.store = CacheStore(settings.storage, settings.key_prefix, settings.timeout, settings.connections)
+        self.store.mark_ms = int(settings.single_flight_wait * 1000) + LOCK_LEASE_MS
         self.charge_tokens = settings.charge_tokens
         self._default = Policy(settings.when, int(settings.ttl * 1000), settings.max_entry_bytes)
         self._routes = {
@@ -264,8 +266,10 @@ class ResponseCache:
             look.renewal = asyncio.get_running_loop().call_later(LOCK_RENEW, self._renew, look)
             return look
         if single and stream is None and plain is None and holder is not None:
-            if priority < _priority_of(holder):
-                return look  # the filler waits behind this request in admission: do not wait for it
+            if priority < _priority_of(holder) or max_age <= 0:
+                # The filler waits behind this request in admission, or nothing it stores could
+                # be young enough for this request (max-age=0): do not wait for it.
+                return look
             return await self._wait_remote(look, req, endpoint, max_age, deadline)
         return look  # stored entries too old, or not servable in this form
 
@@ -346,10 +350,11 @@ class ResponseCache:
                 left = end - loop.time()
                 if holder is None or left <= 0:
                     return look  # the lock is gone without an entry, or waited long enough
-                if not fut.done():
-                    await asyncio.wait((fut,), timeout=min(WAIT_POLL, left))
-                if fut.done() and not fut.result():
-                    return look  # the fill failed: ask the backend
+                if fut.done():
+                    # Notified, and what is stored does not serve this request (too old for its
+                    # max-age, or not in a form it can take), or the fill failed: ask the backend.
+                    return look
+                await asyncio.wait((fut,), timeout=min(WAIT_POLL, left))
         except Exception as exc:
             self._failed(exc)
             return look

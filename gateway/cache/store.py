@@ -21,13 +21,14 @@ from gateway.cache.key import CacheKey
 from gateway.cache.resp import RespClient
 
 # KEYS: stream entry, plain entry, lock, waiters' mark. ARGV: lock token, lock ms, take the lock
-# on a miss (1/0). A caller that finds the lock held marks it waited: only then do fills publish.
+# on a miss (1/0), the mark's ms. A caller that finds the lock held marks it waited: only then do
+# fills and releases publish.
 _LOOKUP = """
 local s = redis.call('GET', KEYS[1])
 local j = redis.call('GET', KEYS[2])
 if s or j or ARGV[3] == '0' then return {s, j, 0} end
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, false, 1} end
-redis.call('SET', KEYS[4], 1, 'PX', ARGV[2])
+redis.call('SET', KEYS[4], 1, 'PX', ARGV[4])
 return {false, false, 0, redis.call('GET', KEYS[3])}
 """
 # KEYS: entry, lock, waiters' mark. ARGV: value, ttl ms, lock token, channel, notice.
@@ -49,21 +50,6 @@ return 1
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
-"""
-# KEYS: entry, lock. ARGV: value, ttl ms, lock token, channel, notice.
-_FILL = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-"""
-# KEYS: lock. ARGV: lock token, channel, notice.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-end
-return 1
 """
 
 
@@ -89,6 +75,7 @@ class CacheStore:
         self.prefix = prefix
         self.channel = prefix + "n"
         self._timeout = timeout
+        self.mark_ms = 60_000  # how long a waiters' mark lasts (set from single_flight_wait)
         self.fast = RespClient(url, connections, connect_timeout=max(timeout, 1.0))
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30, max_connections=8
@@ -113,7 +100,7 @@ class CacheStore:
         out = await self._eval(
             self._lookup,
             [key.entry + "s", key.entry + "j", key.lock, key.lock + ":w"],
-            [token, lock_ms, 1 if take_lock else 0],
+            [token, lock_ms, 1 if take_lock else 0, self.mark_ms],
         )
         return out[0], out[1], bool(out[2]), out[3] if len(out) > 3 else None
 

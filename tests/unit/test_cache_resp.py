@@ -117,3 +117,20 @@ async def test_an_abandoned_call_closes_its_connection(tmp_path: Path) -> None:
 def test_only_redis_urls() -> None:
     with pytest.raises(ValueError, match="redis://"):
         RespClient("unix:///tmp/redis.sock")
+
+
+async def test_a_reply_nobody_waits_for_keeps_the_order(prefix: str) -> None:
+    """A fill written without waiting (its error reply included) never shifts another call's reply."""
+    ours = RespClient(URL, 1)
+    try:
+        await ours.call(b"SET", prefix + "s", b"string")
+        await ours.call(b"SET", prefix + "t", b"mine")
+        for _ in range(3):
+            assert ours.send_noreply(b"LPUSH", prefix + "s", b"x")  # WRONGTYPE: an error reply
+            assert ours.send_noreply(b"SET", prefix + "u", b"1")
+        got = await asyncio.gather(ours.call(b"GET", prefix + "t"), ours.call(b"GET", prefix + "missing"))
+        assert got == [b"mine", None]
+    finally:
+        for k in ("s", "t", "u"):
+            await ours.call(b"DEL", prefix + k)
+        ours.close()
