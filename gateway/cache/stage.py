@@ -110,6 +110,7 @@ class Lookup:
 
     __slots__ = (
         "body",
+        "deadline",
         "entry",
         "filler",
         "key",
@@ -136,6 +137,7 @@ class Lookup:
         self.waited = False  # served after waiting for another request's fill
         self.only_if_cached = False  # Cache-Control: only-if-cached (a miss is answered 504)
         self.renewal: asyncio.TimerHandle | None = None  # the filler's lock lease renewal
+        self.deadline = 0.0  # the request's total deadline (loop time): no renewal after it
 
 
 class ResponseCache:
@@ -261,7 +263,7 @@ class ResponseCache:
         if self._answer(look, stream, plain, req, endpoint, max_age):
             return look
         if locked:
-            look.filler, look.token = True, token
+            look.filler, look.token, look.deadline = True, token, deadline
             self._local[key.digest] = (asyncio.get_running_loop().create_future(), priority)
             look.renewal = asyncio.get_running_loop().call_later(LOCK_RENEW, self._renew, look)
             return look
@@ -373,6 +375,8 @@ class ResponseCache:
         ``LOCK_LEASE_MS``)."""
         if look.key is None or not look.filler:
             return
+        if asyncio.get_running_loop().time() > look.deadline:
+            return  # the request is over whatever happened to it: the lease runs out by itself
         self._spawn(self._renew_lease(look.key, look.token))
         look.renewal = asyncio.get_running_loop().call_later(LOCK_RENEW, self._renew, look)
 
