@@ -32,7 +32,7 @@ from gateway.cache.key import CacheKey, deterministic, make_key, segment
 from gateway.cache.metrics import CacheMetrics
 from gateway.cache.resp import RespError
 from gateway.cache.store import CacheStore
-from gateway.errors import GatewayError
+from gateway.errors import Fault, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
 from gateway.pipeline.relay import gateway_headers, take_usage
@@ -63,12 +63,15 @@ def _priority_of(holder: bytes) -> int:
 
 
 class CacheOnlyMiss(GatewayError):
-    """504: ``Cache-Control: only-if-cached`` and nothing stored (RFC 9111 5.2.1.7)."""
+    """504: ``Cache-Control: only-if-cached`` and nothing stored (RFC 9111 5.2.1.7). OpenAI's type
+    for a 5xx is ``server_error``; the code says why, and the client asked for it (no one's fault
+    but the request's: nothing counts against a backend)."""
 
     status = 504
-    type = "invalid_request_error"
+    type = "server_error"
     code = "cache_miss"
     reason = "cache_miss"
+    fault = Fault.CLIENT
 
 
 @dataclass(frozen=True, slots=True)
