@@ -166,7 +166,7 @@ def build_gateway(settings: Settings, multiprocess_dir: str | None = None) -> Ga
         gateway.cache = ResponseCache(
             settings.cache,
             pool,
-            CacheMetrics(metrics.registry, set(settings.teams)),
+            CacheMetrics(metrics.registry, set(settings.teams), metrics.child),
         )
     return gateway
 

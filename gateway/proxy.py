@@ -215,7 +215,7 @@ class ProxyEndpoint:
         # Redis' sake. A hit is limited as a request (its tokens only with cache.charge_tokens).
         cache = self.cache
         if cache is not None:
-            priority = self.admission.job_priority if ex.job else self.admission.priority_of(principal.tier)
+            priority = self._priority(ex)
             look = await cache.lookup(
                 scope, principal, self.endpoint.name, plan.name, req, total_deadline, priority
             )
@@ -304,7 +304,7 @@ class ProxyEndpoint:
         # 5. admit: wait for capacity in the model's pool (or for a replica to finish loading)
         check_model(self.pool, req.model)
         queued = time.perf_counter()
-        priority = self.admission.job_priority if ex.job else self.admission.priority_of(principal.tier)
+        priority = self._priority(ex)
         slot = await self.admission.admit(req.model, principal.tier, principal.team, total_deadline, priority)
         ex.priority = priority
         ex.queue_wait = admitted = time.perf_counter()
@@ -343,6 +343,10 @@ class ProxyEndpoint:
         finally:
             self.admission.release(slot, time.perf_counter() - admitted)
         # 9. account: in __call__'s finally, so failures are counted too
+
+    def _priority(self, ex: Exchange) -> int:
+        """The request's admission priority (lower is served first): a job line's, or its tier's."""
+        return self.admission.job_priority if ex.job else self.admission.priority_of(ex.principal.tier)
 
     def _may_retry(self, exc: GatewayError, ex: Exchange, retries: int, total_deadline: float) -> bool:
         return (

@@ -90,7 +90,7 @@ def declared() -> Metrics:
 
 def declared_cache() -> Metrics:
     """The cache's families (gateway/cache/metrics.py) with the label names they are declared with."""
-    metrics = CacheMetrics(CollectorRegistry(), set())
+    metrics = CacheMetrics(CollectorRegistry(), set(), lambda metric, *labels: metric.labels(*labels))
     out: Metrics = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):

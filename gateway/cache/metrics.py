@@ -11,6 +11,7 @@ arrival to its answer sent), ``gateway_cache_fills_total`` and ``gateway_cache_e
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,7 +25,7 @@ HIT_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 
 
 class CacheMetrics:
-    def __init__(self, registry: CollectorRegistry, teams: set[str]) -> None:
+    def __init__(self, registry: CollectorRegistry, teams: set[str], child: Callable[..., Any]) -> None:
         r = registry
         self._teams = teams
         self.requests = Counter(
@@ -53,14 +54,7 @@ class CacheMetrics:
         self.errors = Counter(
             "gateway_cache_errors", "Cache calls to Redis that failed or timed out.", registry=r
         )
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        return c
+        self._child = child  # GatewayMetrics.child: label children looked up once
 
     def record(self, ex: Exchange, look: Lookup, known_model: bool) -> None:
         model = ex.model if known_model else "unknown"

@@ -35,7 +35,7 @@ from gateway.cache.store import CacheStore
 from gateway.errors import Fault, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
-from gateway.pipeline.relay import gateway_headers, take_usage
+from gateway.pipeline.relay import FINISHED, gateway_headers, take_usage
 
 if TYPE_CHECKING:
     from gateway.backends import BackendPool
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 HIT: Final = "hit"
 MISS: Final = "miss"
 BYPASS: Final = "bypass"
-FINISHED_OK: Final = frozenset({b"stop", b"length", b"tool_calls"})
+FINISHED_OK: Final = frozenset(r.encode() for r in FINISHED)
 _FINISH = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
 _NO_STORE = re.compile(r"(?<![a-z-])no-store(?![a-z-])")
 _NO_CACHE = re.compile(r"(?<![a-z-])no-cache(?![a-z-])")

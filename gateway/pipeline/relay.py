@@ -342,7 +342,8 @@ async def relay_sse(
     return failure is None
 
 
-_FINISHED = frozenset({"stop", "length", "tool_calls"})
+# Finish reasons of a complete answer (the response cache keeps only those; gateway/cache/stage.py).
+FINISHED = frozenset({"stop", "length", "tool_calls"})
 
 
 def _finished(answer: Any) -> bool:
@@ -354,7 +355,7 @@ def _finished(answer: Any) -> bool:
     return (
         isinstance(choices, list)
         and bool(choices)
-        and all(isinstance(c, dict) and c.get("finish_reason") in _FINISHED for c in choices)
+        and all(isinstance(c, dict) and c.get("finish_reason") in FINISHED for c in choices)
     )
 
 
