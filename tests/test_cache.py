@@ -57,6 +57,18 @@ def cache_config(tmp: Path, storage: str = "redis://127.0.0.1:6379/0", **cache: 
     return path
 
 
+def with_jobs(cfg: Path, tmp: Path) -> Path:
+    """The config with async jobs on (their own Redis key prefix and file directory)."""
+    data = yaml.safe_load(cfg.read_text())
+    data["jobs"] = {
+        "enabled": True,
+        "key_prefix": f"test:jobs:{secrets.token_hex(4)}:",
+        "files": f"file://{tmp / 'files'}",
+    }
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def csim() -> Iterator[Sim]:
     s = Sim(None, "--ttft", "0.02", "--itl", "0.005", "--embedding-model", "embed-small")
@@ -509,14 +521,7 @@ def test_metrics_count_hits_and_saved_tokens(cgw: Gateway, csim: Sim) -> None:
 def test_job_lines_are_served_from_the_cache(tmp_path: Path) -> None:
     """A job line runs through the same stage (ProxyEndpoint.execute): a duplicate is a hit."""
     sim = Sim(None, "--ttft", "0.01", "--itl", "0.002")
-    cfg = cache_config(tmp_path)
-    data = yaml.safe_load(cfg.read_text())
-    data["jobs"] = {
-        "enabled": True,
-        "key_prefix": f"test:jobs:{secrets.token_hex(4)}:",
-        "files": f"file://{tmp_path / 'files'}",
-    }
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = with_jobs(cache_config(tmp_path), tmp_path)
     gw = Gateway([sim.url], config=cfg)
     try:
         body = chat_body(secrets.token_hex(4))
@@ -716,14 +721,8 @@ def test_a_better_priority_does_not_wait_behind_a_job(tmp_path: Path) -> None:
     """The filler is a job line (the lowest admission priority): an interactive request for the
     same answer asks the backend itself instead of waiting behind it."""
     sim = Sim(None, "--ttft", "4", "--itl", "0.01")
-    cfg = cache_config(tmp_path, single_flight_wait=60)
+    cfg = with_jobs(cache_config(tmp_path, single_flight_wait=60), tmp_path)
     data = yaml.safe_load(cfg.read_text())
-    data["jobs"] = {
-        "enabled": True,
-        "key_prefix": f"test:jobs:{secrets.token_hex(4)}:",
-        "files": f"file://{tmp_path / 'files'}",
-    }
-    cfg.write_text(yaml.safe_dump(data))
     gw = Gateway([sim.url], config=cfg)
     r = redis_client("redis://127.0.0.1:6379/0")
     try:
