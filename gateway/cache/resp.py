@@ -41,17 +41,35 @@ def encode(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(out)
 
 
-class _Connection(asyncio.Protocol):
-    __slots__ = ("closed", "pending", "reader", "transport")
+DRAIN_INTERVAL = 0.25  # seconds: how often the write-behind connection's replies are read
+DRAIN_AT = 512  # ... or as soon as this many are due
+WRITE_BEHIND_BOUND = 1 << 20  # bytes not yet taken by Redis on it, beyond which writes are refused
 
-    def __init__(self) -> None:
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("closed", "lazy", "paused", "pending", "reader", "transport")
+
+    def __init__(self, lazy: bool = False) -> None:
         self.reader = hiredis.Reader()
         self.pending: deque[asyncio.Future[Any] | None] = deque()  # None: a reply nobody awaits
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        # lazy: a write-behind connection; replies are read in batches (``drain``), not as they
+        # come, so a write costs no wake-up of its own.
+        self.lazy = lazy
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self.lazy:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def drain(self) -> None:
+        """Read the replies due on a write-behind connection (then pause again)."""
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -64,6 +82,9 @@ class _Connection(asyncio.Protocol):
                 self.close(ConnectionError("Redis sent a reply this client cannot parse"))
                 return
             if reply is False:
+                if self.lazy and not pending and not self.paused and self.transport is not None:
+                    self.transport.pause_reading()
+                    self.paused = True
                 return
             if not pending:
                 self.close(ConnectionError("Redis sent a reply nobody asked for"))
@@ -116,6 +137,9 @@ class RespClient:
         self._conns: list[_Connection | None] = [None] * max(1, connections)
         self._opening: list[asyncio.Future[_Connection] | None] = [None] * len(self._conns)
         self._next = 0
+        self._behind: _Connection | None = None  # write-behind connection (``send_noreply``)
+        self._behind_opening: asyncio.Task[None] | None = None
+        self._drain: asyncio.TimerHandle | None = None
 
     async def call(self, *args: bytes | str | int) -> Any:
         i = self._next = (self._next + 1) % len(self._conns)
@@ -133,11 +157,29 @@ class RespClient:
             raise
 
     def send_noreply(self, *args: bytes | str | int) -> bool:
-        """Write one command without waiting for its reply: its place in the connection's reply
-        order is held by ``None``, so the reply (or error) is read and
-        dropped in order, and no task, timer or wake-up serves it. Returns False when no
-        connection is open to write on (the caller does it the awaited way). Only for writes
-        whose loss is harmless (a cache fill): an error reply is not seen."""
+        """Write one command without waiting for its reply. Only for writes whose loss is
+        harmless (a cache fill): an error reply is not seen.
+
+        It goes on a connection of its own whose replies are read in batches, every
+        ``DRAIN_INTERVAL`` s or ``DRAIN_AT`` replies (each held in order by a ``None``), so no
+        task, timer or wake-up serves one write. Until that connection is open, on a pipelined
+        one, its reply dropped in order. Returns False when nothing can take the write (no
+        connection open, or ``WRITE_BEHIND_BOUND`` bytes already wait for a Redis that does not
+        read them): the caller does it the awaited way.
+        """
+        conn = self._behind
+        if conn is not None and not conn.closed and conn.transport is not None:
+            if conn.transport.get_write_buffer_size() > WRITE_BEHIND_BOUND:
+                return False
+            conn.pending.append(None)
+            conn.transport.write(encode(args))
+            if len(conn.pending) >= DRAIN_AT:
+                conn.drain()
+            elif self._drain is None:
+                self._drain = asyncio.get_running_loop().call_later(DRAIN_INTERVAL, self._drain_behind)
+            return True
+        if self._behind_opening is None:
+            self._behind_opening = asyncio.get_running_loop().create_task(self._open_behind())
         for _ in range(len(self._conns)):
             i = self._next = (self._next + 1) % len(self._conns)
             conn = self._conns[i]
@@ -146,6 +188,31 @@ class RespClient:
                 conn.transport.write(encode(args))
                 return True
         return False
+
+    @property
+    def write_behind_open(self) -> bool:
+        """Whether ``send_noreply`` writes on its own connection (opened by the first write)."""
+        conn = self._behind
+        return conn is not None and not conn.closed
+
+    @property
+    def write_behind_due(self) -> int:
+        """Replies of ``send_noreply`` writes not read yet."""
+        return len(self._behind.pending) if self._behind is not None else 0
+
+    def _drain_behind(self) -> None:
+        self._drain = None
+        conn = self._behind
+        if conn is not None and conn.pending:
+            conn.drain()
+
+    async def _open_behind(self) -> None:
+        try:
+            self._behind = await self._connect(lazy=True)
+        except Exception:
+            pass  # Redis unreachable: the next write tries again; the lookups report the outage
+        finally:
+            self._behind_opening = None
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[bytes | str | int]) -> Any:
         """A Lua script by its SHA1, sent in full once when Redis does not have it (NOSCRIPT)."""
@@ -174,11 +241,11 @@ class RespClient:
         finally:
             self._opening[i] = None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, lazy: bool = False) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             _, conn = await loop.create_connection(
-                _Connection,
+                lambda: _Connection(lazy),
                 self._host,
                 self._port,
                 ssl=self._ssl,
@@ -197,6 +264,8 @@ class RespClient:
                 assert conn.transport is not None
                 conn.transport.write(encode(cmd))
                 futs.append(f)
+            if futs:
+                conn.drain()  # a write-behind connection reads its set-up's replies at once
             try:
                 for f in futs:
                     await f
@@ -206,7 +275,14 @@ class RespClient:
         return conn
 
     def close(self) -> None:
-        for conn in self._conns:
+        for conn in [*self._conns, self._behind]:
             if conn is not None:
                 conn.close(ConnectionError("client closed"))
         self._conns = [None] * len(self._conns)
+        self._behind = None
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+        if self._behind_opening is not None:
+            self._behind_opening.cancel()
+            self._behind_opening = None

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
-from gateway.cache.resp import RespClient, RespError
+from gateway.cache.resp import WRITE_BEHIND_BOUND, RespClient, RespError
 from tests.jobs_helpers import PrivateRedis
 
 URL = "redis://127.0.0.1:6379/0"
@@ -134,3 +135,88 @@ async def test_a_reply_nobody_waits_for_keeps_the_order(prefix: str) -> None:
         for k in ("s", "t", "u"):
             await ours.call(b"DEL", prefix + k)
         ours.close()
+
+
+async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll ``cond`` until true (a condition, not a fixed sleep)."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+    assert cond(), what
+
+
+async def test_write_behind_writes_land_and_their_replies_are_all_read(prefix: str) -> None:
+    """Fills go on a connection of their own whose replies are read in batches (no wake-up per
+    write); every write lands, in order, and no reply is left unread."""
+    ours = RespClient(URL, 1)
+    lib = redis.Redis.from_url(URL)
+    try:
+        assert not ours.send_noreply(b"SET", prefix + "early", b"x")  # nothing open yet: refused
+        await _until(lambda: ours.write_behind_open, "the write-behind connection opens")
+        for i in range(2000):  # past DRAIN_AT: read mid-way, the rest at the interval
+            assert ours.send_noreply(b"SET", prefix + "k", str(i))
+            assert ours.send_noreply(b"LPUSH", prefix + "k", b"x")  # WRONGTYPE: an error reply
+        assert ours.write_behind_due > 0  # not read as they come
+        await _until(lambda: ours.write_behind_due == 0, "every reply read within the interval")
+        assert lib.get(prefix + "k") == b"1999"
+        assert await ours.call(b"GET", prefix + "k") == b"1999"  # the pipelined connection unaffected
+    finally:
+        lib.delete(prefix + "k")
+        lib.close()
+        ours.close()
+
+
+async def test_write_behind_refuses_writes_a_redis_does_not_take() -> None:
+    """A Redis that stops reading (stalled, or a proxy in between) costs a bounded buffer: past
+    ``WRITE_BEHIND_BOUND`` pending bytes the write is refused (the caller does it the awaited
+    way, under its timeout), never buffered without end."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)  # never reads, never answers
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ours = RespClient(f"redis://127.0.0.1:{port}/0", 1)
+    try:
+        ours.send_noreply(b"PING")
+        await _until(lambda: ours.write_behind_open, "the write-behind connection opens")
+        value = b"v" * 65536
+        written = 0
+        while ours.send_noreply(b"SET", b"k", value):
+            written += len(value)
+            assert written < 256 * WRITE_BEHIND_BOUND, "never refused"
+            if written % (16 * len(value)) == 0:
+                await asyncio.sleep(0)  # let the loop move bytes into the kernel's buffers
+        assert written >= WRITE_BEHIND_BOUND
+    finally:
+        ours.close()
+        for w in stalled:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_write_behind_recovers_after_redis_restarts(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    ours = RespClient(server.url, 1)
+    try:
+        ours.send_noreply(b"PING")
+        await _until(lambda: ours.write_behind_open, "the write-behind connection opens")
+        assert ours.send_noreply(b"SET", b"k", b"before")
+        server.stop()
+        # The paused connection learns of the loss at its next drain or write.
+        await _until(lambda: (ours.send_noreply(b"PING"), not ours.write_behind_open)[1], "loss seen")
+        server.start()
+        lib = redis.Redis.from_url(server.url)
+        try:
+            await _until(
+                lambda: ours.send_noreply(b"SET", b"k", b"after") and lib.get(b"k") == b"after",
+                "writes land again once Redis is back",
+            )
+        finally:
+            lib.close()
+    finally:
+        ours.close()
+        server.stop()
