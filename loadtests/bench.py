@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import importlib.metadata
 import math
 import os
@@ -289,17 +290,28 @@ async def one_request(
 async def open_loop(
     session: aiohttp.ClientSession, url: str, body: bytes, stream: bool, rate: float, duration: float
 ) -> list[Sample]:
-    """Start round(rate*duration) requests at fixed intervals, never waiting for answers."""
+    """Start round(rate*duration) requests at fixed intervals, never waiting for answers.
+
+    The client's garbage collector is off meanwhile: with every request's task kept until the
+    end, its full collections took up to 100 ms at 1,000 requests/s (30 s), and each pause was
+    counted into the latency of every request in flight (docs/benchmarks.md)."""
     count = max(1, round(rate * duration))
     start = time.perf_counter() + 0.005
     tasks: list[asyncio.Task[Sample]] = []
-    for i in range(count):
-        at = start + i / rate
-        delay = at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one_request(session, url, body, stream, at)))
-    return await asyncio.gather(*tasks)
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(count):
+            at = start + i / rate
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one_request(session, url, body, stream, at)))
+        return await asyncio.gather(*tasks)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # -------------------------------------------------------------------- phases

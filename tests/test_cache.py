@@ -754,3 +754,42 @@ def test_an_external_provider_cannot_take_the_caches_label() -> None:
 
     with pytest.raises(ConfigError, match=r"external\.name"):
         load_settings(external={"base_url": "https://provider.example", "name": "cache"})
+
+
+def _metric(gw: Gateway, name: str) -> float:
+    for line in httpx.get(gw.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_fill_redis_refuses_is_counted_as_an_error_not_a_fill(tmp_path: Path) -> None:
+    """A full Redis without eviction refuses writes (``OOM``): the answer is not stored, the client
+    is not affected, and the refusal shows in ``gateway_cache_errors_total`` — not as a fill."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    sim = Sim(None, "--ttft", "0.01", "--itl", "0.002")
+    # No single-flight lock: the lookup writes nothing, so only the fill meets the full Redis.
+    gw = Gateway([sim.url], config=cache_config(tmp_path, storage=server.url, single_flight_wait=0))
+    admin = redis_client(server.url)
+    try:
+        body = chat_body(secrets.token_hex(4))
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # every write refused from now on
+        before = received(sim)
+        first = ask(gw, ALICE, body)
+        assert first.status_code == 200 and first.headers["x-gateway-cache"] == "miss"
+        poll(lambda: _metric(gw, "gateway_cache_errors_total"), lambda n: n >= 1, 10, "the refusal counted")
+        assert _metric(gw, "gateway_cache_fills_total") == 0
+        again = ask(gw, ALICE, body)
+        assert again.status_code == 200 and again.headers["x-gateway-cache"] == "miss"  # nothing stored
+        assert received(sim) == before + 2
+        admin.config_set("maxmemory", 0)  # room again: the next answer is stored and counted
+        assert _wait_hit(gw, ALICE, body).status_code == 200
+        poll(lambda: _metric(gw, "gateway_cache_fills_total"), lambda n: n >= 1, 10, "a fill counted")
+        assert _metric(gw, "gateway_cache_errors_total") == 2  # the two refused fills, nothing else
+    finally:
+        admin.close()
+        gw.stop()
+        sim.stop()
+        server.stop()

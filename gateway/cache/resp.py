@@ -7,6 +7,8 @@ that is per-call machinery (connection pool checkout, locks, command packing, re
 not the protocol. This client keeps a few connections open and writes each command without waiting
 for the previous reply (Redis answers a connection's commands in order), parses replies with
 hiredis' ``Reader`` (the C parser redis-py itself uses) and hands each to its caller in FIFO order.
+Writes nobody awaits (fills) go on one more connection whose replies are read in batches
+(``send_noreply``): each costs a write, not a wake-up of the process.
 It is proven against redis-py in tests/unit/test_cache_resp.py and measured in docs/benchmarks.md.
 redis-py still does everything else the cache needs (pub/sub notices, purges, warm-up).
 
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
+import structlog
 from redis.asyncio.connection import SSLConnection, parse_url
 
 
@@ -43,30 +48,41 @@ def encode(args: tuple[bytes | str | int, ...]) -> bytes:
 
 DRAIN_INTERVAL = 0.25  # seconds: how often the write-behind connection's replies are read
 DRAIN_AT = 512  # ... or as soon as this many are due
-WRITE_BEHIND_BOUND = 1 << 20  # bytes not yet taken by Redis on it, beyond which writes are refused
+WRITE_BEHIND_BOUND = 1 << 20  # bytes written on it and not answered yet, beyond which writes are refused
+WRITE_BEHIND_DUE = 4 * DRAIN_AT  # ... or replies due
+WRITE_BEHIND_DEADLINE = 2.0  # seconds without a reply while some are due: the connection is given up
+
+log = structlog.get_logger("gateway.cache")
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("closed", "lazy", "paused", "pending", "reader", "transport")
+    __slots__ = ("closed", "due_bytes", "on_noreply", "paused", "pending", "progress", "reader", "transport")
 
-    def __init__(self, lazy: bool = False) -> None:
+    def __init__(self, on_noreply: Callable[[Any], None] | None = None) -> None:
         self.reader = hiredis.Reader()
-        self.pending: deque[asyncio.Future[Any] | None] = deque()  # None: a reply nobody awaits
+        # each call's future, or for a write nobody awaits (a fill) its size in bytes
+        self.pending: deque[asyncio.Future[Any] | int] = deque()
+        self.due_bytes = 0  # bytes of the writes nobody awaits, written and not answered yet
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        # lazy: a write-behind connection; replies are read in batches (``drain``), not as they
-        # come, so a write costs no wake-up of its own.
-        self.lazy = lazy
-        self.paused = False
+        self.paused = False  # reading paused: replies wait in the kernel for the next drain
+        self.progress = 0.0  # monotonic time of the last reply, or of a write when none was due
+        # told each reply of a write nobody awaits (an error reply, or the exception that lost it)
+        self.on_noreply = on_noreply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if self.lazy:
-            self.transport.pause_reading()
+
+    def pause(self) -> None:
+        """Stop reading until ``drain`` (a write-behind connection with replies due). Not in
+        ``connection_made``: uvloop turns reading on again when that returns."""
+        if not self.paused and self.transport is not None and not self.closed:
             self.paused = True
+            self.transport.pause_reading()
 
     def drain(self) -> None:
-        """Read the replies due on a write-behind connection (then pause again)."""
+        """Read again: the replies due now, then whatever comes (a connection that reads while
+        idle sees Redis close it, and the next write opens a new one instead of being lost)."""
         if self.paused and self.transport is not None and not self.closed:
             self.paused = False
             self.transport.resume_reading()
@@ -82,20 +98,30 @@ class _Connection(asyncio.Protocol):
                 self.close(ConnectionError("Redis sent a reply this client cannot parse"))
                 return
             if reply is False:
-                if self.lazy and not pending and not self.paused and self.transport is not None:
-                    self.transport.pause_reading()
-                    self.paused = True
                 return
             if not pending:
                 self.close(ConnectionError("Redis sent a reply nobody asked for"))
                 return
             fut = pending.popleft()
-            if fut is None or fut.done():
-                continue  # nobody waits for it (a fill), or its caller timed out: dropped
+            if isinstance(fut, int):  # a write nobody awaits (a fill)
+                self.due_bytes -= fut
+                self.progress = time.monotonic()
+                self._tell(reply)
+                continue
+            if fut.done():
+                continue  # its caller timed out: dropped
             if isinstance(reply, hiredis.ReplyError):
                 fut.set_exception(RespError(str(reply)))
             else:
                 fut.set_result(reply)
+
+    def _tell(self, outcome: Any) -> None:
+        if self.on_noreply is None:
+            return
+        try:
+            self.on_noreply(outcome)
+        except Exception:  # a bug in the callback must not take the connection (and its calls) down
+            log.exception("cache: a no-reply callback failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
@@ -110,7 +136,9 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         while self.pending:
             fut = self.pending.popleft()
-            if fut is not None and not fut.done():
+            if isinstance(fut, int):
+                self._tell(exc)  # a write that may not have landed: reported, not silently lost
+            elif not fut.done():
                 fut.set_exception(exc)
 
 
@@ -123,7 +151,13 @@ class RespClient:
     (``abandon``), since a Redis that does not answer one call will not answer the next.
     """
 
-    def __init__(self, url: str, connections: int = 2, connect_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        connections: int = 2,
+        connect_timeout: float = 1.0,
+        on_noreply: Callable[[Any], None] | None = None,
+    ) -> None:
         if not url.startswith(("redis://", "rediss://")):
             raise ValueError("the cache's storage must be a redis:// or rediss:// URL")
         opts = parse_url(url)
@@ -134,6 +168,7 @@ class RespClient:
         self._password = opts.get("password")
         self._ssl = ssl.create_default_context() if opts.get("connection_class") is SSLConnection else None
         self._connect_timeout = connect_timeout
+        self._on_noreply = on_noreply  # each reply to ``send_noreply`` (``hiredis.ReplyError`` or a value)
         self._conns: list[_Connection | None] = [None] * max(1, connections)
         self._opening: list[asyncio.Future[_Connection] | None] = [None] * len(self._conns)
         self._next = 0
@@ -158,25 +193,35 @@ class RespClient:
 
     def send_noreply(self, *args: bytes | str | int) -> bool:
         """Write one command without waiting for its reply. Only for writes whose loss is
-        harmless (a cache fill): an error reply is not seen.
+        harmless (a cache fill): its reply, an error reply, or the exception that lost it, goes to
+        ``on_noreply`` when known.
 
-        It goes on a connection of its own whose replies are read in batches, every
-        ``DRAIN_INTERVAL`` s or ``DRAIN_AT`` replies (each held in order by a ``None``), so no
-        task, timer or wake-up serves one write. Until that connection is open, on a pipelined
-        one, its reply dropped in order. Returns False when nothing can take the write (no
-        connection open, or ``WRITE_BEHIND_BOUND`` bytes already wait for a Redis that does not
-        read them): the caller does it the awaited way.
+        It goes on a connection of its own that stops reading while replies are due and reads
+        them in batches, every ``DRAIN_INTERVAL`` s or ``DRAIN_AT`` replies (each held in order by
+        its size), so no task, timer or wake-up serves one write. Until that connection is open, on
+        a pipelined one. Returns False when nothing can take the write: no connection open, or
+        ``WRITE_BEHIND_BOUND`` bytes or ``WRITE_BEHIND_DUE`` replies outstanding (a Redis that
+        does not read, or reads and does not answer, as under ``CLIENT PAUSE``); the
+        caller does it the awaited way, under its timeout. A connection with replies due and
+        none for ``WRITE_BEHIND_DEADLINE`` s is closed, its writes reported lost.
         """
         conn = self._behind
         if conn is not None and not conn.closed and conn.transport is not None:
-            if conn.transport.get_write_buffer_size() > WRITE_BEHIND_BOUND:
+            pending = conn.pending
+            if len(pending) >= WRITE_BEHIND_DUE or conn.due_bytes > WRITE_BEHIND_BOUND:
                 return False
-            conn.pending.append(None)
-            conn.transport.write(encode(args))
-            if len(conn.pending) >= DRAIN_AT:
+            if not pending:
+                conn.progress = time.monotonic()
+            data = encode(args)
+            pending.append(len(data))
+            conn.due_bytes += len(data)
+            conn.transport.write(data)
+            if len(pending) >= DRAIN_AT or conn.due_bytes > WRITE_BEHIND_BOUND // 2:
                 conn.drain()
-            elif self._drain is None:
-                self._drain = asyncio.get_running_loop().call_later(DRAIN_INTERVAL, self._drain_behind)
+            else:
+                conn.pause()
+                if self._drain is None:
+                    self._drain = asyncio.get_running_loop().call_later(DRAIN_INTERVAL, self._drain_behind)
             return True
         if self._behind_opening is None:
             self._behind_opening = asyncio.get_running_loop().create_task(self._open_behind())
@@ -184,8 +229,10 @@ class RespClient:
             i = self._next = (self._next + 1) % len(self._conns)
             conn = self._conns[i]
             if conn is not None and not conn.closed and conn.transport is not None:
-                conn.pending.append(None)  # a reply nobody waits for
-                conn.transport.write(encode(args))
+                data = encode(args)
+                conn.pending.append(len(data))  # a reply nobody waits for
+                conn.due_bytes += len(data)
+                conn.transport.write(data)
                 return True
         return False
 
@@ -203,12 +250,18 @@ class RespClient:
     def _drain_behind(self) -> None:
         self._drain = None
         conn = self._behind
-        if conn is not None and conn.pending:
-            conn.drain()
+        if conn is None or conn.closed or not conn.pending:
+            return
+        if time.monotonic() - conn.progress > WRITE_BEHIND_DEADLINE:
+            conn.close(ConnectionError("Redis stopped answering the cache's fills"))
+            return
+        conn.drain()
+        # Looked at again while replies are due, new writes or not (a Redis gone quiet is seen).
+        self._drain = asyncio.get_running_loop().call_later(DRAIN_INTERVAL, self._drain_behind)
 
     async def _open_behind(self) -> None:
         try:
-            self._behind = await self._connect(lazy=True)
+            self._behind = await self._connect()
         except Exception:
             pass  # Redis unreachable: the next write tries again; the lookups report the outage
         finally:
@@ -241,11 +294,11 @@ class RespClient:
         finally:
             self._opening[i] = None
 
-    async def _connect(self, lazy: bool = False) -> _Connection:
+    async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: _Connection(lazy),
+                lambda: _Connection(self._on_noreply),
                 self._host,
                 self._port,
                 ssl=self._ssl,
@@ -264,13 +317,14 @@ class RespClient:
                 assert conn.transport is not None
                 conn.transport.write(encode(cmd))
                 futs.append(f)
-            if futs:
-                conn.drain()  # a write-behind connection reads its set-up's replies at once
             try:
                 for f in futs:
                     await f
             except BaseException:
                 conn.close(ConnectionError("Redis refused the connection's set-up"))
+                for f in futs:  # each failed: retrieved, or the loop logs each as never retrieved
+                    if f.done() and not f.cancelled():
+                        f.exception()
                 raise
         return conn
 

@@ -150,7 +150,10 @@ class ResponseCache:
         self.s = settings
         self.pool = pool
         self.metrics = metrics
-        self.store = CacheStore(settings.storage, settings.key_prefix, settings.timeout, settings.connections)
+        self.store = CacheStore(
+            settings.storage, settings.key_prefix, settings.timeout, settings.connections, self._fill_replied
+        )
+        self._refused_logged = -1e9  # when a refused fill was last logged (monotonic)
         self.store.mark_ms = int(settings.single_flight_wait * 1000) + LOCK_LEASE_MS
         self.charge_tokens = settings.charge_tokens
         self._default = Policy(settings.when, int(settings.ttl * 1000), settings.max_entry_bytes)
@@ -470,10 +473,9 @@ class ResponseCache:
         if fut is not None and not fut.done():
             fut.set_result(entry)
         if entry is not None:
-            if self.store.fill_nowait(look.key, entry.kind, entry.encode(), look.policy.ttl_ms, look.token):
-                self.metrics.fills.inc()  # written; an error reply (OOM) is not seen: the lease expires
-            else:
-                self._spawn(self._fill(look.key, entry, look.policy.ttl_ms, look.token))
+            ttl_ms = look.policy.ttl_ms
+            if not self.store.fill_nowait(look.key, entry.kind, entry.encode(), ttl_ms, look.token):
+                self._spawn(self._fill(look.key, entry, ttl_ms, look.token))  # counted when written
         elif look.filler:
             self._spawn(self._release(look.key, look.token))
 
@@ -502,6 +504,20 @@ class ResponseCache:
             ex.completion_tokens or 0,
             body,
         )
+
+    def _fill_replied(self, reply: Any) -> None:
+        """Redis' reply to a fill written without waiting (read in a later batch): counted as a
+        fill, or as an error when refused (``OOM`` from a full Redis without eviction) or lost with
+        its connection (the exception): the entry is not stored and the lock's lease runs out by
+        itself. Logged at most once a minute."""
+        if not isinstance(reply, Exception):  # hiredis.ReplyError is one
+            self.metrics.fills.inc()
+            return
+        self.metrics.errors.inc()
+        now = time.monotonic()
+        if now - self._refused_logged >= 60.0:
+            self._refused_logged = now
+            self.log.warning("cache fill refused by Redis", cause=str(reply)[:200])
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -69,14 +69,21 @@ class CacheStore:
     redis-py.
     """
 
-    def __init__(self, url: str, prefix: str, timeout: float, connections: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        timeout: float,
+        connections: int,
+        on_fill_reply: Callable[[Any], None] | None = None,
+    ) -> None:
         import redis.asyncio as aioredis
 
         self.prefix = prefix
         self.channel = prefix + "n"
         self._timeout = timeout
         self.mark_ms = 60_000  # how long a waiters' mark lasts (set from single_flight_wait)
-        self.fast = RespClient(url, connections, connect_timeout=max(timeout, 1.0))
+        self.fast = RespClient(url, connections, max(timeout, 1.0), on_fill_reply)
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30, max_connections=8
         )
@@ -116,7 +123,8 @@ class CacheStore:
 
     def fill_nowait(self, key: CacheKey, kind: bytes, value: bytes, ttl_ms: int, token: str) -> bool:
         """``fill`` written without waiting for Redis' answer (its cost on the request path is
-        the write); False when no connection is open (then ``fill``)."""
+        the write; the reply goes to ``on_fill_reply`` later); False when nothing can take the
+        write (then ``fill``)."""
         return self.fast.send_noreply(
             b"EVAL",
             self._fill.text,

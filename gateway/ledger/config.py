@@ -32,7 +32,7 @@ class LedgerSettings(_Section):
         description="PostgreSQL schema holding the ledger's tables (created by the migrations).",
     )
     flush_interval: float = Field(
-        1.0, gt=0, le=60, description="Seconds between flushes of the in-memory buffer (at most)."
+        0.25, gt=0, le=60, description="Seconds between flushes of the in-memory buffer (at most)."
     )
     batch_rows: int = Field(
         2000, ge=1, le=100_000, description="Rows per COPY; a buffer this full is flushed at once."
