@@ -162,19 +162,20 @@ async def post(s: aiohttp.ClientSession, url: str, body: bytes, expect: int = 20
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Answer(False, 0, "-", time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - t0
-    ok = status == expect and (expect != 200 or data.startswith(b"{"))
+    ok = status == expect and (expect != 200 or data.startswith(b"{") or data.endswith(b"data: [DONE]\n\n"))
     return Answer(ok, status, cache, seconds, error=None if ok else f"status {status}")
 
 
-def chat(prompt: str, max_tokens: int) -> bytes:
-    return orjson.dumps(
-        {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        }
-    )
+def chat(prompt: str, max_tokens: int, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
 
 
 def workload(tag: str, n: int, dup_rate: float, concurrency: int, seed: int) -> tuple[list[str], list[bool]]:
@@ -445,12 +446,15 @@ def cpu_at(stack: Stack, rate: float, args: argparse.Namespace, tag: str) -> dic
     replica = stack.replica
     slices: list[dict[str, Any]] = []
     for gw in (stack.on, stack.off):  # unmeasured: connections, lazily built state, the first fills
-        warm = [chat(f"{tag} warm {rate} {gw.name} {i}", args.max_tokens) for i in range(min(per, 50))]
+        warm = [
+            chat(f"{tag} warm {rate} {gw.name} {i}", args.max_tokens, args.cpu_stream)
+            for i in range(min(per, 50))
+        ]
         uvloop.run(open_loop(gw, warm, rate))
     time.sleep(0.5)
     for k, gw in enumerate(order):
         prompt = f"{tag} cpu {rate} {k} {{}}: what does a response cache save?"
-        bodies = [chat(prompt.format(i), args.max_tokens) for i in range(per)]
+        bodies = [chat(prompt.format(i), args.max_tokens, args.cpu_stream) for i in range(per)]
         other = stack.off if gw is stack.on else stack.on
         watch = [gw, other] if replica is None else [gw, other, replica]
         before = [tree_cpu(g.pid) for g in watch]
@@ -516,6 +520,7 @@ def cpu(stack: Stack, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         "slice_seconds": args.cpu_slice_seconds,
         "rounds": args.cpu_rounds,
         "max_tokens": args.max_tokens,
+        "stream": args.cpu_stream,
         "by_rate": [cpu_at(stack, rate, args, tag) for rate in rates],
     }
 
@@ -864,6 +869,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dup-rate", type=float, default=0.2, help="dedup: share of requests repeating a prompt")
     p.add_argument("--seed", type=int, default=7, help="dedup: which requests repeat which")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
+    p.add_argument("--cpu-stream", action="store_true", help="cpu: streamed requests instead of plain ones")
     p.add_argument("--hit-prompts", type=int, default=100, help="latency: distinct stored answers")
     p.add_argument("--hit-samples", type=int, default=1000, help="latency: samples of each kind")
     p.add_argument(

@@ -250,6 +250,7 @@ async def relay_sse(
         # Terminal chunks held back until the next read: the usage chunk the gateway asked for
         # (strip_usage) carries the system_fingerprint vLLM would otherwise have put on them.
         held = b""
+        tap, room = ex.cache_tap, ex.cache_room  # the response cache's copy (gateway/cache), bounded
         while True:
             try:
                 out = split.feed(data)
@@ -258,8 +259,12 @@ async def relay_sse(
                     f"The backend sent an SSE event longer than {max_event_bytes} bytes.",
                     code="upstream_event_too_large",
                 ) from None
-            if out and ex.cache_tap is not None:
-                _tap(ex, out)
+            if out and tap is not None:  # vLLM's events as sent (usage chunk included)
+                room -= len(out)
+                if room < 0:
+                    tap = ex.cache_tap = None  # beyond cache_room: the answer is not kept
+                else:
+                    tap.append(out)
             if out:
                 new_from = 0
                 if held:
@@ -357,18 +362,6 @@ def _finished(answer: Any) -> bool:
         and bool(choices)
         and all(isinstance(c, dict) and c.get("finish_reason") in FINISHED for c in choices)
     )
-
-
-def _tap(ex: Exchange, out: bytes) -> None:
-    """Keep a stream's events as vLLM sent them (usage chunk included) for the response cache,
-    up to ``ex.cache_room`` bytes (beyond it the answer is not kept)."""
-    room = ex.cache_room - len(out)
-    if room < 0:
-        ex.cache_tap = None
-        return
-    ex.cache_room = room
-    assert ex.cache_tap is not None
-    ex.cache_tap.append(out)
 
 
 def _cancelled_by_watchdog(ex: Exchange, dog: _Watchdog | None) -> bool:

@@ -66,3 +66,22 @@ def test_logprobs_are_not_folded() -> None:
         "content": [{"token": "x", "logprob": -0.1, "bytes": [120], "top_logprobs": []}]
     }
     assert plain_from_stream(sse(c), "chat") is None
+
+
+def test_complete_stream_on_vllms_own_bytes() -> None:
+    """The check a streamed answer passes before it is stored (gateway/cache/stage.py), on real
+    vLLM 0.32.0 streams: complete ones pass; cut, aborted or unfinished ones do not."""
+    from pathlib import Path
+
+    from gateway.cache.stage import complete_stream
+
+    fixtures = Path(__file__).parents[1] / "fixtures" / "vllm-0.32.0-cpu"
+    for name in ("chat_stream.sse", "completions_stream.sse"):
+        raw = (fixtures / name).read_bytes()
+        assert complete_stream(raw), name
+        cut = raw[: raw.find(b'"finish_reason":"')]  # the connection broke before the last chunk
+        assert not complete_stream(cut), name
+        assert not complete_stream(raw.replace(b'"finish_reason":"length"', b'"finish_reason":"abort"'))
+        spaced = raw.replace(b'"finish_reason":"', b'"finish_reason": "')  # another server's spacing
+        assert complete_stream(spaced), name
+    assert not complete_stream(b'data: {"choices":[{"finish_reason":"sto')  # unterminated
