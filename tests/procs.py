@@ -148,8 +148,11 @@ class Gateway:
         return self.url + "/v1"
 
     def log_lines(self) -> list[str]:
-        """Every non-empty line the process wrote so far (audit lines arrive in 50 ms batches)."""
-        return [line for line in self.proc.output().splitlines() if line.strip()]
+        """Every complete non-empty line the process wrote so far (audit lines arrive in 50 ms
+        batches; a line still being written, without its newline, is left for the next look)."""
+        out = self.proc.output()
+        complete = out[: out.rfind("\n") + 1] if self.proc.alive() else out
+        return [line for line in complete.splitlines() if line.strip()]
 
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log records written so far (non-JSON lines skipped)."""
