@@ -38,6 +38,37 @@ class JobsSettings(BaseModel):
         200 * 1024 * 1024, ge=1, description="Largest upload to `POST /v1/files`, in bytes."
     )
     max_file_lines: int = Field(50_000, ge=1, description="Most lines in a batch input file.")
+    max_stored_bytes: int = Field(
+        10 * 1024**3,
+        ge=1,
+        description=(
+            "Bytes of files one principal may keep (uploads and the output and error files of its "
+            "batches, until deleted or expired). An upload past it is refused, 429 "
+            "`storage_quota_exceeded`; a batch's own output is never refused, but counts."
+        ),
+    )
+    max_files: int = Field(
+        10_000, ge=1, description="Files one principal may keep (counted as `max_stored_bytes`)."
+    )
+    max_active_batches: int = Field(
+        10,
+        ge=1,
+        description=(
+            "Batches one principal may have not yet ended (validating, in progress, finalizing, "
+            "cancelling); one more is refused, 429 `too_many_active_batches` with `Retry-After`. "
+            "A batch's lines wait in Redis, so this bounds one principal's share of Redis' "
+            "memory (about `max_active_batches` times `max_file_bytes`) and of the queue."
+        ),
+    )
+    max_active_jobs: int = Field(
+        1000,
+        ge=1,
+        description=(
+            "`Prefer: respond-async` jobs one principal may have queued or running; one more is "
+            "refused, 429 `too_many_active_jobs` with `Retry-After` (Redis holds each one's body: "
+            "at most `max_active_jobs` times `server.max_body_bytes` per principal)."
+        ),
+    )
     visibility_timeout: float = Field(
         300.0,
         gt=0,

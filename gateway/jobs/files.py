@@ -33,6 +33,7 @@ from gateway.auth.principal import Principal
 from gateway.errors import InvalidRequest
 from gateway.jobs.config import JobsSettings
 from gateway.jobs.filestore import FileStore
+from gateway.jobs.quota import FORGET_FILE, RECORD_FILE, StorageQuotaExceeded
 from gateway.jobs.upload_check import UploadCheck
 
 log = structlog.get_logger("gateway.jobs.files")
@@ -100,6 +101,8 @@ class Files:
         self.redis = redis
         self.store = store
         self.prefix = settings.key_prefix
+        self._record_file = redis.register_script(RECORD_FILE)
+        self._forget_file = redis.register_script(FORGET_FILE)
 
     # ---------------------------------------------------------------- keys
 
@@ -108,6 +111,9 @@ class Files:
 
     def _index_key(self, owner: str) -> str:
         return f"{self.prefix}files:{owner}"
+
+    def _usage_key(self, owner: str) -> str:
+        return f"{self.prefix}files:usage:{owner}"
 
     @property
     def _expiry_key(self) -> str:
@@ -148,16 +154,48 @@ class Files:
         stream the bytes to the store, measuring them; the purpose's checks run now if
         ``purpose`` is given, else in :meth:`commit`. Until committed the bytes are no file
         (and the reaper removes them after an hour). Raises as :meth:`create`."""
+        await self.check_room(owner)
         max_lines = self.settings.max_file_lines if purpose == "batch" else None
         check = UploadCheck(self.settings.max_file_bytes, max_lines)
         return await self._receive(owner, check.wrap(chunks), check, MIN_EXPIRES_AFTER)
+
+    async def check_room(self, owner: str) -> None:
+        """Raise ``StorageQuotaExceeded`` (429) when the owner keeps ``jobs.max_stored_bytes``
+        bytes or ``jobs.max_files`` files already: checked before an upload's first byte is
+        stored, and again, atomically with the record, when it is committed."""
+        usage = self._usage_key(owner)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(usage, "_")
+            pipe.hlen(usage)
+            used_raw, fields = await pipe.execute()
+        used = int(used_raw or 0)
+        files = int(fields) - (1 if used_raw is not None else 0)
+        if used >= self.settings.max_stored_bytes:
+            raise self._over_bytes(used)
+        if files >= self.settings.max_files:
+            raise self._over_files()
+
+    def _over_bytes(self, used: int) -> StorageQuotaExceeded:
+        return StorageQuotaExceeded(
+            f"Storage quota exceeded: you keep {used} bytes of files, and {self.settings.max_stored_bytes} "
+            "are allowed. Delete files (DELETE /v1/files/{file_id}) or wait for them to expire.",
+            param="file",
+        )
+
+    def _over_files(self) -> StorageQuotaExceeded:
+        return StorageQuotaExceeded(
+            f"Storage quota exceeded: you keep {self.settings.max_files} files, the most allowed. "
+            "Delete files (DELETE /v1/files/{file_id}) or wait for them to expire.",
+            param="file",
+        )
 
     async def commit(
         self, received: Received, filename: str, purpose: str, *, expires_after: int | None = None
     ) -> dict[str, Any]:
         """Second half of :meth:`create`: check what :meth:`receive` measured against the
         purpose and record the file; returns its File object. On ``InvalidRequest`` (as in
-        :meth:`create`) the bytes are removed."""
+        :meth:`create`) or ``StorageQuotaExceeded`` (429: the owner's files would pass
+        ``jobs.max_stored_bytes`` or ``jobs.max_files``) the bytes are removed."""
         try:
             _check_expires_after(expires_after)
             if purpose == "batch":
@@ -165,7 +203,7 @@ class Files:
         except InvalidRequest:
             await self.discard(received)
             raise
-        return await self._record(received, filename, purpose, expires_after)
+        return await self._record(received, filename, purpose, expires_after, bounded=True)
 
     async def discard(self, received: Received) -> None:
         """Remove the bytes of an upload that will not be committed."""
@@ -175,7 +213,9 @@ class Files:
         self, owner: str, filename: str, purpose: str, lines: AsyncIterator[bytes]
     ) -> dict[str, Any]:
         """Store a produced file (``batch_output``, ``batch_error``): each of ``lines`` (bytes
-        without a newline) followed by ``\\n``. Kept for ``jobs.retention``; no size checks."""
+        without a newline) followed by ``\\n``. Kept for ``jobs.retention``; no size checks, and
+        never refused for the owner's storage quota (a batch's results are not lost), but
+        counted in it."""
         check = UploadCheck(sys.maxsize, None)
         received = await self._receive(
             owner, check.wrap(_with_newlines(lines)), check, int(self.settings.retention)
@@ -199,7 +239,12 @@ class Files:
         return Received(owner, file_id, created_us, check)
 
     async def _record(
-        self, received: Received, filename: str, purpose: str, expires_after: int | None
+        self,
+        received: Received,
+        filename: str,
+        purpose: str,
+        expires_after: int | None,
+        bounded: bool = False,
     ) -> dict[str, Any]:
         owner, file_id = received.owner, received.file_id
         created_at = received.created_us // 1_000_000
@@ -217,17 +262,40 @@ class Files:
             "expires_at": expires_at,
         }
         stored = {**record, "owner": owner}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._record_key(file_id), orjson.dumps(stored), exat=expires_at)
-            pipe.zadd(self._index_key(owner), {file_id: received.created_us})
-            pipe.zadd(self._expiry_key, {f"{owner}:{file_id}": expires_at})
-            await pipe.execute()
+        s = self.settings
+        recorded = await self._record_file(
+            keys=[
+                self._record_key(file_id),
+                self._index_key(owner),
+                self._expiry_key,
+                self._usage_key(owner),
+            ],
+            args=[
+                orjson.dumps(stored),
+                expires_at,
+                file_id,
+                received.created_us,
+                f"{owner}:{file_id}",
+                received.bytes,
+                s.max_stored_bytes,
+                s.max_files if bounded else 0,
+            ],
+        )
+        if recorded != 1:
+            await asyncio.shield(self.discard(received))
+            if recorded == 0:
+                used = int(await self.redis.hget(self._usage_key(owner), "_") or 0)
+                raise self._over_bytes(used)
+            raise self._over_files()
         log.info("file_stored", file_id=file_id, purpose=purpose, bytes=received.bytes)
         return record
 
     async def _forget(self, member: str) -> None:
-        """Remove a file's bytes, then its expiry entry (kept for the reaper if that fails)."""
-        await self.store.delete(member.partition(":")[2])
+        """Remove a file's bytes, then its expiry entry (kept for the reaper if that fails), and
+        the file from its owner's storage usage."""
+        owner, _, file_id = member.partition(":")
+        await self.store.delete(file_id)
+        await self._forget_file(keys=[self._usage_key(owner)], args=[file_id])
         await self.redis.zrem(self._expiry_key, member)
 
     # ---------------------------------------------------------------- reading

@@ -46,6 +46,7 @@ from gateway.jobs.batch_input import ModelCheck, iter_batch_requests, validate_b
 from gateway.jobs.files import Files
 from gateway.jobs.metrics import JobsMetrics
 from gateway.jobs.queue import Entry, RedisStreamsQueue
+from gateway.jobs.quota import LEASE_SLACK, TooManyActive
 from gateway.jobs.store import (
     BATCH_TIMESTAMPS,
     TERMINAL,
@@ -223,9 +224,27 @@ class Jobs:
             "owner": owner,
             "principal": principal_doc(principal),
         }
-        await self.store.create("batch", bid, doc, "validating", validation_lock=now)
+        await self._take_lease("batch", owner, bid, now + window, self.s.max_active_batches)
+        try:
+            await self.store.create("batch", bid, doc, "validating", validation_lock=now)
+        except BaseException:
+            await asyncio.shield(self.store.drop_lease("batch", owner, bid))
+            raise
         self._spawn(self._validate(bid))
         return await self.batch(owner, bid)
+
+    async def _take_lease(self, kind: str, owner: str, rid: str, ends: int, cap: int) -> None:
+        """Count a new batch or job against its principal's bound (gateway/jobs/quota.py), or
+        raise ``TooManyActive`` (429, ``Retry-After``)."""
+        if not await self.store.take_lease(kind, owner, rid, ends + LEASE_SLACK, cap):
+            plural = "batches" if kind == "batch" else "jobs"
+            cancel = "POST /v1/batches/{batch_id}/cancel" if kind == "batch" else "DELETE /v1/jobs/{job_id}"
+            raise TooManyActive(
+                f"You have {cap} {plural} not yet ended, the most allowed at once: wait for one "
+                f"to end, or cancel one ({cancel}).",
+                code=f"too_many_active_{plural}",
+                retry_after=30,
+            )
 
     async def batch(self, owner: str, bid: str) -> dict[str, Any]:
         got = await self.store.load("batch", bid)
@@ -400,6 +419,7 @@ class Jobs:
         of the same principal returns the job it created."""
         owner = owner_key(principal)
         jid = f"job_{secrets.token_hex(12)}"
+        ikey: str | None = None
         if idempotency_key is not None:
             ikey = f"{self.s.key_prefix}idem:{owner}:{idempotency_key}"
             # The key remembers what it was used for: the same key with another request is an
@@ -417,6 +437,32 @@ class Jobs:
                         if got is not None:
                             return self._render_job(*got), False
                         await asyncio.sleep(0.02)
+                    # The first submission never recorded its job (refused, or its replica
+                    # died): this one takes the key over.
+                    await self.r.set(ikey, f"{jid} {fingerprint}", ex=int(self.s.retention))
+        try:
+            return await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
+        except BaseException:
+            if ikey is not None:  # a refused submission leaves its key free for the retry
+                await asyncio.shield(self._forget_idempotency_key(ikey, jid))
+            raise
+
+    async def _forget_idempotency_key(self, ikey: str, jid: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            held = await self.r.get(ikey)
+            if held is not None and held.decode().partition(" ")[0] == jid:
+                await self.r.delete(ikey)
+
+    async def _submit_job(
+        self,
+        principal: Principal,
+        owner: str,
+        jid: str,
+        endpoint: str,
+        raw: bytes,
+        model: str,
+        task_type: str | None,
+    ) -> tuple[dict[str, Any], bool]:
         now = int(time.time())
         parsed = orjson.loads(raw)
         served = self._served(parsed if isinstance(parsed, dict) else {"model": model}, task_type)
@@ -430,7 +476,12 @@ class Jobs:
             "principal": principal_doc(principal),
             "task_type": task_type,
         }
-        await self.store.create("job", jid, doc, "queued")
+        await self._take_lease("job", owner, jid, now + 86400, self.s.max_active_jobs)
+        try:
+            await self.store.create("job", jid, doc, "queued")
+        except BaseException:
+            await asyncio.shield(self.store.drop_lease("job", owner, jid))
+            raise
         await self.queue.put(
             served, [{"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}]
         )

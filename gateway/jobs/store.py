@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 
 from gateway.auth.principal import Principal
 from gateway.jobs.files import owner_key
+from gateway.jobs.quota import TAKE_LEASE
 
 __all__ = ["JobStore", "owner_key"]
 
@@ -99,6 +100,7 @@ class JobStore:
         self.retention = int(retention)
         self._transition = redis.register_script(_TRANSITION)
         self._put_once = redis.register_script(_PUT_ONCE)
+        self._take_lease = redis.register_script(TAKE_LEASE)
 
     # keys
     def key(self, kind: str, rid: str) -> str:
@@ -124,6 +126,20 @@ class JobStore:
 
     def active_key(self, kind: str) -> str:
         return f"{self.p}active:{kind}"
+
+    def quota_key(self, kind: str, owner: str) -> str:
+        return f"{self.p}quota:{kind}:{owner}"
+
+    # per-principal bounds (gateway/jobs/quota.py)
+    async def take_lease(self, kind: str, owner: str, rid: str, until: int, cap: int) -> bool:
+        """Count ``rid`` among ``owner``'s batches or jobs not yet ended, until it ends or
+        ``until`` (Unix seconds); False (and nothing counted) when ``cap`` are already."""
+        args: list[str | int] = [int(time.time()), cap, rid, until]
+        res = await self._take_lease(keys=[self.quota_key(kind, owner)], args=args)
+        return bool(res == 1)
+
+    async def drop_lease(self, kind: str, owner: str, rid: str) -> None:
+        await self.r.zrem(self.quota_key(kind, owner), rid)
 
     # records
     async def create(self, kind: str, rid: str, doc: dict[str, Any], status: str, **fields: Any) -> None:
@@ -163,8 +179,12 @@ class JobStore:
         await self.r.hset(self.key(kind, rid), mapping={k: _enc(v) for k, v in fields.items()})
 
     async def expire(self, kind: str, rid: str) -> None:
+        """Keep an ended record and its results for ``retention``, and give back its lease."""
         ttl = self.retention
+        raw = await self.r.hget(self.key(kind, rid), "doc")
         pipe = self.r.pipeline(transaction=False)
+        if raw is not None:
+            pipe.zrem(self.quota_key(kind, orjson.loads(raw)["owner"]), rid)
         for key in (
             self.key(kind, rid),
             self.out_key(rid),
