@@ -141,8 +141,8 @@ def test_a_batch_that_fails_validation_frees_its_place(gw: Gateway) -> None:
     c = client(gw, ALICE)
     f = c.files.create(file=("bad.jsonl", b"{not json\n"), purpose="batch")
     for _ in range(3):  # the bound is 1: each must have ended before the next is made
-        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-        poll(lambda b=b: c.batches.retrieve(b.id), lambda x: x.status == "failed", 30, "failed")
+        bid = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        poll(lambda: c.batches.retrieve(bid), lambda x: x.status == "failed", 30, "failed")  # noqa: B023
 
 
 def test_stored_bytes_are_bounded_per_principal(files_gw: tuple[Gateway, Path]) -> None:
