@@ -141,7 +141,8 @@ def test_a_batch_that_fails_validation_frees_its_place(gw: Gateway) -> None:
     c = client(gw, ALICE)
     f = c.files.create(file=("bad.jsonl", b"{not json\n"), purpose="batch")
     for _ in range(3):  # the bound is 1: each must have ended before the next is made
-        bid = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        bid = b.id
         poll(lambda: c.batches.retrieve(bid), lambda x: x.status == "failed", 30, "failed")  # noqa: B023
 
 
