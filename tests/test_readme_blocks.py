@@ -1,10 +1,12 @@
-"""The README's shell and Python blocks work pasted as they are.
+"""The shell and Python blocks of the README and of docs/*.md work pasted as they are.
 
-Convention (README.md): an HTML comment on the line before a fenced block says how it runs.
+Convention (README.md, docs/*.md): an HTML comment on the line before a fenced block says how it
+runs.
 
 - ``<!-- readme-test: standalone -->``: the block starts what it needs (a simulator, a gateway).
 - ``<!-- readme-test: with-gateway -->``: the block runs while a gateway and a simulator run as
-  ``make run`` starts them (the gateway without auth in front of the simulator).
+  ``make run`` starts them (the gateway without auth in front of the simulator, async jobs and
+  the response cache on, on the local Redis, which the test needs).
 - ``<!-- readme-test: skip -->``: not run (say why in the README's text).
 
 Every ```bash / ```sh block must carry one of them. Each block runs in a scratch directory that
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.procs import ROOT, Gateway, Sim, free_port
 
 MARK = re.compile(r"<!-- readme-test: (standalone|with-gateway|skip) -->")
 FENCE = re.compile(r"^```(\w*)\s*$")
 SHELLS = {"bash", "sh", "shell"}
+ERROR_OBJECT = re.compile(r'"error"\s*:\s*\{')  # an error answer (a job's `"error": null` is not)
 GATEWAY_PORT = "8080"
 SIM_PORT = "8000"
 TIMEOUT = 120  # seconds for one block, its own start-up of a simulator and gateway included
@@ -40,19 +45,23 @@ TIMEOUT = 120  # seconds for one block, its own start-up of a simulator and gate
 
 @dataclass(frozen=True)
 class Block:
-    line: int  # 1-based line of the opening fence in README.md
+    doc: str  # README.md or docs/....md
+    line: int  # 1-based line of the opening fence
     lang: str
     mode: str | None  # None: untagged
     text: str
 
     @property
     def id(self) -> str:
-        return f"README.md:{self.line}-{self.lang}-{self.mode}"
+        return f"{self.doc}:{self.line}-{self.lang}-{self.mode}"
 
 
-def readme_blocks() -> list[Block]:
-    """Every fenced block of README.md with its language and the tag on the line before it."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+def readme_blocks(doc: str = "README.md") -> list[Block]:
+    """Every fenced block of ``doc`` with its language and the tag on the line before it."""
+    lines = (ROOT / doc).read_text().splitlines()
     blocks: list[Block] = []
     i = 0
     while i < len(lines):
@@ -63,20 +72,22 @@ def readme_blocks() -> list[Block]:
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         tag = MARK.fullmatch(lines[i - 1].strip()) if i > 0 else None
         mode = tag.group(1) if tag else None
-        blocks.append(Block(i + 1, opening.group(1), mode, "\n".join(lines[i + 1 : end]) + "\n"))
+        blocks.append(Block(doc, i + 1, opening.group(1), mode, "\n".join(lines[i + 1 : end]) + "\n"))
         i = end + 1
     return blocks
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [b for doc in DOCS for b in readme_blocks(doc)]
 RUNNABLE = [b for b in BLOCKS if b.mode in ("standalone", "with-gateway")]
 
 
 def test_every_shell_block_says_how_it_runs() -> None:
     untagged = [b.id for b in BLOCKS if b.lang in SHELLS and b.mode is None]
     assert not untagged, f"tag these with <!-- readme-test: standalone|with-gateway|skip -->: {untagged}"
-    assert any(b.mode == "standalone" for b in RUNNABLE), "the Try it block is no longer tagged"
-    assert any(b.mode == "with-gateway" for b in RUNNABLE)
+    readme = [b for b in RUNNABLE if b.doc == "README.md"]
+    assert any(b.mode == "standalone" for b in readme), "the Try it block is no longer tagged"
+    assert any(b.mode == "with-gateway" for b in readme)
+    assert any(b.doc == "docs/jobs.md" for b in RUNNABLE), "the jobs' examples are no longer tagged"
 
 
 def rewrite_ports(text: str, gateway_port: int, sim_port: int) -> str:
@@ -93,17 +104,35 @@ def scratch(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def make_run() -> Iterator[tuple[Sim, Gateway]]:
-    """What ``make run`` starts: the simulator and, in front of it, the gateway without auth."""
+def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sim, Gateway]]:
+    """What ``make run`` starts with a Redis at hand (scripts/run-dev.sh): the simulator and, in
+    front of it, the gateway without auth, async jobs and the response cache on; Redis keys of
+    the test's own, removed after."""
+    try:
+        redis.Redis(socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"needs Redis at 127.0.0.1:6379, as `make run` does for jobs ({exc})")
+    prefix = f"test:blocks:{secrets.token_hex(4)}:"
+    env = {
+        "GATEWAY_JOBS__ENABLED": "true",
+        "GATEWAY_JOBS__KEY_PREFIX": prefix + "jobs:",
+        "GATEWAY_JOBS__FILES": f"file://{tmp_path_factory.mktemp('files')}",
+        "GATEWAY_CACHE__STORAGE": "redis://127.0.0.1:6379/0",
+        "GATEWAY_CACHE__KEY_PREFIX": prefix + "cache:",
+    }
     sim = Sim()
     try:
-        gw = Gateway([sim.url])
+        gw = Gateway([sim.url], env=env)
     except BaseException:
         sim.stop()
         raise
     yield sim, gw
     gw.stop()
     sim.stop()
+    r = redis.Redis()
+    for key in r.scan_iter(match=prefix + "*"):
+        r.delete(key)
+    r.close()
 
 
 def run_block(block: Block, cwd: Path, gateway_port: int, sim_port: int) -> subprocess.CompletedProcess[str]:
@@ -168,7 +197,7 @@ def test_standalone_block(block: Block, scratch: Path) -> None:
     result = run_block(block, scratch, free_port(), free_port())
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs(scratch)}"
     assert result.stdout.strip(), "the block printed nothing"
-    assert '"error"' not in result.stdout, result.stdout
+    assert ERROR_OBJECT.search(result.stdout) is None, result.stdout
 
 
 @pytest.mark.parametrize("block", [b for b in RUNNABLE if b.mode == "with-gateway"], ids=lambda b: b.id)
@@ -177,4 +206,4 @@ def test_block_with_a_running_gateway(block: Block, scratch: Path, make_run: tup
     result = run_block(block, scratch, gw.port, sim.port)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert result.stdout.strip(), "the block printed nothing"
-    assert '"error"' not in result.stdout, result.stdout
+    assert ERROR_OBJECT.search(result.stdout) is None, result.stdout
