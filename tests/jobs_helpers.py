@@ -108,8 +108,8 @@ def redis_server_binary() -> str:
 
 
 @contextmanager
-def private_redis(tmp: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp)
+def private_redis(tmp: Path, *extra: str) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp, *extra)
     r.start()
     try:
         yield r
@@ -118,12 +118,14 @@ def private_redis(tmp: Path) -> Iterator[PrivateRedis]:
 
 
 class PrivateRedis:
-    """A redis-server of the test's own, with appendonly on, that the test may stop and restart."""
+    """A redis-server of the test's own, with appendonly on, that the test may stop and restart.
+    ``extra`` arguments come last (a later option wins: ``--appendonly no``, ``--requirepass``)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *extra: str) -> None:
         self.port = free_port()
         self.dir = tmp / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,11 +148,15 @@ class PrivateRedis:
                 "always",
                 "--save",
                 "",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        password = None
+        if "--requirepass" in self.extra:
+            password = self.extra[self.extra.index("--requirepass") + 1]
+        client = redis.Redis(port=self.port, password=password)
         deadline = time.monotonic() + 20
         while True:
             try:

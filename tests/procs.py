@@ -78,6 +78,25 @@ class Proc:
         self.stop(signal.SIGKILL)
 
 
+def until(
+    check: Callable[[], Any],
+    what: str = "condition",
+    context: Callable[[], Any] = lambda: "",
+    timeout: float = 15.0,
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that; AssertionError naming
+    ``what`` (and ``context()``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {timeout}s {context()}".rstrip())
+        time.sleep(interval)
+
+
 def wait_http(url: str, proc: Proc, status: int | None = 200, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     last: Any = None

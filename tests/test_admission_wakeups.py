@@ -16,8 +16,7 @@ replicas serving different sets of models, ordering across models.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,11 @@ import httpx
 import pytest
 import yaml
 
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, until
 
 MSG = [{"role": "user", "content": "wake me"}]
 LONG = 300  # tokens: 15 s at 0.05 s per token, far beyond every wait below
 FLAGS = ("--ttft", "0.01", "--itl", "0.05", "--output-tokens", "400")
-
-
-def until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.02)
 
 
 def gateway_for(tmp_path: Path, cfg: dict[str, Any]) -> Gateway:

@@ -11,24 +11,14 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Callable
 
 import httpx
 import orjson
 import pytest
 
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, until
 
 MSG = [{"role": "user", "content": "slow reader"}]
-
-
-def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def _breaker(gw: Gateway, sim: Sim) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import httpx
 import orjson
 import yaml
 
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, until
 
 MSG = [{"role": "user", "content": "tick"}]
 
@@ -40,15 +38,6 @@ def _error_of(events: list[bytes]) -> dict[str, object] | None:
         if e.startswith(b'data: {"error"'):
             return orjson.loads(e[6:])["error"]  # type: ignore[no-any-return]
     return None
-
-
-def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def _timeouts(first_byte: float, idle: float, total: float) -> dict[str, str]:

@@ -23,18 +23,11 @@ import httpx
 import orjson
 import yaml
 
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, until
 from tests.test_limits import REDIS_DB, REDIS_HOST, REDIS_PORT, SECRET, require_redis, token
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "cut me off"}], "max_tokens": 100}
 SLOW = ("--ttft", "0.01", "--itl", "0.5", "--output-tokens", "100")  # a 50 s generation
-
-
-def until(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.02)
 
 
 def stop_and_wait(gw: Gateway) -> None:

@@ -34,7 +34,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.jobs_helpers import PrivateRedis
-from tests.procs import ROOT, Gateway, Proc, Sim, free_port, wait_http
+from tests.procs import ROOT, Gateway, Proc, Sim, free_port, until, wait_http
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "dashboards" / "gateway-overview.json"
@@ -222,19 +222,6 @@ def chat(client: httpx.Client, url: str, key: str, *, stream: bool = False, max_
         for _ in r.iter_lines():
             pass
         return r.status_code
-
-
-def until(
-    check: Callable[[], Any], what: str, context: Callable[[], Any] = lambda: "", timeout: float = 15
-) -> Any:
-    """Poll `check` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"not {what} after {timeout}s: {context()}")
 
 
 def started(stack: list[Any], make: Callable[[], Any]) -> Any:

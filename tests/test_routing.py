@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.procs import Gateway, Sim, free_port
+from tests.procs import Gateway, Sim, free_port, until
 
 UID = secrets.token_hex(4)
 MSG = [{"role": "user", "content": "route me"}]
@@ -119,15 +119,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def scrape(gw: Gateway) -> str:
     return httpx.get(gw.url + "/metrics", timeout=5).text
-
-
-def until(pred: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def queue_depth(gw: Gateway, **labels: str) -> float:

@@ -13,12 +13,10 @@ attack the code survived, kept as a regression guard.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import secrets
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,7 @@ import redis
 import uvloop
 
 from gateway.cache.resp import DRAIN_AT, DRAIN_INTERVAL, WRITE_BEHIND_BOUND, RespClient
-from tests.jobs_helpers import PrivateRedis, redis_server_binary
-from tests.procs import free_port
+from tests.jobs_helpers import PrivateRedis, private_redis
 
 URL = "redis://127.0.0.1:6379/0"
 
@@ -46,62 +43,6 @@ async def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return cond()
-
-
-class OwnRedis:
-    """A redis-server of this test's own, started with extra arguments, stopped by its PID."""
-
-    def __init__(self, *extra: str) -> None:
-        self.port = free_port()
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        password = None
-        if "--requirepass" in self.extra:
-            password = self.extra[self.extra.index("--requirepass") + 1]
-        admin = redis.Redis(port=self.port, password=password)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if admin.ping():
-                    break
-            except redis.exceptions.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("own redis-server did not start")
-            time.sleep(0.05)
-        admin.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
-        self.proc = None
-
-
-@contextlib.contextmanager
-def own_redis(*extra: str) -> Iterator[OwnRedis]:
-    r = OwnRedis(*extra)
-    r.start()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def behind_laddr(client: RespClient) -> str:
@@ -202,12 +143,12 @@ def test_finding_a_fill_after_redis_restarted_while_the_connection_idled_vanishe
 
 @pytest.mark.parametrize(("runner", "db"), LOOPS)
 def test_finding_redis_idle_timeout_silently_eats_the_first_fill_after_each_quiet_spell(
-    runner: Callable[[Any], None], db: int
+    runner: Callable[[Any], None], db: int, tmp_path: Path
 ) -> None:
     """Redis' ``timeout`` setting (common on managed Redis) closes an idle client. A paused
     connection never reads the EOF, so after every quiet spell the first fill goes into a closed
     socket: accepted, not stored, not reported, not counted."""
-    with own_redis("--timeout", "1") as server:
+    with private_redis(tmp_path, "--appendonly", "no", "--timeout", "1") as server:
         url = f"redis://127.0.0.1:{server.port}/{db}"
         admin = redis.Redis(port=server.port, db=db)
 
@@ -330,13 +271,13 @@ def test_finding_a_raising_on_noreply_loses_the_rest_of_the_batch() -> None:
     run(main)
 
 
-def test_finding_a_redis_that_reads_but_does_not_answer_takes_fills_without_bound() -> None:
+def test_finding_a_redis_that_reads_but_does_not_answer_takes_fills_without_bound(tmp_path: Path) -> None:
     """``CLIENT PAUSE ... WRITE`` (what ``FAILOVER`` and manual fail-overs do) makes Redis keep
     reading a client's commands into its query buffer without running or answering them. The
     write-behind bound is on *our unsent* bytes, so it never trips: ``send_noreply`` accepts
     without end, ``pending`` grows by one per fill, and Redis' memory grows by every fill's size
     (up to its 1 GB client-query-buffer-limit, then the connection is killed and all is lost)."""
-    with own_redis() as server:
+    with private_redis(tmp_path, "--appendonly", "no") as server:
         url = f"redis://127.0.0.1:{server.port}/0"
         admin = redis.Redis(port=server.port)
 
@@ -482,10 +423,10 @@ def test_holds_the_drain_timer_survives_drain_at_and_a_replaced_connection() -> 
         admin.close()
 
 
-def test_holds_auth_and_select_on_the_lazy_connection() -> None:
+def test_holds_auth_and_select_on_the_lazy_connection(tmp_path: Path) -> None:
     """A password and a database number in the URL: the write-behind connection's set-up is read
     (it is paused otherwise) and its fills land in that database."""
-    with own_redis("--requirepass", "s3cret") as server:
+    with private_redis(tmp_path, "--appendonly", "no", "--requirepass", "s3cret") as server:
         admin = redis.Redis(port=server.port, password="s3cret", db=5)
 
         async def main() -> None:
@@ -516,14 +457,14 @@ def test_holds_auth_and_select_on_the_lazy_connection() -> None:
             admin.close()
 
 
-def test_finding_a_wrong_password_logs_future_exception_never_retrieved_per_fill() -> None:
+def test_finding_a_wrong_password_logs_future_exception_never_retrieved_per_fill(tmp_path: Path) -> None:
     """A password and a db in the URL, the password wrong: ``_connect`` awaits AUTH's future, which
     fails, and leaves SELECT's future failed (NOAUTH, or the connection's close) and never
     retrieved. Each attempt logs "Future exception was never retrieved" at ERROR through the
     loop's handler, and while the write-behind connection cannot open, *every* fill starts an
     attempt: the log fills with asyncio tracebacks instead of one cache warning. Nothing else
     is accepted (correctly)."""
-    with own_redis("--requirepass", "s3cret") as server:
+    with private_redis(tmp_path, "--appendonly", "no", "--requirepass", "s3cret") as server:
 
         async def main() -> None:
             errors: list[dict[str, Any]] = []
