@@ -1,7 +1,8 @@
 """Per-principal bounds on what the jobs keep: batches and jobs not yet ended, files stored.
 
 Without them one principal (one leaked key) could fill Redis with queued lines or the file store
-with uploads, and starve every other principal's batches behind its own.
+with uploads (for everyone: Redis out of memory fails every job). They cap how much one principal
+queues, not the order lines run in (first queued, first run).
 
 * Batches and jobs not yet ended are leases in a sorted set per principal and kind,
   ``{prefix}quota:{kind}:{owner}`` (member: the id; score: when the lease lapses, Unix seconds).
