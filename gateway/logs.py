@@ -87,8 +87,14 @@ class BackgroundWriter:
                     break
                 lines.append(item)
             if lines:
-                stream.write("".join(lines))
-                stream.flush()
+                try:
+                    stream.write("".join(lines))
+                    stream.flush()
+                except (ValueError, OSError):
+                    # The stream was closed under us (a reader gone: EPIPE; a test's captured
+                    # stdout): nobody can read these lines any more, and the thread keeps draining
+                    # rather than dying with a traceback per batch.
+                    pass
             if done:
                 return
 
