@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,32 @@ def test_concurrent_uploads_cannot_pass_the_bound_together(files_gw: tuple[Gatew
         assert sizes.count(300) == 3, sizes
     finally:
         replica.stop()
+
+
+def test_an_upload_that_cannot_fit_is_refused_before_its_body_is_read(files_gw: tuple[Gateway, Path]) -> None:
+    """A Content-Length that cannot fit the principal's room (less the form's own 64 KiB at
+    most) is refused at once: the 429 comes while the client has sent only the start of the
+    body, and nothing of it is stored."""
+    g, config = files_gw
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+    head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    length = len(head) + 300 * 1024  # a 300 KiB file against 1,000 bytes of room
+    before = sorted(p.name for p in (config.parent / "files").rglob("*"))
+    with socket.create_connection(("127.0.0.1", g.port), timeout=15) as sock:
+        sock.sendall(
+            (
+                f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n"
+                + head
+            ).encode()
+            + b"x" * 1024
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)  # a timeout here: the gateway waited for the rest of the body
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+    assert b"storage_quota_exceeded" in answer or b"content-length" in answer.lower()
+    assert sorted(p.name for p in (config.parent / "files").rglob("*")) == before

@@ -218,16 +218,17 @@ def test_concurrent_retries_of_one_idempotency_key_make_one_job(slow: Pair) -> N
     the race goes, one key must name at most one job."""
     g = slow.a
     saturate_backend(slow)  # DAVE's jobs stay queued: cancelling one frees its place
+    held: list[str] = []  # DAVE's jobs, all queued
     for _ in range(4):  # the race is a race: a few rounds, each with a key of its own
-        held: list[str] = []
         while (r := submit(g, DAVE)).status_code == 202:
             held.append(r.json()["id"])
         assert_429(r, "too_many_active_jobs", "rate_limit_error")
         assert len(held) >= 2, held
-        _race_one_key(slow, held[:2])
+        to_cancel, held[:2] = held[:2], []
+        held += _race_one_key(slow, to_cancel)
 
 
-def _race_one_key(slow: Pair, to_cancel: list[str]) -> None:
+def _race_one_key(slow: Pair, to_cancel: list[str]) -> set[str]:
     key = "retry-" + secrets.token_hex(4)
     first_refused = threading.Event()
 
@@ -248,6 +249,7 @@ def _race_one_key(slow: Pair, to_cancel: list[str]) -> None:
     repeat = submit(slow.b, DAVE, key)
     assert repeat.status_code == 202, f"{repeat.text} (the race made {made})"
     assert made <= {repeat.json()["id"]}, (made, repeat.json()["id"])
+    return {repeat.json()["id"]}
 
 
 def test_job_submits_racing_over_two_replicas_pass_the_bound_exactly(slow: Pair) -> None:

@@ -148,37 +148,54 @@ class Files:
         return await self.commit(received, filename, purpose, expires_after=expires_after)
 
     async def receive(
-        self, owner: str, chunks: AsyncIterator[bytes], *, purpose: str | None = None
+        self, owner: str, chunks: AsyncIterator[bytes], *, purpose: str | None = None, at_least: int = 0
     ) -> Received:
         """First half of :meth:`create`, for a form whose ``purpose`` may come after the file:
         stream the bytes to the store, measuring them; the purpose's checks run now if
         ``purpose`` is given, else in :meth:`commit`. Until committed the bytes are no file
-        (and the reaper removes them after an hour). Raises as :meth:`create`."""
-        await self.check_room(owner)
+        (and the reaper removes them after an hour). ``at_least``: bytes the file has at least
+        (from the request's ``Content-Length``), refused at once when they cannot fit. Raises as
+        :meth:`create`."""
+        await self.check_room(owner, at_least)
         max_lines = self.settings.max_file_lines if purpose == "batch" else None
         check = UploadCheck(self.settings.max_file_bytes, max_lines)
         return await self._receive(owner, check.wrap(chunks), check, MIN_EXPIRES_AFTER)
 
-    async def check_room(self, owner: str) -> None:
+    async def check_room(self, owner: str, at_least: int = 0) -> None:
         """Raise ``StorageQuotaExceeded`` (429) when the owner keeps ``jobs.max_stored_bytes``
-        bytes or ``jobs.max_files`` files already: checked before an upload's first byte is
-        stored, and again, atomically with the record, when it is committed."""
-        usage = self._usage_key(owner)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(usage, "_")
-            pipe.hlen(usage)
-            used_raw, fields = await pipe.execute()
-        used = int(used_raw or 0)
-        files = int(fields) - (1 if used_raw is not None else 0)
-        if used >= self.settings.max_stored_bytes:
-            raise self._over_bytes(used)
-        if files >= self.settings.max_files:
-            raise self._over_files()
+        bytes or ``jobs.max_files`` files already, or a file of ``at_least`` bytes cannot fit:
+        checked before an upload's first byte is stored, and again, atomically with the record,
+        when it is committed. Files that expired and wait for the reaper are removed first."""
+        for reaped in (False, True):
+            usage = self._usage_key(owner)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(usage, "_")
+                pipe.hlen(usage)
+                used_raw, fields = await pipe.execute()
+            used = int(used_raw or 0)
+            files = int(fields) - (1 if used_raw is not None else 0)
+            over_bytes = used + max(at_least, 1) > self.settings.max_stored_bytes
+            over_files = files >= self.settings.max_files
+            if not (over_bytes or over_files):
+                return
+            if not reaped:
+                await self._reap_due()
+        if over_bytes:
+            raise self._over_bytes(used, at_least)
+        raise self._over_files()
 
-    def _over_bytes(self, used: int) -> StorageQuotaExceeded:
+    async def _reap_due(self, rounds: int = 10) -> None:
+        """Remove expired files now (the reaper's work, done early) so they stop counting."""
+        for _ in range(rounds):
+            if await self.reap() < 100:
+                return
+
+    def _over_bytes(self, used: int, adding: int) -> StorageQuotaExceeded:
+        size = f"a file of {adding} bytes" if adding else "more files"
         return StorageQuotaExceeded(
-            f"Storage quota exceeded: you keep {used} bytes of files, and {self.settings.max_stored_bytes} "
-            "are allowed. Delete files (DELETE /v1/files/{file_id}) or wait for them to expire.",
+            f"Storage quota exceeded: you keep {used} bytes of files, {self.settings.max_stored_bytes} "
+            f"are allowed, and {size} would not fit. Delete files (DELETE /v1/files/{{file_id}}) or "
+            "wait for them to expire.",
             param="file",
         )
 
@@ -245,6 +262,7 @@ class Files:
         purpose: str,
         expires_after: int | None,
         bounded: bool = False,
+        retried: bool = False,
     ) -> dict[str, Any]:
         owner, file_id = received.owner, received.file_id
         created_at = received.created_us // 1_000_000
@@ -282,10 +300,13 @@ class Files:
             ],
         )
         if recorded != 1:
+            if not retried:  # expired files may still count until the reaper runs: once more
+                await self._reap_due()
+                return await self._record(received, filename, purpose, expires_after, bounded, retried=True)
             await asyncio.shield(self.discard(received))
             if recorded == 0:
                 used = int(await self.redis.hget(self._usage_key(owner), "_") or 0)
-                raise self._over_bytes(used)
+                raise self._over_bytes(used, received.bytes)
             raise self._over_files()
         log.info("file_stored", file_id=file_id, purpose=purpose, bytes=received.bytes)
         return record

@@ -113,7 +113,10 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
                     raise InvalidRequest("Send exactly one `file` part, with a filename.", param="file")
                 purpose = fields.get("purpose")
                 received = await files.receive(
-                    owner, form.data(), purpose=_purpose(purpose) if purpose is not None else None
+                    owner,
+                    form.data(),
+                    purpose=_purpose(purpose) if purpose is not None else None,
+                    at_least=max(0, int(length) - FORM_OVERHEAD_BYTES) if length and length.isdigit() else 0,
                 )
                 filename = part.filename or "file"
             if received is None:

@@ -72,6 +72,20 @@ _UNIT = {"s": 1, "m": 60, "h": 3600}
 _WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage"})
 _FINALIZE_LOCK_SECONDS = 120  # a replica that died finalizing holds a batch this long at most
 _VALIDATION_GRACE = 600  # seconds past its window a batch may still be validating
+IDEMPOTENCY_WAIT = 5.0  # seconds a submission holding an Idempotency-Key may take to record its job
+IDEMPOTENCY_GIVE_UP = 30.0  # seconds a repeated submission waits for an outcome, at most
+# KEYS[1] an Idempotency-Key. ARGV: the value it must hold now ('': none), the new value, ttl s.
+_SWAP_KEY = """
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+# KEYS[1] an Idempotency-Key. ARGV[1] the value it must hold to be deleted.
+_RELEASE_KEY = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class JobsUnavailable(GatewayError):
@@ -125,6 +139,8 @@ class Jobs:
         self.files = files
         self.queue = RedisStreamsQueue(redis, s.key_prefix)
         self.store = JobStore(redis, s.key_prefix, s.retention)
+        self._swap_key = redis.register_script(_SWAP_KEY)
+        self._release_key = redis.register_script(_RELEASE_KEY)
         self.metrics = JobsMetrics(gw.metrics.registry)
         gw.metrics.add_collector(self.metrics.collector)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -400,6 +416,31 @@ class Jobs:
             if not moved:  # cancelled while validating
                 await self.store.set_fields("batch", bid, total=queued)
             self.wake()
+        except FileNotFoundError:
+            # The input file was deleted (or expired) before the batch read it all: the batch
+            # fails (OpenAI's shape: one error without a line), and lines already queued leave.
+            # Not an outage to retry: the file will not come back.
+            moved = await self.store.transition(
+                "batch",
+                bid,
+                ("validating",),
+                "failed",
+                failed_at=int(time.time()),
+                total=0,
+                errors={
+                    "object": "list",
+                    "data": [
+                        {
+                            "code": "file_not_found",
+                            "message": "The input file was deleted before the batch could read it.",
+                            "param": "input_file_id",
+                            "line": None,
+                        }
+                    ],
+                },
+            )
+            if moved:
+                await self._purge_queue(bid)
         except (RedisError, OSError) as exc:
             self.log.warning(
                 "batch validation interrupted; the sweeper resumes it", batch=bid, cause=type(exc).__name__
@@ -419,39 +460,60 @@ class Jobs:
         of the same principal returns the job it created."""
         owner = owner_key(principal)
         jid = f"job_{secrets.token_hex(12)}"
-        ikey: str | None = None
-        if idempotency_key is not None:
-            ikey = f"{self.s.key_prefix}idem:{owner}:{idempotency_key}"
-            # The key remembers what it was used for: the same key with another request is an
-            # error (IETF draft-ietf-httpapi-idempotency-key-header: 422), not the other's job.
-            fingerprint = hashlib.sha256(endpoint.encode() + b"\0" + raw).hexdigest()[:32]
-            won = await self.r.set(ikey, f"{jid} {fingerprint}", nx=True, ex=int(self.s.retention))
-            if not won:
-                existing = await self.r.get(ikey)
-                if existing is not None:
-                    prior, _, used_for = existing.decode().partition(" ")
-                    if used_for != fingerprint:
-                        raise IdempotencyKeyReused()
-                    for _ in range(50):  # the first submission may still be writing its record
-                        got = await self.store.load("job", prior)
-                        if got is not None:
-                            return self._render_job(*got), False
-                        await asyncio.sleep(0.02)
-                    # The first submission never recorded its job (refused, or its replica
-                    # died): this one takes the key over.
-                    await self.r.set(ikey, f"{jid} {fingerprint}", ex=int(self.s.retention))
+        if idempotency_key is None:
+            return await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
+        ikey = f"{self.s.key_prefix}idem:{owner}:{idempotency_key}"
+        # The key remembers what it was used for: the same key with another request is an
+        # error (IETF draft-ietf-httpapi-idempotency-key-header: 422), not the other's job.
+        fingerprint = hashlib.sha256(endpoint.encode() + b"\0" + raw).hexdigest()[:32]
+        value = f"{jid} {fingerprint}"
+        prior = await self._claim_idempotency_key(ikey, value, fingerprint)
+        if prior is not None:
+            return prior, False
         try:
             return await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
         except BaseException:
-            if ikey is not None:  # a refused submission leaves its key free for the retry
-                await asyncio.shield(self._forget_idempotency_key(ikey, jid))
+            # A refused or failed submission leaves the key free for the retry (only if it
+            # still holds this submission: compare and delete, one script).
+            with contextlib.suppress(RedisError, OSError):
+                await asyncio.shield(self._release_key(keys=[ikey], args=[value]))
             raise
 
-    async def _forget_idempotency_key(self, ikey: str, jid: str) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            held = await self.r.get(ikey)
-            if held is not None and held.decode().partition(" ")[0] == jid:
-                await self.r.delete(ikey)
+    async def _claim_idempotency_key(self, ikey: str, value: str, fingerprint: str) -> dict[str, Any] | None:
+        """Hold ``ikey`` for this submission (None: go and make the job), or the job another
+        submission with the same key made (rendered). Waits while another submission holds the
+        key and has not recorded its job yet: it may be refused and let go (then one of the
+        waiters holds it next), or record its job (then every waiter returns it). A holder that
+        recorded nothing for ``IDEMPOTENCY_WAIT`` s (its replica died) is replaced, by exactly
+        one waiter (compare and set). Raises ``IdempotencyKeyReused`` (422) for another
+        request, ``JobsUnavailable`` (503) after ``IDEMPOTENCY_GIVE_UP`` s without an outcome."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + IDEMPOTENCY_GIVE_UP
+        expected, watched, since = "", "", loop.time()
+        while True:
+            if await self._swap_key(keys=[ikey], args=[expected, value, int(self.s.retention)]) == 1:
+                return None
+            raw_held = await self.r.get(ikey)
+            if raw_held is None:
+                expected = ""  # let go meanwhile: claim it
+                continue
+            held = raw_held.decode()
+            prior, _, used_for = held.partition(" ")
+            if used_for != fingerprint:
+                raise IdempotencyKeyReused()
+            got = await self.store.load("job", prior)
+            if got is not None:
+                return self._render_job(*got)
+            now = loop.time()
+            if held != watched:
+                watched, since = held, now
+            if now > give_up:
+                raise JobsUnavailable()
+            if now - since > IDEMPOTENCY_WAIT:
+                expected = held  # its holder is gone: take over from exactly it
+                continue
+            expected = ""
+            await asyncio.sleep(0.02)
 
     async def _submit_job(
         self,
