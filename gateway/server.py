@@ -94,6 +94,7 @@ def _response(status: bytes, message: str, code: str, extra: bytes = b"") -> byt
 _TOO_LARGE = b"431 Request Header Fields Too Large"
 _TIMEOUT = b"408 Request Timeout"
 _BUSY = b"503 Service Unavailable"
+_BAD_REQUEST = b"400 Bad Request"
 
 
 class _Sweeper:
@@ -261,6 +262,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Never said anything (nothing to answer), or the app is reading the body: it sees
             # http.disconnect.
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn answers to bytes httptools cannot parse (a control character in a
+        header, a body longer than its ``Content-Length`` read as a next request), in OpenAI's
+        error shape instead of uvicorn's plain text; the connection is closed."""
+        if self.transport.is_closing():
+            return
+        self._refuse(
+            _BAD_REQUEST,
+            "The request is not valid HTTP: a malformed request line, header or framing.",
+            "invalid_http_request",
+        )
 
     def _head_size(self) -> int:
         # request line and `name: value\r\n` per header, as received (names lower-cased, same length)

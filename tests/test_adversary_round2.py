@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import redis
 import yaml
 
 from tests.jobs_helpers import chat_lines, jobs_config, poll, sha
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, python_m
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 DAN = "sk-dan-" + "d" * 24
@@ -157,7 +158,7 @@ def test_idempotency_key_edges_of_length_and_characters(fast: Pair) -> None:
         assert (err["param"], err["type"]) == ("Idempotency-Key", "invalid_request_error"), (raw, err)
 
 
-def test_bug_a_control_character_in_a_header_gets_a_plain_text_400(fast: Pair) -> None:
+def test_a_control_character_in_a_header_gets_an_openai_shaped_400(fast: Pair) -> None:
     """Promise 4: every error is OpenAI-shaped. An Idempotency-Key (any header) with a control
     character is refused by the HTTP parser with uvicorn's plain-text `Invalid HTTP request
     received.`, while the listener's own refusals (431, 408, 503) are OpenAI-shaped JSON."""
@@ -218,7 +219,7 @@ def test_one_key_two_principals_are_independent_and_reuse_after_the_end(fast: Pa
 # --------------------------------------------------------------------------- Idempotency-Key: broken
 
 
-def test_bug_the_key_lapses_while_its_job_is_still_queued(slow_sim: Sim, tmp_path: Path) -> None:
+def test_the_key_outlives_its_queued_job(slow_sim: Sim, tmp_path: Path) -> None:
     """Promise 1: a repeat returns the job the key made. The key is kept `jobs.retention`
     seconds from the submission (SET EX retention), but the job's record lives until the job
     ends plus `retention`: a job still queued after `retention` (a backlog, a backend loading
@@ -245,17 +246,20 @@ def test_bug_the_key_lapses_while_its_job_is_still_queued(slow_sim: Sim, tmp_pat
         p.stop()
 
 
-def test_bug_a_retention_under_a_second_breaks_every_keyed_submission(fast_sim: Sim, tmp_path: Path) -> None:
-    """`jobs.retention` accepts any value > 0 (config.py: gt=0). With 0.5 the key is set with
-    `SET ... EX int(0.5)`, i.e. EX 0, which Redis refuses: every submission with an
-    Idempotency-Key answers 503 jobs_unavailable (the same request without a key works)."""
-    p = Pair(fast_sim, tmp_path, max_in_flight=4, retention=0.5)
-    try:
-        assert submit(p.a, DAN).status_code == 202
-        r = submit(p.a, DAN, "half-second")
-        assert r.status_code == 202, (r.status_code, r.text)
-    finally:
-        p.stop()
+def test_a_retention_under_a_second_is_refused_by_the_config(fast_sim: Sim, tmp_path: Path) -> None:
+    """`jobs.retention` of 0.5 s once passed the config (gt=0) and then set every
+    Idempotency-Key with `EX int(0.5)`, i.e. EX 0, which Redis refuses: every keyed submission
+    answered 503. A retention is whole seconds from 1: check-config says so, naming the field."""
+    config, prefix = _config(fast_sim, tmp_path, 4, retention=0.5)
+    out = subprocess.run(
+        [*python_m("gateway"), "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0, out.stdout
+    assert "jobs.retention" in out.stdout + out.stderr, out.stdout + out.stderr
+    _clean(prefix)
 
 
 def _catch_a_holder(
@@ -311,9 +315,7 @@ def test_a_holder_killed_mid_submission_is_replaced_by_exactly_one_waiter(
         p.stop()
 
 
-def test_bug_a_holder_paused_past_5s_and_its_replacement_both_make_a_job(
-    fast_sim: Sim, tmp_path: Path
-) -> None:
+def test_a_holder_paused_past_5s_and_its_replacement_make_one_job(fast_sim: Sim, tmp_path: Path) -> None:
     """Promise 1: copies of one submission racing (on any replicas) make exactly one job.
 
     The holder is replaced after 5 s without a record on the assumption that its replica died;
@@ -429,7 +431,7 @@ def test_an_upload_too_large_for_the_room_is_refused_before_its_body(small: Pair
     assert [b for _, b in _files_of(small, DAN)] == [9000]
 
 
-def test_bug_an_upload_with_a_content_length_smaller_than_its_body_gets_a_plain_text_400(small: Pair) -> None:
+def test_an_upload_with_a_content_length_short_of_its_body_gets_an_openai_shaped_400(small: Pair) -> None:
     """A Content-Length 500 bytes short of the body: nothing is stored (held), but the one
     answer the client gets is uvicorn's plain-text `Invalid HTTP request received.` (the
     surplus bytes parsed as a next request), not an OpenAI-shaped error."""
@@ -445,7 +447,7 @@ def test_bug_an_upload_with_a_content_length_smaller_than_its_body_gets_a_plain_
     assert set(err) == {"message", "type", "param", "code"}, err
 
 
-def test_bug_an_upload_whose_content_length_promises_more_than_was_sent_is_stored(small: Pair) -> None:
+def test_an_upload_whose_content_length_promises_more_than_was_sent_is_not_kept(small: Pair) -> None:
     """A Content-Length 500 bytes longer than the body sent: the HTTP request never completes
     (the listener closes it at `server.body_timeout`), yet the gateway answers 200 and keeps
     the file, counted in the principal's usage, as soon as the form's closing boundary is in.

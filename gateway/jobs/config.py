@@ -88,7 +88,7 @@ class JobsSettings(BaseModel):
     concurrency: int = Field(4, ge=1, le=1024, description="Lines one gateway replica runs at once.")
     retention: float = Field(
         7 * 86400.0,
-        gt=0,
+        ge=1,
         description="Seconds finished batches, jobs and their files are kept after completion.",
     )
     tier: str | None = Field(

@@ -121,6 +121,7 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
                 filename = part.filename or "file"
             if received is None:
                 raise InvalidRequest("The form has no `file` part.", param="file")
+            await form.finish()  # the whole body, as announced, before anything is kept
             purpose = _purpose(fields.get("purpose"))
             expires_after = _expires_after(fields)
         except BaseException as exc:

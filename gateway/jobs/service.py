@@ -72,6 +72,7 @@ _UNIT = {"s": 1, "m": 60, "h": 3600}
 _WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage"})
 _FINALIZE_LOCK_SECONDS = 120  # a replica that died finalizing holds a batch this long at most
 _VALIDATION_GRACE = 600  # seconds past its window a batch may still be validating
+JOB_WINDOW = 86400  # seconds a `Prefer: respond-async` job may wait and run (its expires_at)
 IDEMPOTENCY_WAIT = 5.0  # seconds a submission holding an Idempotency-Key may take to record its job
 IDEMPOTENCY_GIVE_UP = 30.0  # seconds a repeated submission waits for an outcome, at most
 # KEYS[1] an Idempotency-Key. ARGV: the value it must hold now ('': none), the new value, ttl s.
@@ -140,6 +141,8 @@ class Jobs:
         self.queue = RedisStreamsQueue(redis, s.key_prefix)
         self.store = JobStore(redis, s.key_prefix, s.retention)
         self._swap_key = redis.register_script(_SWAP_KEY)
+        # A key lasts as long as its job can: its window (a day), then its retention once ended.
+        self._idempotency_ttl = int(JOB_WINDOW + s.retention + LEASE_SLACK)
         self._release_key = redis.register_script(_RELEASE_KEY)
         self.metrics = JobsMetrics(gw.metrics.registry)
         gw.metrics.add_collector(self.metrics.collector)
@@ -461,23 +464,33 @@ class Jobs:
         owner = owner_key(principal)
         jid = f"job_{secrets.token_hex(12)}"
         if idempotency_key is None:
-            return await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
+            made = await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
+            assert made is not None  # only a guarded submission makes nothing
+            return made
         ikey = f"{self.s.key_prefix}idem:{owner}:{idempotency_key}"
         # The key remembers what it was used for: the same key with another request is an
         # error (IETF draft-ietf-httpapi-idempotency-key-header: 422), not the other's job.
         fingerprint = hashlib.sha256(endpoint.encode() + b"\0" + raw).hexdigest()[:32]
         value = f"{jid} {fingerprint}"
-        prior = await self._claim_idempotency_key(ikey, value, fingerprint)
-        if prior is not None:
-            return prior, False
-        try:
-            return await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
-        except BaseException:
-            # A refused or failed submission leaves the key free for the retry (only if it
-            # still holds this submission: compare and delete, one script).
-            with contextlib.suppress(RedisError, OSError):
-                await asyncio.shield(self._release_key(keys=[ikey], args=[value]))
-            raise
+        for _ in range(5):
+            prior = await self._claim_idempotency_key(ikey, value, fingerprint)
+            if prior is not None:
+                return prior, False
+            try:
+                made = await self._submit_job(
+                    principal, owner, jid, endpoint, raw, model, task_type, guard=(ikey, value)
+                )
+            except BaseException:
+                # A refused or failed submission leaves the key free for the retry (only if it
+                # still holds this submission: compare and delete, one script).
+                with contextlib.suppress(RedisError, OSError):
+                    await asyncio.shield(self._release_key(keys=[ikey], args=[value]))
+                raise
+            if made is not None:
+                return made
+            # This submission stalled past IDEMPOTENCY_WAIT and another took the key over: the
+            # job is the one that submission makes; wait for it as any copy does.
+        raise JobsUnavailable()
 
     async def _claim_idempotency_key(self, ikey: str, value: str, fingerprint: str) -> dict[str, Any] | None:
         """Hold ``ikey`` for this submission (None: go and make the job), or the job another
@@ -491,7 +504,7 @@ class Jobs:
         give_up = loop.time() + IDEMPOTENCY_GIVE_UP
         expected, watched, since = "", "", loop.time()
         while True:
-            if await self._swap_key(keys=[ikey], args=[expected, value, int(self.s.retention)]) == 1:
+            if await self._swap_key(keys=[ikey], args=[expected, value, self._idempotency_ttl]) == 1:
                 return None
             raw_held = await self.r.get(ikey)
             if raw_held is None:
@@ -524,7 +537,10 @@ class Jobs:
         raw: bytes,
         model: str,
         task_type: str | None,
-    ) -> tuple[dict[str, Any], bool]:
+        guard: tuple[str, str] | None = None,
+    ) -> tuple[dict[str, Any], bool] | None:
+        """Record and enqueue a job; None (nothing made) when ``guard``, the Idempotency-Key
+        this submission held, was taken over meanwhile."""
         now = int(time.time())
         parsed = orjson.loads(raw)
         served = self._served(parsed if isinstance(parsed, dict) else {"model": model}, task_type)
@@ -533,17 +549,20 @@ class Jobs:
             "endpoint": endpoint,
             "model": model,
             "created_at": now,
-            "expires_at": now + 86400,
+            "expires_at": now + JOB_WINDOW,
             "owner": owner,
             "principal": principal_doc(principal),
             "task_type": task_type,
         }
-        await self._take_lease("job", owner, jid, now + 86400, self.s.max_active_jobs)
+        await self._take_lease("job", owner, jid, now + JOB_WINDOW, self.s.max_active_jobs)
         try:
-            await self.store.create("job", jid, doc, "queued")
+            made = await self.store.create("job", jid, doc, "queued", guard=guard)
         except BaseException:
             await asyncio.shield(self.store.drop_lease("job", owner, jid))
             raise
+        if not made:
+            await self.store.drop_lease("job", owner, jid)
+            return None
         await self.queue.put(
             served, [{"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}]
         )

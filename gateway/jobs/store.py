@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from gateway.auth.principal import Principal
 from gateway.jobs.files import owner_key
@@ -142,16 +143,36 @@ class JobStore:
         await self.r.zrem(self.quota_key(kind, owner), rid)
 
     # records
-    async def create(self, kind: str, rid: str, doc: dict[str, Any], status: str, **fields: Any) -> None:
+    async def create(
+        self,
+        kind: str,
+        rid: str,
+        doc: dict[str, Any],
+        status: str,
+        guard: tuple[str, str] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Record a batch or job. With ``guard`` (a key and the value it must hold, an
+        Idempotency-Key held by this submission), only while the key still holds it, checked
+        atomically with the writes (``WATCH``): False, and nothing written, when it does not."""
         order = time.time_ns() // 1000  # µs: orders records created within one second
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(
-            self.key(kind, rid),
-            mapping={"doc": orjson.dumps(doc), "status": status, **{k: _enc(v) for k, v in fields.items()}},
-        )
-        pipe.zadd(self.index_key(kind, doc["owner"]), {rid: order})
-        pipe.sadd(self.active_key(kind), rid)
-        await pipe.execute()
+        async with self.r.pipeline(transaction=True) as pipe:
+            if guard is not None:
+                await pipe.watch(guard[0])
+                held = await pipe.get(guard[0])
+                if held is None or held.decode() != guard[1]:
+                    await pipe.unwatch()
+                    return False
+                pipe.multi()
+            mapping = {"doc": orjson.dumps(doc), "status": status, **{k: _enc(v) for k, v in fields.items()}}
+            pipe.hset(self.key(kind, rid), mapping=mapping)
+            pipe.zadd(self.index_key(kind, doc["owner"]), {rid: order})
+            pipe.sadd(self.active_key(kind), rid)
+            try:
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
 
     async def load(self, kind: str, rid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(doc, fields) of a record, or None."""

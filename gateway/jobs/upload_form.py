@@ -134,6 +134,21 @@ class FormStream:
                     headers,
                 )
 
+    async def finish(self) -> None:
+        """Read the request body to its end after the closing boundary (an epilogue, or nothing):
+        a form is complete only with the whole body its ``Content-Length`` announced, so an
+        upload whose body never arrives in full is never kept. Raises as :meth:`next_part`, and
+        whatever the body raises (a client gone)."""
+        while not self._done:
+            try:
+                chunk = await anext(self._body)
+            except StopAsyncIteration:
+                self._done = True
+                return
+            self._received += len(chunk)
+            if self._received > self._max_bytes:
+                raise PayloadTooLarge(f"The request body exceeds {self._max_bytes} bytes.", param="file")
+
     async def data(self) -> AsyncIterator[bytes]:
         """The current part's content, chunk by chunk, as it arrives."""
         while True:
