@@ -20,7 +20,7 @@ import pytest
 import redis
 import yaml
 
-from tests.jobs_helpers import ALICE, BOB, CAROL, chat_lines, jobs_config, poll
+from tests.jobs_helpers import ALICE, BOB, CAROL, chat_lines, jobs_config, poll, private_redis
 from tests.procs import Gateway, Sim
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -231,3 +231,28 @@ def test_an_upload_that_cannot_fit_is_refused_before_its_body_is_read(files_gw: 
     assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
     assert b"storage_quota_exceeded" in answer or b"content-length" in answer.lower()
     assert sorted(p.name for p in (config.parent / "files").rglob("*")) == before
+
+
+def test_a_job_recorded_but_not_queued_is_unmade(sim: Sim, tmp_path: Path) -> None:
+    """Redis takes the job's record and then refuses the queue's write (here: an ACL without
+    XADD): the client is told 503 and retries, so nothing may stay behind, neither a job that
+    would never run (its Idempotency-Key naming it) nor its place in the principal's bound."""
+    acl = ("--user", "default", "on", "nopass", "~*", "&*", "+@all", "-xadd")
+    with private_redis(tmp_path, "--appendonly", "no", *acl) as rs:
+        path, prefix = jobs_config(tmp_path, queue=rs.url, max_active_jobs=1)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["backends"] = [{"url": sim.url, "max_in_flight": 1}]
+        path.write_text(yaml.safe_dump(cfg))
+        g = Gateway([], config=path)
+        try:
+            for _ in range(2):  # the second would be 429 if the first kept its place
+                r = submit(g, ALICE, "once")
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "jobs_unavailable"
+            left = redis.Redis(port=rs.port)
+            assert [k for k in left.scan_iter(match=prefix + "job:*")] == []
+            assert [k for k in left.scan_iter(match=prefix + "quota:*") if left.zcard(k)] == []
+            assert [k for k in left.scan_iter(match=prefix + "idem:*")] == []
+            left.close()
+        finally:
+            g.stop()

@@ -563,9 +563,16 @@ class Jobs:
         if not made:
             await self.store.drop_lease("job", owner, jid)
             return None
-        await self.queue.put(
-            served, [{"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}]
-        )
+        try:
+            await self.queue.put(
+                served, [{"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}]
+            )
+        except BaseException:
+            # Recorded but not queued: unmade, so that the client's retry (told 503) makes it
+            # rather than finding a job that would never run.
+            with contextlib.suppress(RedisError, OSError):
+                await asyncio.shield(self.store.discard("job", jid, owner))
+            raise
         self.wake()
         got = await self.store.load("job", jid)
         assert got is not None

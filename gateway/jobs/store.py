@@ -174,6 +174,15 @@ class JobStore:
                 return False
         return True
 
+    async def discard(self, kind: str, rid: str, owner: str) -> None:
+        """Unmake a record that never started (its creation failed halfway), lease included."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key(kind, rid))
+            pipe.zrem(self.index_key(kind, owner), rid)
+            pipe.srem(self.active_key(kind), rid)
+            pipe.zrem(self.quota_key(kind, owner), rid)
+            await pipe.execute()
+
     async def load(self, kind: str, rid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(doc, fields) of a record, or None."""
         raw = await self.r.hgetall(self.key(kind, rid))
