@@ -95,18 +95,25 @@ class FormStream:
     def _on_end(self) -> None:
         self._events.append(("finished", b""))
 
+    async def _read(self) -> bytes | None:
+        """The body's next chunk (counted against ``max_bytes``), or None at its end."""
+        try:
+            chunk = await anext(self._body)
+        except StopAsyncIteration:
+            self._done = True
+            return None
+        self._received += len(chunk)
+        if self._received > self._max_bytes:
+            raise PayloadTooLarge(f"The request body exceeds {self._max_bytes} bytes.", param="file")
+        return chunk
+
     async def _next_event(self) -> tuple[str, bytes | dict[str, str]]:
         while not self._events:
             if self._done:
                 raise InvalidRequest("The multipart body ended before its closing boundary.")
-            try:
-                chunk = await anext(self._body)
-            except StopAsyncIteration:
-                self._done = True
+            chunk = await self._read()
+            if chunk is None:
                 continue
-            self._received += len(chunk)
-            if self._received > self._max_bytes:
-                raise PayloadTooLarge(f"The request body exceeds {self._max_bytes} bytes.", param="file")
             try:
                 self._parser.write(chunk)
             except MultipartParseError as exc:
@@ -140,14 +147,7 @@ class FormStream:
         upload whose body never arrives in full is never kept. Raises as :meth:`next_part`, and
         whatever the body raises (a client gone)."""
         while not self._done:
-            try:
-                chunk = await anext(self._body)
-            except StopAsyncIteration:
-                self._done = True
-                return
-            self._received += len(chunk)
-            if self._received > self._max_bytes:
-                raise PayloadTooLarge(f"The request body exceeds {self._max_bytes} bytes.", param="file")
+            await self._read()
 
     async def data(self) -> AsyncIterator[bytes]:
         """The current part's content, chunk by chunk, as it arrives."""
