@@ -25,7 +25,7 @@ import pytest
 import redis
 import yaml
 
-from tests.jobs_helpers import chat_lines, jobs_config, poll, sha
+from tests.jobs_helpers import chat_lines, jobs_config, poll, private_redis, sha
 from tests.procs import Gateway, Sim, python_m
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -332,12 +332,49 @@ def test_a_holder_paused_past_5s_and_its_replacement_make_one_job(fast_sim: Sim,
             replaced = copy.result(timeout=40)  # B's copy takes over after 5 s
             os.kill(p.a.proc.pid, signal.SIGCONT)
             original = fut.result(timeout=40)
-        assert replaced.status_code == 202 and original.status_code == 202, (replaced.text, original.text)
+        assert replaced.status_code == 202 and original.status_code == 202, (
+            replaced.text,
+            original.text,
+            p.a.log_lines()[-20:],
+        )
         repeat = submit(p.b, GUS, key).json()["id"]
         ids = {replaced.json()["id"], original.json()["id"], repeat}
         assert len(ids) == 1, f"one Idempotency-Key made {len(ids)} jobs: {ids} (repeat returns {repeat})"
     finally:
         p.stop()
+
+
+def test_a_keyed_submission_whose_redis_call_times_out_is_claimed_again_not_refused(
+    fast_sim: Sim, tmp_path: Path
+) -> None:
+    """A Redis call of a keyed submission times out (Redis stalled past the 5 s socket timeout,
+    or the replica was paused with the reply unread): whether the key was claimed is unknown.
+    The submission checks and claims again once, rather than answering 503 for a job it can
+    still make; the key still names exactly one job. Redis here stalls every write for 6.5 s
+    (``CLIENT PAUSE ... WRITE``) while the submission claims its key."""
+    with private_redis(tmp_path) as rs:
+        path, _ = jobs_config(tmp_path, queue=rs.url)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["backends"] = [{"url": fast_sim.url, "max_in_flight": 4}]
+        cfg["auth"]["api_keys"] += [{"sha256": sha(GUS), "subject": "gus", "team": "search"}]
+        path.write_text(yaml.safe_dump(cfg))
+        g = Gateway([], config=path)
+        r = redis.Redis.from_url(rs.url)
+        try:
+            r.execute_command("CLIENT", "PAUSE", "6500", "WRITE")
+            started = time.monotonic()
+            first = submit(g, GUS, "stalled-once")
+            assert time.monotonic() - started > 5  # the stall did hit the submission
+            assert first.status_code == 202, first.text
+            again = submit(g, GUS, "stalled-once")
+            assert again.status_code == 202 and again.json()["id"] == first.json()["id"], again.text
+            done = poll(
+                lambda: job(g, GUS, first.json()["id"]), lambda j: j["status"] == "completed", 30, "completed"
+            )
+            assert done["response"]["status_code"] == 200, done
+        finally:
+            r.close()
+            g.stop()
 
 
 # --------------------------------------------------------------------------- uploads and Content-Length

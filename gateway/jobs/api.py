@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
@@ -143,9 +144,12 @@ async def submit_async(
         return
     except receive_stage.ClientGone:
         return
-    except (RedisError, OSError):
+    except (RedisError, OSError) as exc:
         from gateway.jobs.service import JobsUnavailable
 
+        structlog.get_logger("gateway.jobs").warning(
+            "job submission interrupted by the job store", cause=type(exc).__name__, exc_info=True
+        )
         await send_error(send, JobsUnavailable())
         return
     out = orjson.dumps(job)

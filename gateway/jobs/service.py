@@ -462,8 +462,8 @@ class Jobs:
         """Record and enqueue one request; (job object, created). A repeated ``Idempotency-Key``
         of the same principal returns the job it created."""
         owner = owner_key(principal)
-        jid = f"job_{secrets.token_hex(12)}"
         if idempotency_key is None:
+            jid = f"job_{secrets.token_hex(12)}"
             made = await self._submit_job(principal, owner, jid, endpoint, raw, model, task_type)
             assert made is not None  # only a guarded submission makes nothing
             return made
@@ -471,26 +471,51 @@ class Jobs:
         # The key remembers what it was used for: the same key with another request is an
         # error (IETF draft-ietf-httpapi-idempotency-key-header: 422), not the other's job.
         fingerprint = hashlib.sha256(endpoint.encode() + b"\0" + raw).hexdigest()[:32]
-        value = f"{jid} {fingerprint}"
+        interrupted = False
         for _ in range(5):
-            prior = await self._claim_idempotency_key(ikey, value, fingerprint)
-            if prior is not None:
-                return prior, False
+            jid = f"job_{secrets.token_hex(12)}"
+            value = f"{jid} {fingerprint}"
             try:
+                prior = await self._claim_idempotency_key(ikey, value, fingerprint)
+                if prior is not None:
+                    return prior, False
                 made = await self._submit_job(
                     principal, owner, jid, endpoint, raw, model, task_type, guard=(ikey, value)
                 )
+            except (RedisError, OSError):
+                # A call to Redis failed or timed out (a replica paused past the socket timeout
+                # lands here on resuming, its reply unread). Whether the key was claimed and the
+                # job recorded is unknown: a recorded job is the answer; otherwise the key is let
+                # go (compare and delete) and claimed again, once, which also finds the job of a
+                # submission that took over meanwhile.
+                if interrupted:
+                    await self._let_go(ikey, value)
+                    raise
+                interrupted = True
+                try:
+                    got = await self.store.load("job", jid)
+                except BaseException:
+                    await self._let_go(ikey, value)
+                    raise
+                if got is not None:
+                    return self._render_job(*got), True
+                await self._let_go(ikey, value)
+                continue
             except BaseException:
-                # A refused or failed submission leaves the key free for the retry (only if it
-                # still holds this submission: compare and delete, one script).
-                with contextlib.suppress(RedisError, OSError):
-                    await asyncio.shield(self._release_key(keys=[ikey], args=[value]))
+                # A refused submission leaves the key free for the retry (only if it still
+                # holds this submission: compare and delete, one script).
+                await self._let_go(ikey, value)
                 raise
             if made is not None:
                 return made
             # This submission stalled past IDEMPOTENCY_WAIT and another took the key over: the
             # job is the one that submission makes; wait for it as any copy does.
         raise JobsUnavailable()
+
+    async def _let_go(self, ikey: str, value: str) -> None:
+        """Free ``ikey`` if it still holds ``value`` (this submission's claim); best effort."""
+        with contextlib.suppress(RedisError, OSError):
+            await asyncio.shield(self._release_key(keys=[ikey], args=[value]))
 
     async def _claim_idempotency_key(self, ikey: str, value: str, fingerprint: str) -> dict[str, Any] | None:
         """Hold ``ikey`` for this submission (None: go and make the job), or the job another
@@ -558,7 +583,10 @@ class Jobs:
         try:
             made = await self.store.create("job", jid, doc, "queued", guard=guard)
         except BaseException:
-            await asyncio.shield(self.store.drop_lease("job", owner, jid))
+            # Its reply lost, the record may exist all the same: unmade (lease included), so
+            # that no job stands recorded that was never queued.
+            with contextlib.suppress(RedisError, OSError):
+                await asyncio.shield(self.store.discard("job", jid, owner))
             raise
         if not made:
             await self.store.drop_lease("job", owner, jid)
