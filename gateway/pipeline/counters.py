@@ -273,21 +273,26 @@ class _Deadline:
     already waits in the socket: the timer then fires late, in the same loop turn as that
     answer, before the call could read it. Failing open on that would admit requests nobody
     counted, so a timer that fires late by more than a tenth of the timeout waits once more
-    (one more ``timeout``); a timer that fires on time means Redis is slow or gone.
+    (one more ``timeout``), up to ``MAX_EXTENSIONS`` times while the lag lasts (each late
+    turn may be the one the answer arrived in); a timer that fires on time means Redis is
+    slow or gone. A call is thus abandoned within ``(1 + MAX_EXTENSIONS) x timeout`` plus
+    the loop's own lag.
     """
 
-    __slots__ = ("extended", "handle", "loop", "timeout", "timer")
+    MAX_EXTENSIONS = 4
+
+    __slots__ = ("extensions", "handle", "loop", "timeout", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timer: asyncio.Timeout, timeout: float) -> None:
         self.loop, self.timer, self.timeout = loop, timer, timeout
-        self.extended = False
+        self.extensions = 0
         when = loop.time() + timeout
         self.handle = loop.call_at(when, self._fire, when)
 
     def _fire(self, when: float) -> None:
         now = self.loop.time()
-        if not self.extended and now - when > self.timeout / 10:
-            self.extended = True
+        if self.extensions < self.MAX_EXTENSIONS and now - when > self.timeout / 10:
+            self.extensions += 1
             self.handle = self.loop.call_at(now + self.timeout, self._fire, now + self.timeout)
             return
         self.timer.reschedule(now)
