@@ -6,9 +6,10 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ import orjson
 import redis
 import yaml
 
-from tests.procs import free_port
+from tests.procs import Gateway, Sim, free_port
 
 ALICE = "sk-alice-" + "a" * 24
 BOB = "sk-bob-" + "b" * 24
@@ -62,6 +63,59 @@ def jobs_config(
     path = tmp / f"gateway-{secrets.token_hex(3)}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, prefix
+
+
+def sim_jobs_config(
+    sim: Sim,
+    tmp: Path,
+    keys: Mapping[str, tuple[str, str]] = {},
+    max_in_flight: int = 1,
+    prefix: str | None = None,
+    **jobs: Any,
+) -> tuple[Path, str]:
+    """``jobs_config`` in front of ``sim`` (``max_in_flight`` slots), with more API keys:
+    ``keys`` maps a key to its (subject, team)."""
+    path, prefix = jobs_config(tmp, prefix=prefix, **jobs)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["backends"] = [{"url": sim.url, "max_in_flight": max_in_flight}]
+    cfg["auth"]["api_keys"] += [{"sha256": sha(k), "subject": s, "team": t} for k, (s, t) in keys.items()]
+    path.write_text(yaml.safe_dump(cfg))
+    return path, prefix
+
+
+def clean_prefix(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
+    """Delete every key under ``prefix`` (a test's jobs, files, leases and queue)."""
+    r = redis.Redis.from_url(url)
+    try:
+        for key in r.scan_iter(match=prefix + "*"):
+            r.delete(key)
+    finally:
+        r.close()
+
+
+class Pair:
+    """Two gateway replicas on one Redis and one file store (``config``), or one when
+    ``replicas`` is 1 (then ``a`` and ``b`` are the same)."""
+
+    def __init__(self, config: Path, prefix: str, store: Path, replicas: int = 2) -> None:
+        self.config, self.prefix, self.store = config, prefix, store
+        self.a = Gateway([], config=config)
+        try:
+            self.b = Gateway([], config=config) if replicas == 2 else self.a
+        except BaseException:
+            self.a.stop()
+            raise
+
+    @property
+    def both(self) -> tuple[Gateway, Gateway]:
+        return self.a, self.b
+
+    def stop(self) -> None:
+        for g in {id(self.a): self.a, id(self.b): self.b}.values():
+            if g.proc.alive():
+                os.kill(g.proc.pid, signal.SIGCONT)  # never leave a stopped process behind
+            g.stop()
+        clean_prefix(self.prefix)
 
 
 def chat_lines(n: int, model: str = "tiny", start: int = 0, max_tokens: int = 5) -> bytes:

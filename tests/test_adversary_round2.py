@@ -25,7 +25,16 @@ import pytest
 import redis
 import yaml
 
-from tests.jobs_helpers import chat_lines, jobs_config, poll, private_redis, sha
+from tests.jobs_helpers import (
+    Pair,
+    chat_lines,
+    clean_prefix,
+    jobs_config,
+    poll,
+    private_redis,
+    sha,
+    sim_jobs_config,
+)
 from tests.procs import Gateway, Sim, python_m
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -43,19 +52,14 @@ def owner_of(subject: str, team: str) -> str:
 
 
 def _config(sim: Sim, tmp: Path, max_in_flight: int = 1, **jobs: Any) -> tuple[Path, str]:
-    path, prefix = jobs_config(tmp, prefix=f"test:adv2:{secrets.token_hex(4)}:", **jobs)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["backends"] = [{"url": sim.url, "max_in_flight": max_in_flight}]
-    cfg["auth"]["api_keys"] += [{"sha256": sha(k), "subject": n, "team": "search"} for n, k in EXTRA.items()]
-    path.write_text(yaml.safe_dump(cfg))
-    return path, prefix
+    keys = {k: (n, "search") for n, k in EXTRA.items()}
+    return sim_jobs_config(sim, tmp, keys, max_in_flight, prefix=f"test:adv2:{secrets.token_hex(4)}:", **jobs)
 
 
-def _clean(prefix: str) -> None:
-    r = redis.Redis()
-    for key in r.scan_iter(match=prefix + "*"):
-        r.delete(key)
-    r.close()
+def pair(sim: Sim, tmp: Path, max_in_flight: int = 1, **jobs: Any) -> Pair:
+    """Two replicas on one Redis and one file store."""
+    config, prefix = _config(sim, tmp, max_in_flight, **jobs)
+    return Pair(config, prefix, tmp / "files")
 
 
 def auth(key: str) -> dict[str, str]:
@@ -110,30 +114,9 @@ def fast_sim() -> Iterator[Sim]:
     s.stop()
 
 
-class Pair:
-    """Two replicas on one Redis and one file store."""
-
-    def __init__(self, sim: Sim, tmp: Path, max_in_flight: int = 1, **jobs: Any) -> None:
-        self.config, self.prefix = _config(sim, tmp, max_in_flight, **jobs)
-        self.store = tmp / "files"
-        self.a = Gateway([], config=self.config)
-        try:
-            self.b = Gateway([], config=self.config)
-        except BaseException:
-            self.a.stop()
-            raise
-
-    def stop(self) -> None:
-        for g in (self.a, self.b):
-            if g.proc.alive():
-                os.kill(g.proc.pid, signal.SIGCONT)  # never leave a stopped process behind
-            g.stop()
-        _clean(self.prefix)
-
-
 @pytest.fixture(scope="module")
 def fast(fast_sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    p = Pair(fast_sim, tmp_path_factory.mktemp("adv2-fast"), max_in_flight=4, max_stored_bytes=100_000)
+    p = pair(fast_sim, tmp_path_factory.mktemp("adv2-fast"), max_in_flight=4, max_stored_bytes=100_000)
     yield p
     p.stop()
 
@@ -226,7 +209,7 @@ def test_the_key_outlives_its_queued_job(slow_sim: Sim, tmp_path: Path) -> None:
     or scaled to zero: docs/jobs.md says lines wait) has lost its key, and the client's retry
     makes a second job. With retention 3 s and a backend that never answers, the retry 4 s
     later must still return the first job."""
-    p = Pair(slow_sim, tmp_path, retention=3, concurrency=1)
+    p = pair(slow_sim, tmp_path, retention=3, concurrency=1)
     try:
         key = "lapse-" + secrets.token_hex(4)
         first = submit(p.a, DAN, key)
@@ -259,7 +242,7 @@ def test_a_retention_under_a_second_is_refused_by_the_config(fast_sim: Sim, tmp_
     )
     assert out.returncode != 0, out.stdout
     assert "jobs.retention" in out.stdout + out.stderr, out.stdout + out.stderr
-    _clean(prefix)
+    clean_prefix(prefix)
 
 
 def _catch_a_holder(
@@ -300,7 +283,7 @@ def test_a_holder_killed_mid_submission_is_replaced_by_exactly_one_waiter(
 ) -> None:
     """Replica A is killed (-9) holding the key, before it recorded a job: copies of the
     submission on B wait ~5 s, then exactly one job is made, and every copy returns it."""
-    p = Pair(fast_sim, tmp_path, max_in_flight=4)
+    p = pair(fast_sim, tmp_path, max_in_flight=4)
     try:
         key, _fut, pool = _catch_a_holder(p, "killed")
         os.kill(p.a.proc.pid, signal.SIGKILL)
@@ -324,7 +307,7 @@ def test_a_holder_paused_past_5s_and_its_replacement_make_one_job(fast_sim: Sim,
     fencing): the replacement made one too. Here replica A is stopped between claiming the key
     and recording its job; the copy sent to B takes over after 5 s and gets a job; A is then
     resumed and answers with another job."""
-    p = Pair(fast_sim, tmp_path, max_in_flight=4)
+    p = pair(fast_sim, tmp_path, max_in_flight=4)
     try:
         key, fut, pool = _catch_a_holder(p, "paused")
         with pool:
@@ -433,17 +416,13 @@ def _raw_upload(
 def small(fast_sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     """Room of 1 MB per principal; bodies must arrive within 3 s."""
     tmp = tmp_path_factory.mktemp("adv2-small")
-    p = Pair.__new__(Pair)
-    p.config, p.prefix = _config(fast_sim, tmp, 4, max_stored_bytes=1_000_000)
-    cfg = yaml.safe_load(p.config.read_text())
+    config, prefix = _config(fast_sim, tmp, 4, max_stored_bytes=1_000_000)
+    cfg = yaml.safe_load(config.read_text())
     cfg["server"] = {"body_timeout": 3}
-    p.config.write_text(yaml.safe_dump(cfg))
-    p.store = tmp / "files"
-    p.a = Gateway([], config=p.config)
-    p.b = p.a
+    config.write_text(yaml.safe_dump(cfg))
+    p = Pair(config, prefix, tmp / "files", replicas=1)
     yield p
-    p.a.stop()
-    _clean(p.prefix)
+    p.stop()
 
 
 def _files_of(p: Pair, key: str) -> list[tuple[str, int]]:
@@ -505,7 +484,7 @@ def test_a_batch_whose_big_input_is_deleted_while_it_starts_fails_cleanly_or_run
     runs (it had opened the file: POSIX keeps the bytes of an open file) or fails with exactly
     one `file_not_found` error without a line, total 0, none of its lines in the queue, and
     no longer counted against max_active_batches. Nothing stays `validating`."""
-    p = Pair(slow_sim, tmp_path, max_active_batches=6, concurrency=1)
+    p = pair(slow_sim, tmp_path, max_active_batches=6, concurrency=1)
     r = redis.Redis()
     try:
         lines = chat_lines(20_000)

@@ -229,11 +229,17 @@ def test_the_usage_and_costs_apis_report_hits_and_savings(served: Served) -> Non
             "bucket_width": width,
             "limit": 2 if width == "1d" else 62,
         }
-        by_provider = results(
-            api(served.gw, "/v1/organization/usage/completions", group_by="provider", **params)
-        )
+        body = api(served.gw, "/v1/organization/usage/completions", group_by="provider", **params)
+        by_provider = results(body)
         got = {r["provider"]: (r["num_model_requests"], r["num_cache_hits"]) for r in by_provider}
-        assert got == {"cache": (1, 1), "local": (sums["n"] - 1, 0)}, width
+        assert got == {"cache": (1, 1), "local": (sums["n"] - 1, 0)}, (
+            width,
+            start,
+            time.time(),
+            [(b["start_time"], len(b["results"])) for b in body["data"] if b["results"]][:5],
+            [(bd["start_time"], bd["end_time"]) for bd in (body["data"][0], body["data"][-1])],
+            run_sql(SHARED_DSN, "SELECT extract(epoch FROM ts), provider FROM events", schema=served.schema),
+        )
     costs = results(
         api(
             served.gw,

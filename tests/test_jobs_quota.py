@@ -20,7 +20,7 @@ import pytest
 import redis
 import yaml
 
-from tests.jobs_helpers import ALICE, BOB, CAROL, chat_lines, jobs_config, poll, private_redis
+from tests.jobs_helpers import ALICE, BOB, CAROL, chat_lines, clean_prefix, jobs_config, poll, private_redis
 from tests.procs import Gateway, Sim
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -46,7 +46,7 @@ def gw(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g, prefix = gateway(sim, tmp_path_factory.mktemp("quota"), max_active_jobs=2, max_active_batches=1)
     yield g
     g.stop()
-    _clean(prefix)
+    clean_prefix(prefix)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +55,7 @@ def files_gw(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     g, prefix = gateway(sim, tmp, max_stored_bytes=1000, max_files=3)
     yield g, next(tmp.glob("gateway-*.yaml"))
     g.stop()
-    _clean(prefix)
-
-
-def _clean(prefix: str) -> None:
-    r = redis.Redis()
-    for key in r.scan_iter(match=prefix + "*"):
-        r.delete(key)
-    r.close()
+    clean_prefix(prefix)
 
 
 def client(g: Gateway, key: str) -> openai.OpenAI:

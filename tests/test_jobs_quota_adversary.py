@@ -19,10 +19,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
-import yaml
 
-from tests.jobs_helpers import ALICE, BOB, CAROL, chat_lines, jobs_config, poll, sha
+from tests.jobs_helpers import ALICE, BOB, CAROL, Pair, chat_lines, poll, sim_jobs_config
 from tests.procs import Gateway, Sim
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -66,51 +64,16 @@ def fast_sim() -> Iterator[Sim]:
     s.stop()
 
 
-def _config(sim: Sim, tmp: Path, max_in_flight: int = 1, **jobs: Any) -> tuple[Path, str]:
-    path, prefix = jobs_config(tmp, **jobs)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["backends"] = [{"url": sim.url, "max_in_flight": max_in_flight}]
-    cfg["auth"]["api_keys"] += [
-        {"sha256": sha(ALICE_RESEARCH), "subject": "alice", "team": "research"},
-        *({"sha256": sha(k), "subject": name, "team": "search"} for name, k in SEARCH_KEYS.items()),
-    ]
-    path.write_text(yaml.safe_dump(cfg))
-    return path, prefix
-
-
-def _clean(prefix: str) -> None:
-    r = redis.Redis()
-    for key in r.scan_iter(match=prefix + "*"):
-        r.delete(key)
-    r.close()
-
-
-class Pair:
+def pair(sim: Sim, tmp: Path, max_in_flight: int = 1, **jobs: Any) -> Pair:
     """Two gateway replicas on one Redis and one file store."""
-
-    def __init__(self, sim: Sim, tmp: Path, max_in_flight: int = 1, **jobs: Any) -> None:
-        self.config, self.prefix = _config(sim, tmp, max_in_flight, **jobs)
-        self.store = tmp / "files"
-        self.a = Gateway([], config=self.config)
-        try:
-            self.b = Gateway([], config=self.config)
-        except BaseException:
-            self.a.stop()
-            raise
-
-    @property
-    def both(self) -> tuple[Gateway, Gateway]:
-        return self.a, self.b
-
-    def stop(self) -> None:
-        self.a.stop()
-        self.b.stop()
-        _clean(self.prefix)
+    keys = {ALICE_RESEARCH: ("alice", "research"), **{k: (n, "search") for n, k in SEARCH_KEYS.items()}}
+    config, prefix = sim_jobs_config(sim, tmp, keys, max_in_flight, **jobs)
+    return Pair(config, prefix, tmp / "files")
 
 
 @pytest.fixture(scope="module")
 def slow(slow_sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    p = Pair(
+    p = pair(
         slow_sim,
         tmp_path_factory.mktemp("adv-slow"),
         max_active_jobs=4,
@@ -125,7 +88,7 @@ def slow(slow_sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
 
 @pytest.fixture(scope="module")
 def fast(fast_sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    p = Pair(
+    p = pair(
         fast_sim,
         tmp_path_factory.mktemp("adv-fast"),
         max_in_flight=4,
@@ -341,33 +304,33 @@ def test_a_batch_whose_input_file_is_deleted_as_it_starts_ends_and_stops_countin
     Observed: validation meets FileNotFoundError (an OSError), which the validator treats as
     Redis being away ("the sweeper resumes it"); every resumption fails the same way, so the
     batch stays `validating`, and counts against max_active_batches, for 24 h + 10 min."""
-    pair = Pair(slow_sim, tmp_path, max_active_batches=50, concurrency=1)
+    p = pair(slow_sim, tmp_path, max_active_batches=50, concurrency=1)
     try:
         created: list[str] = []
         body = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
         for _ in range(30):
             if len(created) >= 8:
                 break
-            fid = upload(pair.a, OSCAR, chat_lines(3), purpose="batch").json()["id"]
+            fid = upload(p.a, OSCAR, chat_lines(3), purpose="batch").json()["id"]
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 made = [
                     pool.submit(
                         httpx.post,
-                        pair.both[i % 2].v1 + "/batches",
+                        p.both[i % 2].v1 + "/batches",
                         headers=auth(OSCAR),
                         json={**body, "input_file_id": fid},
                         timeout=30,
                     )
                     for i in range(3)
                 ]
-                gone = pool.submit(httpx.delete, f"{pair.b.v1}/files/{fid}", headers=auth(OSCAR), timeout=30)
+                gone = pool.submit(httpx.delete, f"{p.b.v1}/files/{fid}", headers=auth(OSCAR), timeout=30)
                 assert gone.result().status_code == 200
                 created += [m.result().json()["id"] for m in made if m.result().status_code == 200]
         assert created
 
         def statuses() -> dict[str, str]:
             return {
-                b: httpx.get(f"{pair.a.v1}/batches/{b}", headers=auth(OSCAR), timeout=10).json()["status"]
+                b: httpx.get(f"{p.a.v1}/batches/{b}", headers=auth(OSCAR), timeout=10).json()["status"]
                 for b in created
             }
 
@@ -375,10 +338,10 @@ def test_a_batch_whose_input_file_is_deleted_as_it_starts_ends_and_stops_countin
         try:
             poll(statuses, lambda s: "validating" not in s.values(), 45, "no batch left validating")
         except AssertionError as exc:
-            interrupted = [line for line in pair.a.log_lines() if "validation interrupted" in line]
+            interrupted = [line for line in p.a.log_lines() if "validation interrupted" in line]
             raise AssertionError(f"{exc}\n{len(interrupted)} 'validation interrupted' logs") from None
     finally:
-        pair.stop()
+        p.stop()
 
 
 # --------------------------------------------------------------------------- stored files
