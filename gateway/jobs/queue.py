@@ -97,6 +97,13 @@ class RedisStreamsQueue:
                 raise
         self._groups.add(key)
 
+    async def stream(self, model: str) -> str:
+        """The stream of ``model``'s lines, its consumer group made: for a caller that appends
+        to it inside a script of its own (``JobStore.submit_job``)."""
+        key = self._key(model)
+        await self._ensure(key)
+        return key
+
     async def put(self, model: str, items: list[dict[str, Any]]) -> list[str]:
         key = self._key(model)
         await self._ensure(key)

@@ -75,18 +75,37 @@ _VALIDATION_GRACE = 600  # seconds past its window a batch may still be validati
 JOB_WINDOW = 86400  # seconds a `Prefer: respond-async` job may wait and run (its expires_at)
 IDEMPOTENCY_WAIT = 5.0  # seconds a submission holding an Idempotency-Key may take to record its job
 IDEMPOTENCY_GIVE_UP = 30.0  # seconds a repeated submission waits for an outcome, at most
-# KEYS[1] an Idempotency-Key. ARGV: the value it must hold now ('': none), the new value, ttl s.
+# KEYS: an Idempotency-Key, the record of the job its current holder makes (the key itself when
+# it has none). ARGV: the value it must hold now ('': none), the new value, ttl s. A holder is
+# replaced only while its job is not recorded: its script may have run late (Redis stalled).
 _SWAP_KEY = """
 local cur = redis.call('GET', KEYS[1])
 if (cur or '') ~= ARGV[1] then return 0 end
+if ARGV[1] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
-# KEYS[1] an Idempotency-Key. ARGV[1] the value it must hold to be deleted.
+# KEYS: an Idempotency-Key, the record of the job its value names. ARGV[1] the value it must
+# hold to be deleted. Kept when that job is recorded: a submission whose reply was lost lets go
+# only of a key under which nothing was made (its script, if still pending in a stalled Redis,
+# then finds the key gone and makes nothing).
 _RELEASE_KEY = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
+
+
+def _too_many(kind: str, cap: int) -> TooManyActive:
+    plural = "batches" if kind == "batch" else "jobs"
+    cancel = "POST /v1/batches/{batch_id}/cancel" if kind == "batch" else "DELETE /v1/jobs/{job_id}"
+    return TooManyActive(
+        f"You have {cap} {plural} not yet ended, the most allowed at once: wait for one "
+        f"to end, or cancel one ({cancel}).",
+        code=f"too_many_active_{plural}",
+        retry_after=30,
+    )
 
 
 class JobsUnavailable(GatewayError):
@@ -243,11 +262,14 @@ class Jobs:
             "owner": owner,
             "principal": principal_doc(principal),
         }
-        await self._take_lease("batch", owner, bid, now + window, self.s.max_active_batches)
         try:
+            await self._take_lease("batch", owner, bid, now + window, self.s.max_active_batches)
             await self.store.create("batch", bid, doc, "validating", validation_lock=now)
         except BaseException:
-            await asyncio.shield(self.store.drop_lease("batch", owner, bid))
+            # Refused, or a reply lost (the lease may be held all the same): given back, so that
+            # a failed creation never keeps counting against the bound.
+            with contextlib.suppress(RedisError, OSError):
+                await asyncio.shield(self.store.drop_lease("batch", owner, bid))
             raise
         self._spawn(self._validate(bid))
         return await self.batch(owner, bid)
@@ -256,14 +278,7 @@ class Jobs:
         """Count a new batch or job against its principal's bound (gateway/jobs/quota.py), or
         raise ``TooManyActive`` (429, ``Retry-After``)."""
         if not await self.store.take_lease(kind, owner, rid, ends + LEASE_SLACK, cap):
-            plural = "batches" if kind == "batch" else "jobs"
-            cancel = "POST /v1/batches/{batch_id}/cancel" if kind == "batch" else "DELETE /v1/jobs/{job_id}"
-            raise TooManyActive(
-                f"You have {cap} {plural} not yet ended, the most allowed at once: wait for one "
-                f"to end, or cancel one ({cancel}).",
-                code=f"too_many_active_{plural}",
-                retry_after=30,
-            )
+            raise _too_many(kind, cap)
 
     async def batch(self, owner: str, bid: str) -> dict[str, Any]:
         got = await self.store.load("batch", bid)
@@ -484,22 +499,17 @@ class Jobs:
                 )
             except (RedisError, OSError):
                 # A call to Redis failed or timed out (a replica paused past the socket timeout
-                # lands here on resuming, its reply unread). Whether the key was claimed and the
-                # job recorded is unknown: a recorded job is the answer; otherwise the key is let
-                # go (compare and delete) and claimed again, once, which also finds the job of a
-                # submission that took over meanwhile.
+                # lands here on resuming, its reply unread; or Redis stalled, the script still
+                # pending in it): whether the key was claimed and the job made is unknown. The
+                # key is let go only if no job was recorded under it (one script, so a pending
+                # submission then finds the key gone and makes nothing), and claimed again,
+                # once: that finds this submission's job if it was made. When Redis cannot be
+                # reached, the key stays: a retry finds the job, or takes the key over after
+                # IDEMPOTENCY_WAIT if none was made.
+                await self._let_go(ikey, value)
                 if interrupted:
-                    await self._let_go(ikey, value)
                     raise
                 interrupted = True
-                try:
-                    got = await self.store.load("job", jid)
-                except BaseException:
-                    await self._let_go(ikey, value)
-                    raise
-                if got is not None:
-                    return self._render_job(*got), True
-                await self._let_go(ikey, value)
                 continue
             except BaseException:
                 # A refused submission leaves the key free for the retry (only if it still
@@ -513,9 +523,11 @@ class Jobs:
         raise JobsUnavailable()
 
     async def _let_go(self, ikey: str, value: str) -> None:
-        """Free ``ikey`` if it still holds ``value`` (this submission's claim); best effort."""
+        """Free ``ikey`` if it still holds ``value`` (this submission's claim) and the job that
+        value names was not recorded; best effort."""
+        record = self.store.key("job", value.partition(" ")[0])
         with contextlib.suppress(RedisError, OSError):
-            await asyncio.shield(self._release_key(keys=[ikey], args=[value]))
+            await asyncio.shield(self._release_key(keys=[ikey, record], args=[value]))
 
     async def _claim_idempotency_key(self, ikey: str, value: str, fingerprint: str) -> dict[str, Any] | None:
         """Hold ``ikey`` for this submission (None: go and make the job), or the job another
@@ -529,7 +541,11 @@ class Jobs:
         give_up = loop.time() + IDEMPOTENCY_GIVE_UP
         expected, watched, since = "", "", loop.time()
         while True:
-            if await self._swap_key(keys=[ikey], args=[expected, value, self._idempotency_ttl]) == 1:
+            held_record = self.store.key("job", expected.partition(" ")[0]) if expected else ikey
+            swapped = await self._swap_key(
+                keys=[ikey, held_record], args=[expected, value, self._idempotency_ttl]
+            )
+            if swapped == 1:
                 return None
             raw_held = await self.r.get(ikey)
             if raw_held is None:
@@ -579,32 +595,18 @@ class Jobs:
             "principal": principal_doc(principal),
             "task_type": task_type,
         }
-        await self._take_lease("job", owner, jid, now + JOB_WINDOW, self.s.max_active_jobs)
-        try:
-            made = await self.store.create("job", jid, doc, "queued", guard=guard)
-        except BaseException:
-            # Its reply lost, the record may exist all the same: unmade (lease included), so
-            # that no job stands recorded that was never queued.
-            with contextlib.suppress(RedisError, OSError):
-                await asyncio.shield(self.store.discard("job", jid, owner))
-            raise
-        if not made:
-            await self.store.drop_lease("job", owner, jid)
+        stream = await self.queue.stream(served)
+        entry = {"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}
+        # One script: the key's check, the lease, the record and the queue entry, all or none.
+        made = await self.store.submit_job(
+            jid, doc, now + JOB_WINDOW + LEASE_SLACK, self.s.max_active_jobs, guard, stream, served, entry
+        )
+        if made == 0:
             return None
-        try:
-            await self.queue.put(
-                served, [{"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}]
-            )
-        except BaseException:
-            # Recorded but not queued: unmade, so that the client's retry (told 503) makes it
-            # rather than finding a job that would never run.
-            with contextlib.suppress(RedisError, OSError):
-                await asyncio.shield(self.store.discard("job", jid, owner))
-            raise
+        if made < 0:
+            raise _too_many("job", self.s.max_active_jobs)
         self.wake()
-        got = await self.store.load("job", jid)
-        assert got is not None
-        return self._render_job(*got), True
+        return self._render_job(doc, {"status": b"queued"}), True
 
     async def job(self, owner: str, jid: str) -> dict[str, Any]:
         got = await self.store.load("job", jid)

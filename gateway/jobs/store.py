@@ -27,11 +27,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
 
 from gateway.auth.principal import Principal
 from gateway.jobs.files import owner_key
-from gateway.jobs.quota import TAKE_LEASE
+from gateway.jobs.quota import SUBMIT_JOB, TAKE_LEASE
 
 __all__ = ["JobStore", "owner_key"]
 
@@ -102,6 +101,7 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION)
         self._put_once = redis.register_script(_PUT_ONCE)
         self._take_lease = redis.register_script(TAKE_LEASE)
+        self._submit_job = redis.register_script(SUBMIT_JOB)
 
     # keys
     def key(self, kind: str, rid: str) -> str:
@@ -139,48 +139,59 @@ class JobStore:
         res = await self._take_lease(keys=[self.quota_key(kind, owner)], args=args)
         return bool(res == 1)
 
+    async def submit_job(
+        self,
+        jid: str,
+        doc: dict[str, Any],
+        lease_until: int,
+        cap: int,
+        guard: tuple[str, str] | None,
+        stream: str,
+        model: str,
+        entry: dict[str, Any],
+    ) -> int:
+        """Record job ``jid`` as ``queued``, count it against its owner's bound and append
+        ``entry`` to ``stream``, in one script (gateway/jobs/quota.py ``SUBMIT_JOB``): 1 made,
+        0 ``guard`` (an Idempotency-Key and the value it must hold) names another submission,
+        -1 ``cap`` jobs are already active. Either all of it happened or none: after a lost
+        reply, the record's existence says which."""
+        owner = doc["owner"]
+        record = self.key("job", jid)
+        keys = [
+            guard[0] if guard is not None else record,
+            record,
+            self.index_key("job", owner),
+            self.active_key("job"),
+            self.quota_key("job", owner),
+            f"{self.p}models",
+            stream,
+        ]
+        args: list[Any] = [
+            guard[1] if guard is not None else "",
+            jid,
+            orjson.dumps(doc),
+            time.time_ns() // 1000,
+            int(time.time()),
+            cap,
+            lease_until,
+            model,
+        ]
+        for k, v in entry.items():
+            args += (k, v)
+        return int(await self._submit_job(keys=keys, args=args))
+
     async def drop_lease(self, kind: str, owner: str, rid: str) -> None:
         await self.r.zrem(self.quota_key(kind, owner), rid)
 
     # records
-    async def create(
-        self,
-        kind: str,
-        rid: str,
-        doc: dict[str, Any],
-        status: str,
-        guard: tuple[str, str] | None = None,
-        **fields: Any,
-    ) -> bool:
-        """Record a batch or job. With ``guard`` (a key and the value it must hold, an
-        Idempotency-Key held by this submission), only while the key still holds it, checked
-        atomically with the writes (``WATCH``): False, and nothing written, when it does not."""
+    async def create(self, kind: str, rid: str, doc: dict[str, Any], status: str, **fields: Any) -> None:
+        """Record a batch (a job is recorded by ``submit_job``, with its lease and queue entry)."""
         order = time.time_ns() // 1000  # µs: orders records created within one second
         async with self.r.pipeline(transaction=True) as pipe:
-            if guard is not None:
-                await pipe.watch(guard[0])
-                held = await pipe.get(guard[0])
-                if held is None or held.decode() != guard[1]:
-                    await pipe.unwatch()
-                    return False
-                pipe.multi()
             mapping = {"doc": orjson.dumps(doc), "status": status, **{k: _enc(v) for k, v in fields.items()}}
             pipe.hset(self.key(kind, rid), mapping=mapping)
             pipe.zadd(self.index_key(kind, doc["owner"]), {rid: order})
             pipe.sadd(self.active_key(kind), rid)
-            try:
-                await pipe.execute()
-            except WatchError:
-                return False
-        return True
-
-    async def discard(self, kind: str, rid: str, owner: str) -> None:
-        """Unmake a record that never started (its creation failed halfway), lease included."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key(kind, rid))
-            pipe.zrem(self.index_key(kind, owner), rid)
-            pipe.srem(self.active_key(kind), rid)
-            pipe.zrem(self.quota_key(kind, owner), rid)
             await pipe.execute()
 
     async def load(self, kind: str, rid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
