@@ -19,6 +19,7 @@ import structlog
 
 from gateway.cache.key import CacheKey
 from gateway.cache.resp import RespClient
+from gateway.storage_timeout import storage_timeout
 
 # KEYS: stream entry, plain entry, lock, waiters' mark. ARGV: lock token, lock ms, take the lock
 # on a miss (1/0), the mark's ms. A caller that finds the lock held marks it waited: only then do
@@ -96,7 +97,7 @@ class CacheStore:
         self.log = structlog.get_logger("gateway.cache")
 
     async def _eval(self, script: _Script, keys: list[str], args: list[bytes | str | int]) -> Any:
-        async with asyncio.timeout(self._timeout):
+        async with storage_timeout(self._timeout):
             return await self.fast.evalsha(script.sha, script.text, keys, args)
 
     async def lookup(
@@ -113,7 +114,7 @@ class CacheStore:
 
     async def peek(self, key: CacheKey) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(stored stream, stored plain answer, the lock's value or None)."""
-        async with asyncio.timeout(self._timeout):
+        async with storage_timeout(self._timeout):
             out = await self.fast.call(b"MGET", key.entry + "s", key.entry + "j", key.lock)
         return out[0], out[1], out[2]
 

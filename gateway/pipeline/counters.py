@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from gateway.storage_timeout import storage_timeout
+
 # Largest value a window counter holds, and the largest single cost or correction. Lua numbers
 # are doubles (exact to 2**53) and Redis' INCRBY fails beyond int64: values stay far below both.
 CAP = 2**50
@@ -266,38 +268,6 @@ return 0
 """
 
 
-class _Deadline:
-    """``timeout`` seconds for one Redis call, not counting this process's own event-loop lag.
-
-    Under a burst the loop can be busy for longer than the timeout while Redis' answer
-    already waits in the socket: the timer then fires late, in the same loop turn as that
-    answer, before the call could read it. Failing open on that would admit requests nobody
-    counted, so a timer that fires late by more than a tenth of the timeout waits once more
-    (one more ``timeout``), up to ``MAX_EXTENSIONS`` times while the lag lasts (each late
-    turn may be the one the answer arrived in); a timer that fires on time means Redis is
-    slow or gone. A call is thus abandoned within ``(1 + MAX_EXTENSIONS) x timeout`` plus
-    the loop's own lag.
-    """
-
-    MAX_EXTENSIONS = 4
-
-    __slots__ = ("extensions", "handle", "loop", "timeout", "timer")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timer: asyncio.Timeout, timeout: float) -> None:
-        self.loop, self.timer, self.timeout = loop, timer, timeout
-        self.extensions = 0
-        when = loop.time() + timeout
-        self.handle = loop.call_at(when, self._fire, when)
-
-    def _fire(self, when: float) -> None:
-        now = self.loop.time()
-        if self.extensions < self.MAX_EXTENSIONS and now - when > self.timeout / 10:
-            self.extensions += 1
-            self.handle = self.loop.call_at(now + self.timeout, self._fire, now + self.timeout)
-            return
-        self.timer.reschedule(now)
-
-
 class RedisCounters:
     """Counters in Redis (one server or a primary; not Redis Cluster: a request's counters
     live under different keys that one script must reach together).
@@ -335,14 +305,8 @@ class RedisCounters:
         self._member = secrets.token_hex(6) + ":"
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        async with self._slots:
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(None) as timer:
-                deadline = _Deadline(loop, timer, self._timeout)
-                try:
-                    return await script(keys=keys, args=args)
-                finally:
-                    deadline.handle.cancel()
+        async with self._slots, storage_timeout(self._timeout):
+            return await script(keys=keys, args=args)
 
     async def take(self, items: Sequence[TakeItem], leases: Sequence[LeaseItem], lease: int) -> Taken:
         keys = [k for k, _, _, _ in items]

@@ -1,4 +1,4 @@
-"""The Redis limiter's call deadline (gateway/pipeline/counters.py ``_Deadline``) on a real event
+"""The deadline of a call to Redis (gateway/storage_timeout.py: the limiter's and the cache's) on a real event
 loop: a loop that lags turn after turn is not a slow Redis, and a Redis that never answers is still
 given up on. The "answer" is a byte on a real socket pair, written by a thread while the loop is
 busy (as Redis' reply lands while the gateway's loop runs other requests)."""
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gateway.pipeline.counters import _Deadline
+from gateway.storage_timeout import storage_timeout
 
 TIMEOUT = 0.2  # the call's deadline, seconds
 TURN = 0.4  # how long each turn of the busy loop blocks: twice the deadline
@@ -27,12 +27,8 @@ async def _busy(turns: int) -> None:
 
 async def _call(sock: socket.socket) -> bytes:
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None) as timer:
-        deadline = _Deadline(loop, timer, TIMEOUT)
-        try:
-            return await loop.sock_recv(sock, 1)
-        finally:
-            deadline.handle.cancel()
+    async with storage_timeout(TIMEOUT):
+        return await loop.sock_recv(sock, 1)
 
 
 async def test_an_answer_that_lands_during_sustained_loop_lag_is_read_not_timed_out() -> None:
