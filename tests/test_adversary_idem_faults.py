@@ -32,9 +32,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import yaml
 
-from tests.jobs_helpers import jobs_config, poll, private_redis, sha
+from tests.jobs_helpers import poll, private_redis, sim_jobs_config
 from tests.procs import Gateway, Sim, free_port
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -181,11 +180,7 @@ def faulty(sim: Sim, tmp: Path, **jobs: Any) -> Iterator[tuple[Gateway, FaultPro
     with private_redis(tmp) as rs:
         proxy = FaultProxy(rs.port)
         prefix = f"test:advidem:{secrets.token_hex(4)}:"
-        path, _ = jobs_config(tmp, queue=proxy.url, prefix=prefix, **jobs)
-        cfg = yaml.safe_load(path.read_text())
-        cfg["backends"] = [{"url": sim.url, "max_in_flight": 4}]
-        cfg["auth"]["api_keys"] += [{"sha256": sha(IVY), "subject": "ivy", "team": "search"}]
-        path.write_text(yaml.safe_dump(cfg))
+        path, _ = sim_jobs_config(sim, tmp, {IVY: ("ivy", "search")}, 4, prefix, queue=proxy.url, **jobs)
         g = Gateway([], config=path)
         direct = redis.Redis.from_url(rs.url)
         proxy.redis = rs

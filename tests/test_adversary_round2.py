@@ -29,10 +29,8 @@ from tests.jobs_helpers import (
     Pair,
     chat_lines,
     clean_prefix,
-    jobs_config,
     poll,
     private_redis,
-    sha,
     sim_jobs_config,
 )
 from tests.procs import Gateway, Sim, python_m
@@ -336,11 +334,7 @@ def test_a_keyed_submission_whose_redis_call_times_out_is_claimed_again_not_refu
     still make; the key still names exactly one job. Redis here stalls every write for 6.5 s
     (``CLIENT PAUSE ... WRITE``) while the submission claims its key."""
     with private_redis(tmp_path) as rs:
-        path, _ = jobs_config(tmp_path, queue=rs.url)
-        cfg = yaml.safe_load(path.read_text())
-        cfg["backends"] = [{"url": fast_sim.url, "max_in_flight": 4}]
-        cfg["auth"]["api_keys"] += [{"sha256": sha(GUS), "subject": "gus", "team": "search"}]
-        path.write_text(yaml.safe_dump(cfg))
+        path, _ = sim_jobs_config(fast_sim, tmp_path, {GUS: ("gus", "search")}, 4, queue=rs.url)
         g = Gateway([], config=path)
         r = redis.Redis.from_url(rs.url)
         try:
