@@ -189,7 +189,7 @@ def _token(args: argparse.Namespace) -> int:
     if settings.auth.jwt is None:
         print("the config has no auth.jwt section", file=sys.stderr)
         return 2
-    refusal = _token_refusal(settings, args.tier, args.ttl, args.sub)
+    refusal = _token_refusal(settings, args.tier, args.ttl, args.sub, args.team)
     if refusal is not None:
         print(f"refusing to sign a token the gateway would not accept: {refusal}", file=sys.stderr)
         return 2
@@ -201,7 +201,12 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_refusal(settings: Settings, tier: str | None, ttl: int, sub: str) -> str | None:
+_MAX_TOKEN_TTL = 366 * 86400
+
+
+def _token_refusal(
+    settings: Settings, tier: str | None, ttl: int, sub: str, team: str | None = None
+) -> str | None:
     """Why the gateway configured by ``settings`` would refuse such a token, or None.
 
     Mirrors the gateway's own checks: a tier outside a non-empty ``tiers`` is answered 403
@@ -212,6 +217,10 @@ def _token_refusal(settings: Settings, tier: str | None, ttl: int, sub: str) -> 
         return "--sub is empty: the gateway refuses a token without a subject (401)"
     if ttl <= 0:
         return f"--ttl {ttl}: a token must expire in the future (give seconds > 0)"
+    if ttl > _MAX_TOKEN_TTL:
+        return f"--ttl {ttl}: longer than a year ({_MAX_TOKEN_TTL} s); a development token should expire"
+    if team == "":
+        return "--team is empty: the gateway reads an empty team as no team; leave --team out"
     if tier is not None and settings.tiers and tier not in settings.tiers:
         known = ", ".join(sorted(settings.tiers))
         return f"--tier {tier}: no such tier in the config's `tiers` ({known}); requests would get 403"

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.ledger.config import BudgetSettings
+from gateway.redis_url import check_redis_url
 
 
 class _Section(BaseModel):
@@ -185,6 +186,8 @@ class RateLimitSettings(_Section):
     @field_validator("storage")
     @classmethod
     def _check_storage(cls, v: str) -> str:
-        if not v.startswith(("memory://", "redis://", "rediss://")):
+        if v.startswith("memory://"):
+            return v
+        if not v.startswith(("redis://", "rediss://")):
             raise ValueError("use memory:// or redis://host:port/db")
-        return v
+        return check_redis_url(v)

@@ -838,6 +838,23 @@ def test_team_claim_name_is_configurable(hs_gw: Gateway) -> None:
     assert sdk_chat(hs_gw, hs(claims(team="research")), "big")
 
 
+def test_a_team_or_tier_claim_that_is_not_a_string_is_refused_and_an_empty_team_is_none(
+    hs_gw: Gateway,
+) -> None:
+    """A team claim of ``""``, a list or a number was turned into a team name by str(): every
+    such principal shared one team (its cache scope, limits, budget)."""
+    for bad in (["research"], 7, True, {"a": 1}):
+        r = post_chat(hs_gw, bearer(hs(claims(org_id=bad))))
+        assert_error(r, 401, "authentication_error")
+        assert "org_id" in r.json()["error"]["message"]
+    r = post_chat(hs_gw, bearer(hs(claims(tier=["interactive"]))))
+    assert_error(r, 401, "authentication_error")
+    rid = f"empty-team-{time.time_ns()}"
+    r = post_chat(hs_gw, {**bearer(hs(claims(org_id=""))), "x-request-id": rid})
+    assert r.status_code == 200, r.text
+    assert hs_gw.wait_audit(rid)["team"] is None
+
+
 def test_models_claim_restricts_the_caller(hs_gw: Gateway) -> None:
     token = hs(claims(models=["tiny"]))
     assert sdk_chat(hs_gw, token, "tiny")

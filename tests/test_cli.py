@@ -82,6 +82,8 @@ def token(*extra: str) -> subprocess.CompletedProcess[str]:
         (("--tier", "gold"), "--tier gold: no such tier in the config's `tiers` (batch, interactive)"),
         (("--ttl", "-60"), "--ttl -60: a token must expire in the future"),
         (("--ttl", "0"), "--ttl 0: a token must expire in the future"),
+        (("--ttl", "99999999999999999999"), "longer than a year"),
+        (("--team", ""), "--team is empty"),
     ],
 )
 def test_token_refuses_what_the_gateway_would_refuse(extra: tuple[str, ...], why: str) -> None:
@@ -132,6 +134,26 @@ def test_check_config_without_secrets_still_checks_the_rest(tmp_path: Path) -> N
     assert p.returncode == 2, p.stdout
     assert str(missing) in p.stderr
     assert "SOME_UNSET_SECRET" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "why"),
+    [
+        ("cache.storage", "http://127.0.0.1:6379", "must be a redis:// or rediss:// URL"),
+        ("cache.storage", "redis://127.0.0.1:notaport/0", "the port must be a number"),
+        ("cache.storage", "redis://127.0.0.1:6379/abc", "the path must be a database number"),
+        ("jobs.queue", "redis:/x", "the URL names no host"),
+        ("rate_limits.storage", "redis://h:99999/0", "the port must be a number"),
+    ],
+)
+def test_a_malformed_redis_url_is_named_by_its_key(tmp_path: Path, key: str, url: str, why: str) -> None:
+    """It crashed check-config and serve with a traceback (exit 1), or was taken as database 0."""
+    section, field = key.split(".")
+    cfg = write(tmp_path, f"{section}:\n  {field}: '{url}'\n")
+    p = run_cli("check-config", cfg)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert f"{key}: {why}" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_an_error_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:

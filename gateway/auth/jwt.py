@@ -157,8 +157,16 @@ class JwtVerifier:
         subject = claims.get(s.subject_claim)
         if not isinstance(subject, str) or not subject:
             raise TokenError(f"The token has no `{s.subject_claim}` claim.")
+        # Fail closed on a team or tier that is not a string: str() of a list or a number would
+        # make a team name of it (and share its cache scope, limits and budget with whoever else
+        # got the same junk). An empty team is no team (the principal is its own scope).
         team = claims.get(s.team_claim)
-        tier = claims.get(s.tier_claim) or self._default_tier
+        if team is not None and not isinstance(team, str):
+            raise TokenError(f"The token's `{s.team_claim}` claim must be a string.")
+        tier = claims.get(s.tier_claim)
+        if tier is not None and not isinstance(tier, str):
+            raise TokenError(f"The token's `{s.tier_claim}` claim must be a string.")
+        tier = tier or self._default_tier
         scopes = claims.get(s.scopes_claim) or []
         if isinstance(scopes, str):
             scopes = scopes.split()
@@ -170,8 +178,8 @@ class JwtVerifier:
             raise TokenError(f"The token's `{s.models_claim}` claim must be a list.")
         return Principal(
             subject=subject,
-            team=str(team) if team is not None else None,
-            tier=str(tier) if tier is not None else None,
+            team=team or None,
+            tier=tier,
             scopes=frozenset(str(x) for x in scopes) if isinstance(scopes, list) else frozenset(),
             models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
             via="jwt",

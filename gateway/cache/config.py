@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.redis_url import check_redis_url
 
 When = Literal["deterministic", "always", "never"]
 
@@ -28,6 +30,12 @@ class CacheSettings(BaseModel):
         "redis://127.0.0.1:6379/0",
         description="Where entries live: a `redis://` or `rediss://` URL (one server or a primary).",
     )
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, v: str) -> str:
+        return check_redis_url(v)
+
     key_prefix: str = Field(
         "llmgw:cache:", min_length=1, description="Prefix of every Redis key and channel the cache uses."
     )

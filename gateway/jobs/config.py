@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.redis_url import check_redis_url
 
 
 class JobsSettings(BaseModel):
@@ -22,6 +24,12 @@ class JobsSettings(BaseModel):
             "with consumer groups; one Redis server or primary, ElastiCache works)."
         ),
     )
+
+    @field_validator("queue")
+    @classmethod
+    def _check_queue(cls, v: str) -> str:
+        return check_redis_url(v)
+
     key_prefix: str = Field(
         "llmgw:jobs:",
         min_length=1,
