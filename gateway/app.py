@@ -89,7 +89,7 @@ class GatewayApp:
             if endpoint is not None:
                 if scope["method"] == "POST":
                     if self.jobs is not None and wants_async(scope):
-                        await submit_async(self.gateway, self.jobs, endpoint.endpoint, scope, receive, send)
+                        await submit_async(self.gateway, self.jobs, endpoint, scope, receive, send)
                         return
                     await endpoint(scope, receive, send)
                     return

@@ -120,6 +120,18 @@ class BackendPool:
                     seen.setdefault(name, card)
         return list(seen.values())
 
+    def context_tokens(self, model: str) -> int:
+        """The largest ``max_model_len`` a replica lists for ``model`` (vLLM's card), or 0 when
+        none says (another server, or not polled yet)."""
+        best = 0
+        for b in self.backends:
+            card = b.models.get(model)
+            if card is not None:
+                n = card.get("max_model_len")
+                if type(n) is int and n > best:
+                    best = n
+        return best
+
     def known_model(self, model: str) -> bool:
         """A replica lists it, or a backend is configured to serve it (and may still be loading)."""
         return any(model in b.models or model in b.settings.models for b in self.backends)

@@ -139,7 +139,7 @@ class ProxyEndpoint:
             ex.fault = exc.fault
             ex.error = exc.message
             ex.limited = getattr(exc, "limit", None)
-            await self._send_error(send, ex, exc)
+            await self.send_error(send, ex, exc)
         except ClientGone:
             ex.disconnected = True
         except asyncio.CancelledError:
@@ -155,7 +155,7 @@ class ProxyEndpoint:
             ex.reason, ex.fault = "internal", Fault.GATEWAY
             ex.error = type(exc).__name__
             self.log.exception("internal error")
-            await self._send_error(send, ex, GatewayError("Internal gateway error."))
+            await self.send_error(send, ex, GatewayError("Internal gateway error."))
         finally:
             self.in_flight.dec()
             if ex.reservation is not NO_LIMITS:
@@ -165,6 +165,13 @@ class ProxyEndpoint:
             ex.finished = time.perf_counter()
             if ex.fault is Fault.BACKEND:
                 self.log.warning("upstream failure", backend=ex.backend, reason=ex.reason, cause=ex.error)
+            if ex.usage_implausible:
+                self.log.warning(
+                    "the backend reported more tokens than the request could use; estimated instead",
+                    backend=ex.backend,
+                    prompt_cap=ex.prompt_cap,
+                    completion_cap=ex.completion_cap,
+                )
             known = self.pool.known_model(ex.model)
             self.accountant.record(ex, known)
             if ex.cache_look is not None and self.cache is not None:
@@ -206,6 +213,14 @@ class ProxyEndpoint:
             req.body["model"] = req.model = plan.model
             dirty = True
         ex.model, ex.stream = req.model, req.stream
+        # Bounds of the usage the backend may report (relay._read_usage): vLLM refuses a prompt
+        # past the context, and generates at most the completion cap per sequence.
+        context = self.pool.context_tokens(req.model)
+        sequences = req.n
+        if context and self.endpoint.name != "embeddings":  # an embeddings input list: no bound
+            ex.prompt_cap = context * sequences
+        cap = req.max_tokens if req.max_tokens is not None else context
+        ex.completion_cap = cap * sequences if cap else 0
         if principal.team in self.log_content_teams:
             ex.capture, ex.prompt_text = [], prompt_text(req.body)
             if principal.team in self.capture_teams and isinstance(req.body.get("messages"), list):
@@ -371,11 +386,11 @@ class ProxyEndpoint:
         ex.reason, ex.fault, ex.error = exc.reason, exc.fault, exc.message
         try:
             async with asyncio.timeout(CUT_GRACE):
-                await self._send_error(send, ex, exc)
+                await self.send_error(send, ex, exc)
         except TimeoutError:
             pass
 
-    async def _send_error(self, send: Send, ex: Exchange, exc: GatewayError) -> None:
+    async def send_error(self, send: Send, ex: Exchange, exc: GatewayError) -> None:
         if ex.disconnected:
             return
         if ex.response_started:

@@ -14,7 +14,7 @@ import openai
 import redis
 
 from tests.jobs_helpers import ALICE, chat_lines, jobs_config, jsonl, poll, private_redis
-from tests.procs import Gateway, Sim, free_port
+from tests.procs import Gateway, Sim, free_port, until
 
 
 def client(g: Gateway) -> openai.OpenAI:
@@ -61,6 +61,51 @@ def test_replica_sigkilled_mid_batch_loses_nothing(tmp_path: Path) -> None:
         assert done.request_counts.completed == 500 and done.request_counts.failed == 0, done.request_counts
         exactly_once(cb, done, 500)
         assert redis.Redis().xlen(f"{prefix}q:tiny") == 0  # every line acknowledged
+    finally:
+        for g in (a, b):
+            if g.proc.alive():
+                g.stop()
+        sim.stop()
+
+
+def test_replica_sigkilled_while_queueing_a_batch_queues_each_line_once(tmp_path: Path) -> None:
+    """The replica validating a batch dies after queueing part of it; another replica resumes
+    the batch (its validation lock goes stale) and must not queue those lines again: each would
+    run, and be charged, twice (5,000 queue entries for 4,000 lines before the fix)."""
+    n = 4000
+    sim = Sim(None, "--model", "tiny", "--ttft", "0", "--itl", "0", "--max-num-seqs", "64")
+    files = tmp_path / "shared-files"
+    path, prefix = jobs_config(tmp_path, files=files, visibility_timeout=2, concurrency=8)
+    a = Gateway([sim.url], config=path)
+    b = Gateway([sim.url], config=path)
+    r = redis.Redis()
+    try:
+        ca = client(a)
+        f = ca.files.create(file=("in.jsonl", chat_lines(n, max_tokens=1)), purpose="batch")
+        batch = ca.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        entries, record = f"{prefix}batch:{batch.id}:entries", f"{prefix}batch:{batch.id}"
+        # A polls as tight as it can: the kill must land while A is still queueing.
+        until(lambda: r.llen(entries) >= 500, timeout=60, interval=0.001, what="first lines queued")
+        a.proc.stop(signal.SIGKILL)
+        queued_before = r.llen(entries)
+        assert r.hget(record, "status") == b"validating" and queued_before < n, (
+            "A finished queueing before it was killed: the test proves nothing",
+            queued_before,
+        )
+        cb = client(b)
+        done = poll(
+            lambda: cb.batches.retrieve(batch.id),
+            lambda x: x.status in ("completed", "failed", "expired"),
+            240,
+            "batch completed on the surviving replica",
+        )
+        assert done.status == "completed", done
+        assert done.request_counts is not None and done.request_counts.completed == n, done.request_counts
+        exactly_once(cb, done, n)
+        added = r.xinfo_stream(f"{prefix}q:tiny")["entries-added"]
+        assert (r.llen(entries), added) == (n, n), f"queued {added} entries for {n} lines"
     finally:
         for g in (a, b):
             if g.proc.alive():

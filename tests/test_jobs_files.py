@@ -8,6 +8,7 @@ files (tests/test_jobs_filestore_s3.py, tests/test_jobs_files_api.py).
 from __future__ import annotations
 
 import secrets
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,40 @@ async def test_lines_numbers_blank_lines_crlf_and_chunk_boundaries(files: Files)
     assert got[0][1] == b'{"a":1}'
     assert got[1][1] == b'{"b":2}'
     assert len(got[2][1]) == 200_008
+
+
+async def test_lines_drop_a_byte_order_mark_before_the_first_line(files: Files) -> None:
+    files.settings = JobsSettings(key_prefix=files.prefix)
+    for data in (b'\xef\xbb\xbf{"a":1}\n{"b":2}\n', b'\xef\xbb\xbf{"a":1}'):
+        record = await files.create(owner(), "l", "user_data", chunks_of(data, 2), expires_after=3600)
+        got = await gather(files.lines(record["id"]))
+        assert got[0] == (1, b'{"a":1}')
+    record = await files.create(
+        owner(), "l", "user_data", chunks_of(b'{"a":1}\n\xef\xbb\xbf{"b":2}\n'), expires_after=3600
+    )
+    assert (await gather(files.lines(record["id"])))[1] == (2, b'\xef\xbb\xbf{"b":2}')  # only the file's
+
+
+async def test_a_batch_whose_line_has_no_end_is_refused_without_holding_the_line(files: Files) -> None:
+    """A 40 MB line with no newline (a client's way to make every batch validation hold its
+    whole file in memory): the check sees a bound's worth of it, not 40 MB, and the lines after
+    it keep their numbers."""
+    files.settings = JobsSettings(key_prefix=files.prefix)
+    huge = b'{"custom_id":"' + b"x" * 40_000_000 + b'"}'
+    ok = orjson.dumps(line("after"))
+    record = await files.create(
+        owner(), "b", "batch", chunks_of(huge + b"\n" + ok + b"\n", 1 << 16), expires_after=3600
+    )
+    got = await gather(files.lines(record["id"], 1000))
+    assert [(n, len(x)) for n, x in got] == [(1, 1001), (2, len(ok))]
+    tracemalloc.start()
+    try:
+        count, errors = await validate_batch_input(files, record["id"], CHAT, allow_tiny, 10, 1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (count, [(e["code"], e["line"]) for e in errors]) == (2, [("line_too_large", 1)])
+    assert peak < 8_000_000, peak  # the file is read in chunks (the store's); never the 40 MB line
 
 
 async def test_create_output_writes_lines(files: Files) -> None:

@@ -15,6 +15,7 @@ Everything belongs to the principal (within its team) that created it: anyone el
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,15 +25,17 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from gateway.asgi import Receive, Scope, Send, header
-from gateway.errors import GatewayError, InvalidRequest, send_error
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.jobs.store import owner_key
 from gateway.pipeline import receive as receive_stage
-from gateway.pipeline.receive import Endpoint
+from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.route import check_model
+from gateway.proxy import request_id_from
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
     from gateway.jobs.service import Jobs
+    from gateway.proxy import ProxyEndpoint
 
 
 def install_jobs_error_handler(api: Any) -> None:
@@ -66,7 +69,17 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
     @router.post("/v1/batches", summary="Create a batch (OpenAI Batch API)")
     async def create_batch(request: Request) -> Response:
         principal = await auth.authenticate(request.scope)
-        raw = await request.body()
+        length = header(request.scope, b"content-length")
+        try:
+            # Bounded and decoded like a proxied request's body (a Batch request is tiny JSON).
+            raw = await receive_stage.read_body(
+                request.receive,
+                int(length) if length and length.isdigit() else None,
+                gw.settings.server.max_body_bytes,
+                header(request.scope, b"content-encoding"),
+            )
+        except receive_stage.ClientGone:
+            return Response(status_code=400)  # nobody reads it; nothing was made
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -102,12 +115,20 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
 
 
 async def submit_async(
-    gw: Gateway, jobs: Jobs, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send
+    gw: Gateway, jobs: Jobs, proxy: ProxyEndpoint, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    """Answer a ``Prefer: respond-async`` request: validate, authorize, enqueue, 202."""
+    """Answer a ``Prefer: respond-async`` request: validate, authorize, enqueue, 202.
+
+    Accounted like any request that reached the pipeline (the audit line, the ledger row, the
+    request metrics): status 202 with no tokens, or its refusal (401, 403, 429...), under the
+    request's id (``X-Request-Id``, sent back). The job's run is a row of its own when it runs."""
     s = gw.settings
+    endpoint = proxy.endpoint
+    rid, _ = request_id_from(scope)
+    ex = Exchange(rid, endpoint.name, time.perf_counter())
+    job: dict[str, Any] | None = None
     try:
-        principal = await gw.auth.authenticate(scope)
+        ex.principal = principal = await gw.auth.authenticate(scope)
         length = header(scope, b"content-length")
         raw = await receive_stage.read_body(
             receive,
@@ -116,10 +137,13 @@ async def submit_async(
             header(scope, b"content-encoding"),
         )
         req = receive_stage.parse(endpoint, raw, s.validation)
+        ex.requested_model = ex.model = req.model
+        ex.body_bytes = len(raw)
         if req.stream:
             raise InvalidRequest("`stream: true` cannot be run as an async job.", param="stream")
         body = dict(req.body)
         plan = gw.router.plan(scope, body, req.model)
+        ex.route, ex.model = plan.name, plan.model
         gw.auth.authorize(principal, req.model, plan.model)
         check_model(gw.pool, plan.model)  # 404 at once for a model no backend lists, as when sync
         key = header(scope, b"idempotency-key")
@@ -140,29 +164,35 @@ async def submit_async(
             ikey,
         )
     except GatewayError as exc:
-        await send_error(send, exc)
-        return
+        ex.reason, ex.fault, ex.error = exc.reason, exc.fault, exc.message
+        await proxy.send_error(send, ex, exc)
     except receive_stage.ClientGone:
-        return
+        ex.disconnected = True
     except (RedisError, OSError) as exc:
         from gateway.jobs.service import JobsUnavailable
 
         structlog.get_logger("gateway.jobs").warning(
             "job submission interrupted by the job store", cause=type(exc).__name__, exc_info=True
         )
-        await send_error(send, JobsUnavailable())
-        return
-    out = orjson.dumps(job)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 202,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(out)).encode()),
-                (b"location", f"/v1/jobs/{job['id']}".encode()),
-                (b"preference-applied", b"respond-async"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": out})
+        unavailable = JobsUnavailable()
+        ex.reason, ex.fault, ex.error = unavailable.reason, unavailable.fault, type(exc).__name__
+        await proxy.send_error(send, ex, unavailable)
+    if job is not None:
+        out = orjson.dumps(job)
+        ex.status = 202
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(out)).encode()),
+                    (b"location", f"/v1/jobs/{job['id']}".encode()),
+                    (b"preference-applied", b"respond-async"),
+                    (b"x-request-id", rid.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": out})
+    ex.finished = time.perf_counter()
+    proxy.accountant.record(ex, gw.pool.known_model(ex.model))

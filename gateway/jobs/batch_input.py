@@ -17,7 +17,7 @@ Error codes: ``empty_file``, ``too_many_lines``, ``invalid_json_line``, ``invali
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -97,6 +97,7 @@ async def validate_batch_input(
     check_model: ModelCheck,
     max_lines: int,
     max_line_bytes: int | None = None,
+    heartbeat: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Check every line of ``file_id`` as a request to ``endpoint`` (``/v1/chat/completions``...).
 
@@ -109,17 +110,19 @@ async def validate_batch_input(
     ``empty_file``). The batch is valid iff ``errors`` is empty. More than ``max_lines``
     request lines: one ``too_many_lines`` error and the count stops there. A line longer
     than ``max_line_bytes`` (the largest request body, ``server.max_body_bytes``) is
-    ``line_too_large``.
+    ``line_too_large``. ``heartbeat`` is awaited every 1,000 lines (the caller tells other
+    replicas it is still validating).
 
-    Memory: the file streams; the ``custom_id`` set holds at most ``max_lines`` strings
-    (50,000 ids of ~40 bytes are about 5 MB with set overhead). Ownership of ``file_id`` is
+    Memory: the file streams, at most ``max_line_bytes`` (+ 1) of a line held; the
+    ``custom_id`` set holds at most ``max_lines`` strings (50,000 ids of ~40 bytes are about
+    5 MB with set overhead). Ownership of ``file_id`` is
     the caller's to check (:meth:`Files.get`). Raises ``FileNotFoundError`` when the file's
     bytes are gone.
     """
     seen: set[str] = set()
     errors: list[dict[str, Any]] = []
     count = 0
-    async for number, raw in files.lines(file_id):
+    async for number, raw in files.lines(file_id, max_line_bytes):
         count += 1
         if count > max_lines:
             errors.append(
@@ -127,6 +130,8 @@ async def validate_batch_input(
             )
             count -= 1
             break
+        if heartbeat is not None and count % 1000 == 0:
+            await heartbeat()
         error = _check_line(number, raw, endpoint, check_model, seen, max_line_bytes)
         if error is not None and len(errors) < MAX_REPORTED_ERRORS:
             errors.append(error)

@@ -41,6 +41,7 @@ log = structlog.get_logger("gateway.jobs.files")
 MIN_EXPIRES_AFTER = 3600  # seconds; OpenAI's bounds for `expires_after[seconds]`
 MAX_EXPIRES_AFTER = 30 * 86400
 _PAGE = 256  # ids fetched per round trip when listing
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (files saved by some Windows tools)
 
 Order = Literal["asc", "desc"]
 
@@ -386,29 +387,44 @@ class Files:
         Raises ``FileNotFoundError`` (on first iteration) when the bytes are gone."""
         return self.store.read(file_id)
 
-    async def lines(self, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
+    async def lines(
+        self, file_id: str, max_line_bytes: int | None = None
+    ) -> AsyncIterator[tuple[int, bytes]]:
         """``(line number, line)`` of the file: 1-based numbers, lines without ``\\n`` (nor a
-        ``\\r`` before it); blank lines are skipped but counted. Streams: memory holds one
-        chunk and the longest line. Raises ``FileNotFoundError`` when the bytes are gone."""
+        ``\\r`` before it, nor a UTF-8 byte order mark before the first); blank lines are skipped
+        but counted. Streams: memory holds one chunk and the longest line, or with
+        ``max_line_bytes`` at most that many bytes of a line (one more byte is kept of a longer
+        line, so that the caller sees it is too long; the rest is skipped unread into memory).
+        Raises ``FileNotFoundError`` when the bytes are gone."""
         number = 0
+        cap = None if max_line_bytes is None else max_line_bytes + 1
         pending: builtins.list[bytes] = []  # the start of a line that continues in a later chunk
+        held = 0  # bytes in pending
         async for chunk in self.store.read(file_id):
             if b"\n" not in chunk:
-                pending.append(chunk)
+                if cap is None or held < cap:
+                    pending.append(chunk if cap is None else chunk[: cap - held])
+                    held += len(pending[-1])
                 continue
             pieces = chunk.split(b"\n")
             if pending:
                 pieces[0] = b"".join(pending) + pieces[0]
+                if cap is not None:
+                    pieces[0] = pieces[0][:cap]
             last = pieces.pop()
-            pending = [last] if last else []
+            pending, held = ([last], len(last)) if last else ([], 0)
             for piece in pieces:
                 number += 1
                 line = piece[:-1] if piece.endswith(b"\r") else piece
+                if number == 1 and line.startswith(_BOM):
+                    line = line[3:]
                 if line.strip():
                     yield number, line
         if pending:
             line = b"".join(pending)
             line = line[:-1] if line.endswith(b"\r") else line
+            if number == 0 and line.startswith(_BOM):
+                line = line[3:]
             if line.strip():
                 yield number + 1, line
 

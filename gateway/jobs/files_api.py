@@ -30,10 +30,18 @@ from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
 from gateway.jobs.files import Files, Order, Received, owner_key
 from gateway.jobs.upload_form import FormStream, form_boundary
 from gateway.pipeline.authenticate import Authenticator
+from gateway.pipeline.receive import UnsupportedMediaType
 
 UPLOAD_PURPOSES = ("batch", "user_data")
 MAX_LIST_LIMIT = 10000  # OpenAI's bound for GET /v1/files
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart heads and the small fields, beyond the file itself
+
+
+class _UploadCoding(UnsupportedMediaType):
+    """415: an upload in a content coding (a file is stored as its bytes arrive, never decoded)."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"accept-encoding", b"identity")]
 
 
 def _not_found(file_id: str) -> NotFound:
@@ -96,6 +104,11 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
     @router.post("/v1/files", summary="Upload a file (multipart: purpose, then file)")
     async def upload(request: Request) -> Response:
         owner = await owner_of(request)
+        coding = header(request.scope, b"content-encoding")
+        if coding is not None and coding.strip().lower() != b"identity":
+            raise _UploadCoding(
+                "Uploads are stored as sent: send the multipart body without a Content-Encoding."
+            )
         length = header(request.scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
             raise PayloadTooLarge(

@@ -3,7 +3,9 @@
 One stream per model (``{prefix}q:{model}``), one consumer group (``workers``) shared by every
 gateway replica; each replica's workers are consumers of it. An entry is a job line: which job
 (``kind``, ``job``), which line (``cid``, a batch's ``custom_id`` or the single job's id) and the
-request body. Delivery is at least once:
+request body. Entries are appended by the record store's scripts (``JobStore.submit_job``,
+``JobStore.enqueue_lines``), in the same step as what records them, so that a job is never
+recorded without its entry nor a batch line queued twice. Delivery is at least once:
 
 * ``take`` hands an entry to one consumer (``XREADGROUP``): it stays in the group's pending
   list until ``ack`` (``XACK`` + ``XDEL``), whatever happens to the worker;
@@ -13,7 +15,9 @@ request body. Delivery is at least once:
   timeout: those of a worker that died (SIGKILL, lost host) or lost Redis' connection;
 * an entry that keeps failing is moved to the dead-letter stream ``{prefix}dlq`` by the worker.
 
-Another engine (SQS, RabbitMQ, NATS JetStream) fits behind ``JobQueue``: the same four calls.
+Another engine (SQS, RabbitMQ, NATS JetStream) fits behind ``JobQueue``'s taking side (the same
+calls), but its appends would need an outbox next to the records in Redis: the one-step append
+above is what Redis Streams gives for free.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ class Entry:
 
 
 class JobQueue(Protocol):
-    async def put(self, model: str, items: list[dict[str, Any]]) -> list[str]:
-        """Append job lines (``kind``, ``job``, ``cid``, ``line``, ``body``, ``t``) for ``model``;
-        returns their entry ids (for ``remove``)."""
+    async def stream(self, model: str) -> str:
+        """The key of ``model``'s stream, its consumer group made, for the store's scripts that
+        append entries (``kind``, ``job``, ``cid``, ``line``, ``body``, ``t``)."""
         ...
 
     async def remove(self, model: str, entry_ids: list[str]) -> None:
@@ -103,16 +107,6 @@ class RedisStreamsQueue:
         key = self._key(model)
         await self._ensure(key)
         return key
-
-    async def put(self, model: str, items: list[dict[str, Any]]) -> list[str]:
-        key = self._key(model)
-        await self._ensure(key)
-        pipe = self._r.pipeline(transaction=False)
-        pipe.sadd(f"{self._p}models", model)
-        for item in items:
-            pipe.xadd(key, item)
-        ids = (await pipe.execute())[1:]
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def remove(self, model: str, entry_ids: list[str]) -> None:
         if not entry_ids:

@@ -374,13 +374,27 @@ class Jobs:
         return check
 
     async def _validate(self, bid: str) -> None:
-        """Validate a batch's input and enqueue its lines (``validating`` → ``in_progress``)."""
+        """Validate a batch's input and enqueue its lines (``validating`` → ``in_progress``).
+
+        Resumable: the sweeper runs it again when its replica died or Redis failed under it
+        (``validation_lock`` not refreshed for ``visibility_timeout``); lines already queued are
+        not queued again (``JobStore.enqueue_lines``), so no line runs twice."""
         try:
             got = await self.store.load("batch", bid)
             if got is None:
                 return
             doc, _ = got
             principal = principal_from(doc["principal"])
+            period = self.s.visibility_timeout / 3
+            beat = time.monotonic()
+
+            async def heartbeat() -> None:
+                # This replica is still at it: no other one resumes the batch meanwhile.
+                nonlocal beat
+                if time.monotonic() - beat >= period:
+                    beat = time.monotonic()
+                    await self.store.set_fields("batch", bid, validation_lock=int(time.time()))
+
             _, errors = await validate_batch_input(
                 self.files,
                 doc["input_file_id"],
@@ -388,6 +402,7 @@ class Jobs:
                 self._check_model(principal),
                 self.s.max_file_lines,
                 self.gw.settings.server.max_body_bytes,
+                heartbeat,
             )
             now = int(time.time())
             if errors:
@@ -401,32 +416,33 @@ class Jobs:
                     errors={"object": "list", "data": errors[:1000]},
                 )
                 return
-            chunk: dict[str, list[dict[str, Any]]] = {}
+            chunk: dict[str, list[tuple[int, dict[str, Any]]]] = {}
             queued = 0
 
             async def flush() -> None:
                 for model, items in chunk.items():
-                    ids = await self.queue.put(model, items)
-                    # kept so that lines never run can leave the queue (expiry, cancel)
-                    await self.r.rpush(self.store.entries_key(bid), *(f"{i} {model}" for i in ids))
+                    await self.store.enqueue_lines(bid, await self.queue.stream(model), model, items)
                 chunk.clear()
+                await heartbeat()
 
             async for line, cid, body in iter_batch_requests(self.files, doc["input_file_id"]):
                 served = self._served(body)
                 chunk.setdefault(served, []).append(
-                    {
-                        "kind": "batch",
-                        "job": bid,
-                        "cid": cid,
-                        "line": line,
-                        "body": orjson.dumps(body),
-                        "t": time.time(),
-                    }
+                    (
+                        line,
+                        {
+                            "kind": "batch",
+                            "job": bid,
+                            "cid": cid,
+                            "line": line,
+                            "body": orjson.dumps(body),
+                            "t": time.time(),
+                        },
+                    )
                 )
                 queued += 1
                 if queued % 500 == 0:
                     await flush()
-                    await self.store.set_fields("batch", bid, validation_lock=int(time.time()))
             await flush()
             moved = await self.store.transition(
                 "batch", bid, ("validating",), "in_progress", in_progress_at=int(time.time()), total=queued
@@ -715,7 +731,9 @@ class Jobs:
         status = await self._status(kind, rid)
         # A batch's lines are enqueued (in chunks) only once its whole input has validated, so
         # a line met while the batch is still `validating` is runnable: its batch is valid.
-        runnable = ("validating", "in_progress") if kind == "batch" else ("queued", "in_progress")
+        runnable: tuple[str, ...] = (
+            ("validating", "in_progress") if kind == "batch" else ("queued", "in_progress")
+        )
         if status not in runnable:
             await self.queue.ack(entry)  # gone, cancelled, expired or finished: not run
             return
@@ -737,6 +755,7 @@ class Jobs:
             await self.store.transition(
                 "job", rid, ("queued",), "in_progress", in_progress_at=int(time.time())
             )
+            runnable = ("in_progress",)  # cancelled since it was looked at: start_line says no
         endpoint = self.endpoints[doc["endpoint"]]
         principal = principal_from(doc["principal"])
         if principal.via == "api_key":
@@ -748,7 +767,11 @@ class Jobs:
             principal = now_p
         if self.s.tier is not None:  # job lines are charged under the jobs tier
             principal = dataclasses.replace(principal, tier=self.s.tier)
-        delivery = await self.store.start_line(kind, rid, cid)
+        delivery = await self.store.start_line(kind, rid, cid, runnable)
+        if delivery == 0:
+            await self.queue.ack(entry)  # cancelled (or ended) since its status was looked at
+            self._status_cache.pop(rid, None)
+            return
         renew = asyncio.create_task(self._renew(entry, kind, rid, cid))
         try:
             outcome = await self._attempts(entry, kind, rid, doc, endpoint, principal, delivery)
@@ -1076,7 +1099,7 @@ class Jobs:
             counts[status] = counts.get(status, 0) + 1
             if status == "validating":
                 lock = field_int(f, "validation_lock") or 0
-                stale = now - lock > max(30.0, self.s.visibility_timeout)
+                stale = now - lock > self.s.visibility_timeout  # refreshed every third of it
                 if stale and await self.r.set(
                     f"{self.s.key_prefix}batch:{bid}:revalidate", 1, nx=True, ex=60
                 ):

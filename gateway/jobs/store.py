@@ -70,6 +70,40 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
+# KEYS[1] the batch's enqueued-lines hash, KEYS[2] its entries list, KEYS[3] the model's
+# stream, KEYS[4] the set of models with a stream; ARGV[1] the model, ARGV[2] how many fields an
+# entry has, then per line its number and its entry's field/value pairs. A line is appended only if its number
+# was never enqueued for the batch, so a validation resumed after a crash or a Redis failure
+# (or run twice) queues each line once. Returns how many lines were appended.
+_ENQUEUE_LINES = """
+local n = 0
+local step = 1 + 2 * tonumber(ARGV[2])
+for i = 3, #ARGV, step do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], 1) == 1 then
+    local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, i + 1, i + step - 1))
+    redis.call('RPUSH', KEYS[2], id .. ' ' .. ARGV[1])
+    n = n + 1
+  end
+end
+redis.call('SADD', KEYS[4], ARGV[1])
+return n
+"""
+
+
+# KEYS[1] the record, KEYS[2] its attempts hash, KEYS[3] its running set; ARGV[1] the line's
+# custom_id, ARGV[2] now (Unix seconds), ARGV[3] "|"-joined statuses it may start under.
+# Returns the line's delivery count, or 0 (nothing changed) when the status is not one of those.
+_START_LINE = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 0 end
+local ok = false
+for s in string.gmatch(ARGV[3], '[^|]+') do if s == cur then ok = true end end
+if not ok then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+"""
+
+
 def principal_doc(p: Principal) -> dict[str, Any]:
     return {
         "subject": p.subject,
@@ -100,6 +134,8 @@ class JobStore:
         self.retention = int(retention)
         self._transition = redis.register_script(_TRANSITION)
         self._put_once = redis.register_script(_PUT_ONCE)
+        self._enqueue_lines = redis.register_script(_ENQUEUE_LINES)
+        self._start_line = redis.register_script(_START_LINE)
         self._take_lease = redis.register_script(TAKE_LEASE)
         self._submit_job = redis.register_script(SUBMIT_JOB)
 
@@ -122,6 +158,9 @@ class JobStore:
     def entries_key(self, batch_id: str) -> str:
         return f"{self.p}batch:{batch_id}:entries"
 
+    def enqueued_key(self, batch_id: str) -> str:
+        return f"{self.p}batch:{batch_id}:enqueued"
+
     def index_key(self, kind: str, owner: str) -> str:
         return f"{self.p}{kind}s:{owner}"
 
@@ -130,6 +169,25 @@ class JobStore:
 
     def quota_key(self, kind: str, owner: str) -> str:
         return f"{self.p}quota:{kind}:{owner}"
+
+    async def enqueue_lines(
+        self, batch_id: str, stream: str, model: str, lines: list[tuple[int, dict[str, Any]]]
+    ) -> int:
+        """Append a batch's lines ``(line number, queue entry)`` for ``model`` to ``stream`` (its
+        consumer group made: ``JobQueue.stream``), each at most once per batch, and list their
+        entry ids under ``entries_key`` (so lines never run can leave the queue); one script per
+        call, so a line is either queued and listed or neither. Returns how many were new.
+        Every entry has the same fields, in the same order."""
+        if not lines:
+            return 0
+        fields = len(lines[0][1])
+        args: list[Any] = [model, fields]
+        for number, entry in lines:
+            args.append(number)
+            for k, v in entry.items():
+                args += (k, v)
+        keys = [self.enqueued_key(batch_id), self.entries_key(batch_id), stream, f"{self.p}models"]
+        return int(await self._enqueue_lines(keys=keys, args=args))
 
     # per-principal bounds (gateway/jobs/quota.py)
     async def take_lease(self, kind: str, owner: str, rid: str, until: int, cap: int) -> bool:
@@ -233,6 +291,7 @@ class JobStore:
             self.attempts_key(kind, rid),
             self.running_key(kind, rid),
             self.entries_key(rid),
+            self.enqueued_key(rid),
         ):
             pipe.expire(key, ttl)
         pipe.srem(self.active_key(kind), rid)
@@ -282,13 +341,13 @@ class JobStore:
         async for k, v in self.r.hscan_iter(key, count=500):
             yield (k.decode() if isinstance(k, bytes) else k), v
 
-    async def start_line(self, kind: str, rid: str, cid: str) -> int:
-        """Count a delivery and mark the line running, in one round trip; returns the count."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(self.attempts_key(kind, rid), cid, 1)
-        pipe.zadd(self.running_key(kind, rid), {cid: time.time()})
-        count, _ = await pipe.execute()
-        return int(count)
+    async def start_line(self, kind: str, rid: str, cid: str, runnable: tuple[str, ...]) -> int:
+        """Count a delivery and mark the line running, in one script, only while the record's
+        status is one of ``runnable``; returns the count, or 0 when the line must not start (its
+        batch or job was cancelled, expired or ended since the worker looked: a status the
+        worker caches for a second must not let a line start after a cancel was answered)."""
+        keys = [self.key(kind, rid), self.attempts_key(kind, rid), self.running_key(kind, rid)]
+        return int(await self._start_line(keys=keys, args=[cid, time.time(), "|".join(runnable)]))
 
     async def finish_line(self, batch_id: str, cid: str, line: bytes, ok: bool) -> None:
         """Write a batch line's result once (in one of the two hashes) and unmark it running, in

@@ -45,6 +45,12 @@ class Exchange:
     reservation: Reservation = field(default_factory=lambda: NO_LIMITS)
     body_bytes: int = 0
     completion_budget: int = 0  # max_tokens x n as validated (the limiter's completion estimate)
+    # Most tokens the backend's usage may report for this request (0: no bound known): the
+    # model's context per sequence, the completion cap times sequences. Past them the figures
+    # are a broken backend's, not charged (relay._read_usage).
+    prompt_cap: int = 0
+    completion_cap: int = 0
+    usage_implausible: bool = False  # the backend reported more than the caps: estimated instead
     usage_estimated: bool = False  # vLLM's usage never arrived: tokens are proxy._estimate_usage's
     tokens_charged: int | None = None  # charged against token budgets (None: no token limit)
     events: int = 0  # SSE data events relayed: the token count if usage never arrives

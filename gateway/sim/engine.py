@@ -80,6 +80,7 @@ class Generation:
     finish_reason: str
     include_usage: bool
     continuous_usage: bool
+    reported: tuple[int, int] | None = None  # usage to report instead of the truth (a broken backend)
 
     @property
     def completion_tokens(self) -> int:
@@ -87,6 +88,9 @@ class Generation:
 
     def usage(self, completion: int | None = None) -> dict[str, Any]:
         c = self.completion_tokens * self.n if completion is None else completion
+        if self.reported is not None:
+            p, c = self.reported
+            return {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c}
         return {
             "prompt_tokens": self.prompt_tokens,
             "total_tokens": self.prompt_tokens + c,

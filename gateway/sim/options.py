@@ -73,7 +73,8 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--fault",
         default="",
         help="fault for every request: error, status:CODE, drop:N, error-event:N, hang, "
-        "hang-after:N, slow-start:SECONDS, die (default: none)",
+        "hang-after:N, slow-start:SECONDS, die, usage:PROMPT,COMPLETION (report those counts) "
+        "(default: none)",
     )
     p.add_argument(
         "--api-key", default="", help="require this bearer key on /v1/* (like vLLM; default: none)"

@@ -5,7 +5,7 @@ drive load tests. Faults come from ``--fault`` or, per request, from the
 ``x-sim-fault`` header: ``error``, ``status:CODE``, ``drop:N`` (cut the
 connection after N tokens), ``error-event:N`` (vLLM's mid-stream error
 event), ``hang``, ``hang-after:N``, ``slow-start:SECONDS``, ``die`` (the
-process exits, like an engine death).
+process exits, like an engine death), ``usage:P,C`` (report those token counts).
 
 Test hooks (not part of vLLM): ``GET /sim/stats`` (aborted request ids, i.e.
 client disconnects including those during ``hang``; ``received``, the count of
@@ -341,6 +341,9 @@ class Simulator:
             # vLLM: continuous usage stats only count when include_usage is on too.
             continuous_usage=bool(opts.get("include_usage")) and bool(opts.get("continuous_usage_stats")),
         )
+        if fault.startswith("usage:"):  # usage:PROMPT,COMPLETION reported whatever was generated
+            p_s, _, c_s = fault[6:].partition(",")
+            gen.reported = (int(p_s), int(c_s or 0))
         request_id = rid_header.decode() if rid_header else gen.rid
         stream = bool(body.get("stream"))
         m = self.metrics
