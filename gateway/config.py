@@ -36,6 +36,8 @@ from gateway.jobs.config import JobsSettings
 from gateway.ledger.config import LedgerSettings, ModelPrice
 
 DEFAULT_BACKEND = "http://127.0.0.1:8000"
+# streaming.max_response_bytes: also the bound of UpstreamResponse.read() when no limit is passed.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 class _Section(BaseModel):
@@ -206,6 +208,20 @@ class StreamingSettings(_Section):
             "(about 7 bytes per prompt token: under 1 MiB at 128k context) and chunks with "
             "`top_logprobs: 20` (about 1.5 KiB per token, several tokens when vLLM merges outputs "
             "for a slow reader): 8 MiB leaves room for both; raise it for million-token contexts."
+        ),
+    )
+    max_response_bytes: int = Field(
+        DEFAULT_MAX_RESPONSE_BYTES,
+        ge=64 * 1024,
+        description=(
+            "Largest non-streamed answer (bytes) the gateway reads from a backend or the external "
+            "provider; past it the gateway stops reading, closes that connection and answers 502 "
+            "`upstream_response_too_large` (blamed on the backend, not retried). Error bodies are "
+            "read only up to 64 KiB (for their message), health polls up to 4 MiB. The largest "
+            "legitimate answers are embeddings: 2,048 inputs of 4,096 dimensions are 43 MiB as "
+            "`base64`, and 2,048 of 1,024 dimensions 42 MiB as floats (~21 bytes per float); 64 "
+            "MiB fits both, and 32,768 tokens with `top_logprobs: 20` (~1.5 KiB per token). Raise "
+            "it for float embeddings of many large vectors (2,048 of 4,096 dimensions: 172 MiB)."
         ),
     )
 

@@ -187,6 +187,16 @@ class UpstreamError(GatewayError):
     fault = Fault.BACKEND
 
 
+class UpstreamResponseTooLarge(UpstreamError):
+    """A non-streamed answer longer than ``streaming.max_response_bytes``: 502, the backend's fault.
+
+    The gateway stopped reading and closed the connection (never pooled: the rest of the body is
+    still on it). Not retryable: the backend did the work, and another replica would only repeat it.
+    """
+
+    code = "upstream_response_too_large"
+
+
 class UpstreamTimeout(GatewayError):
     """The backend stayed silent: no connection, no first byte, or a gap mid-stream."""
 

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import Send
+from gateway.config import DEFAULT_MAX_RESPONSE_BYTES
 from gateway.errors import (
     Fault,
     GatewayError,
@@ -205,17 +206,19 @@ async def relay_anthropic(
     idle: float,
     total_deadline: float,
     max_event_bytes: int = 8 * 1024 * 1024,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> None:
     """Relay an Anthropic answer as OpenAI's. Raises (before anything was sent) UpstreamError for a
-    malformed or 5xx answer; after a stream started, failures end it with one SSE error event.
+    malformed or 5xx answer, UpstreamResponseTooLarge for a message longer than
+    ``max_response_bytes``; after a stream started, failures end it with one SSE error event.
+    An error answer is read only up to a bounded prefix (its message is at the start).
     """
     async with asyncio.timeout_at(total_deadline):
         if not stream or resp.status != 200:
-            raw = await resp.read()
             if resp.status == 200:
-                status, body = 200, from_message(raw, ex)
+                status, body = 200, from_message(await resp.read(max_response_bytes), ex)
             else:
-                status, body = anthropic_error(resp.status, raw, ex)
+                status, body = anthropic_error(resp.status, await resp.read_prefix(), ex)
             ex.status, ex.response_started, ex.completing = status, True, True
             await send(
                 {

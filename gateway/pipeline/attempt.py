@@ -90,7 +90,9 @@ async def attempt(
                 elif wait != deadlines.total:
                     timer.reschedule(deadlines.total)
                 if resp.status >= 500:
-                    await _server_error(resp.status, await resp.read(), backend)
+                    # Only a bounded prefix: the message is at its start, and an endless error
+                    # page must not be read (the connection is closed, not pooled, after it).
+                    await _server_error(resp.status, await resp.read_prefix(), backend)
                 rid = ex.request_id.encode()
                 if stream:
                     clean = await relay_sse(
@@ -108,7 +110,7 @@ async def attempt(
                         max_event_bytes=settings.streaming.max_event_bytes,
                     )
                 else:
-                    await relay_json(resp, send, ex, rid)
+                    await relay_json(resp, send, ex, rid, settings.streaming.max_response_bytes)
                     clean = True
         except TimeoutError:
             if resp is None and not deadlines.is_total(wait):

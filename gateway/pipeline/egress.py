@@ -37,8 +37,16 @@ import aiohttp
 from yarl import URL
 
 from gateway.backends import Backend
-from gateway.errors import Fault, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.pipeline.upstream import UpstreamResponse
+from gateway.config import DEFAULT_MAX_RESPONSE_BYTES
+from gateway.errors import (
+    Fault,
+    GatewayError,
+    UpstreamError,
+    UpstreamResponseTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.pipeline.upstream import MAX_ERROR_BODY_BYTES, UpstreamResponse
 
 DIRECT_WORDS = ("", "none")  # external.proxy values that mean "no proxy, whatever the environment says"
 
@@ -66,7 +74,8 @@ class ResponseStream(Protocol):
     status: int
     content_type: str
 
-    async def read(self) -> bytes: ...
+    async def read(self, limit: int = ...) -> bytes: ...
+    async def read_prefix(self, limit: int = ...) -> bytes: ...
     async def read_chunk(self) -> bytes: ...
     def close(self) -> None: ...
     def release(self) -> None: ...
@@ -201,10 +210,37 @@ class EgressResponse:
         self.status = resp.status
         self.content_type = resp.headers.get("Content-Type", "application/json")
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int = DEFAULT_MAX_RESPONSE_BYTES) -> bytes:
+        """The whole body, at most ``limit`` bytes (``streaming.max_response_bytes``).
+
+        Raises UpstreamResponseTooLarge past it (the connection is closed, the rest never read)
+        or UpstreamError when the connection breaks first.
+        """
         parts: list[bytes] = []
+        size = 0
         while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamResponseTooLarge(
+                    f"The external provider sent a response larger than the gateway's limit ({limit} bytes)."
+                )
             parts.append(chunk)
+        return b"".join(parts)
+
+    async def read_prefix(self, limit: int = MAX_ERROR_BODY_BYTES) -> bytes:
+        """At most the first ``limit`` bytes of the body (an error body's message); a longer
+        body is not read further and its connection is closed. Raises UpstreamError as read()."""
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await self.read_chunk():
+            room = limit - size
+            if len(chunk) > room:
+                parts.append(chunk[:room])
+                self.close()
+                break
+            parts.append(chunk)
+            size += len(chunk)
         return b"".join(parts)
 
     async def read_chunk(self) -> bytes:

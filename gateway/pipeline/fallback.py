@@ -27,7 +27,13 @@ import structlog
 from gateway.asgi import Send
 from gateway.auth.principal import Principal
 from gateway.backends import Backend
-from gateway.config import BackendSettings, ConfigError, ResilienceSettings, Settings
+from gateway.config import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    BackendSettings,
+    ConfigError,
+    ResilienceSettings,
+    Settings,
+)
 from gateway.config_routing import ExternalSettings
 from gateway.errors import (
     GatewayError,
@@ -45,7 +51,7 @@ from gateway.pipeline.receive import ParsedRequest
 from gateway.pipeline.relay import gateway_headers
 from gateway.pipeline.route import RoutePlan
 from gateway.pipeline.sse import EventTooLarge, SseSplitter
-from gateway.pipeline.upstream import UpstreamClient
+from gateway.pipeline.upstream import MAX_ERROR_BODY_BYTES, UpstreamClient
 
 
 class ExternalFallback:
@@ -153,6 +159,7 @@ class ExternalFallback:
                     idle=settings.timeouts.idle,
                     total_deadline=deadlines.total,
                     max_event_bytes=settings.streaming.max_event_bytes,
+                    max_response_bytes=settings.streaming.max_response_bytes,
                 )
                 finished = ex.reason in (None, "upstream_client_error")
             except TimeoutError:
@@ -213,12 +220,16 @@ class _CheckedAnswer:
         self.status = resp.status
         self.content_type = resp.content_type
 
-    async def read(self) -> bytes:
-        raw = await self._resp.read()
+    async def read(self, limit: int = DEFAULT_MAX_RESPONSE_BYTES) -> bytes:
+        raw = await self._resp.read(limit)  # UpstreamResponseTooLarge past ``limit``
         if self.status == 200:
             _check_plain(raw, self._list_key)
         # Any other answer is put in OpenAI's shape by the relay (relay.upstream_failure).
         return raw
+
+    async def read_prefix(self, limit: int = MAX_ERROR_BODY_BYTES) -> bytes:
+        """The start of an error body (the relay reads a non-200 answer only so far)."""
+        return await self._resp.read_prefix(limit)
 
     async def read_chunk(self) -> bytes:
         if self._error is not None:

@@ -94,11 +94,18 @@ def _read_usage(ex: Exchange, usage: Any) -> None:
             ex.completion_tokens = c
 
 
-async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_id: bytes) -> None:
-    """A plain (non-streaming) answer: forwarded byte for byte on success."""
-    body = await resp.read()
+async def relay_json(
+    resp: UpstreamResponse, send: Send, ex: Exchange, request_id: bytes, max_bytes: int
+) -> None:
+    """A plain (non-streaming) answer: forwarded byte for byte on success.
+
+    A 200's body is read whole up to ``max_bytes`` (``streaming.max_response_bytes``; past it
+    UpstreamResponseTooLarge, raised before anything reached the client); any other status's
+    only up to a bounded prefix, enough for the backend's message.
+    """
     status = resp.status
     if status == 200:
+        body = await resp.read(max_bytes)
         try:
             parsed = orjson.loads(body)
             _read_usage(ex, parsed.get("usage"))
@@ -111,7 +118,7 @@ async def relay_json(resp: UpstreamResponse, send: Send, ex: Exchange, request_i
             raise UpstreamError("The backend sent a response that is not JSON.") from None
         content_type = b"application/json"
     else:
-        status, body = upstream_failure(ex, status, body)
+        status, body = upstream_failure(ex, status, await resp.read_prefix())
         content_type = b"application/json"
     ex.status = status
     ex.response_started = ex.completing = True

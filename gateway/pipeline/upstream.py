@@ -37,8 +37,8 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from gateway.backends import Backend
-from gateway.config import TimeoutSettings
-from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.config import DEFAULT_MAX_RESPONSE_BYTES, TimeoutSettings
+from gateway.errors import UpstreamError, UpstreamResponseTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.pipeline.upstream_conn import BROKE_OFF, _Closed, _Conn
 
 try:  # bytes waiting in the kernel for a pooled connection: a plain-TCP check, POSIX only
@@ -54,6 +54,11 @@ except ImportError:  # pragma: no cover - Windows
 IDLE_REUSE_SECONDS = 4.0
 MAX_IDLE_PER_TARGET = 256
 _NO_BYTES = b"\0\0\0\0"
+# What is read of a backend's error body (4xx/5xx): its message is in the first few hundred bytes.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# What the health poller reads of one answer: vLLM's /metrics is ~52 KB per engine and model
+# (0.32, one engine), /v1/models ~0.5 KB per model; 4 MiB is 80 such engines' pages.
+MAX_PROBE_BYTES = 4 * 1024 * 1024
 
 
 class ProbeFailed(Exception):
@@ -76,11 +81,43 @@ class UpstreamResponse:
         self.status = conn.status
         self.content_type = conn.content_type.decode("latin-1") or "application/json"
 
-    async def read(self) -> bytes:
-        """The whole body. Raises UpstreamError if the connection ends first."""
+    async def read(self, limit: int = DEFAULT_MAX_RESPONSE_BYTES) -> bytes:
+        """The whole body, at most ``limit`` bytes (``streaming.max_response_bytes``).
+
+        Raises UpstreamResponseTooLarge once more than ``limit`` bytes arrived (the connection
+        is then closed: the rest of the body is never read, and never reaches the pool), or
+        UpstreamError if the connection ends first. Counting costs an addition per chunk
+        (a chunk is whatever arrived, up to ``HIGH_WATER`` buffered plus one packet).
+        """
         parts: list[bytes] = []
+        size = 0
         while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamResponseTooLarge(
+                    f"The backend sent a response larger than the gateway's limit ({limit} bytes)."
+                )
             parts.append(chunk)
+        return b"".join(parts)
+
+    async def read_prefix(self, limit: int = MAX_ERROR_BODY_BYTES) -> bytes:
+        """At most the first ``limit`` bytes of the body: enough of an error body for its message.
+
+        A longer body is not read further: the connection is closed (``release()`` then does
+        nothing), so a backend's endless error page costs ``limit`` bytes. Raises UpstreamError
+        if the connection ends before the body (or the prefix) does.
+        """
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await self.read_chunk():
+            room = limit - size
+            if len(chunk) > room:
+                parts.append(chunk[:room])
+                self.close()
+                break
+            parts.append(chunk)
+            size += len(chunk)
         return b"".join(parts)
 
     async def read_chunk(self) -> bytes:
@@ -276,11 +313,13 @@ class UpstreamClient:
                 conn.close()  # cancelled (timeout, client gone) or broken: never reused
                 raise
 
-    async def get(self, backend: Backend, path: str, timeout: float) -> tuple[int, bytes]:
+    async def get(
+        self, backend: Backend, path: str, timeout: float, limit: int = MAX_PROBE_BYTES
+    ) -> tuple[int, bytes]:
         """A small GET for the background poller (health, models, metrics): (status, body).
 
-        Raises ProbeFailed (plain-English reason) when no complete answer came within
-        ``timeout`` seconds; the connection is then closed, never pooled.
+        Raises ProbeFailed (plain-English reason) when no complete answer of at most ``limit``
+        bytes came within ``timeout`` seconds; the connection is then closed, never pooled.
         """
         target = self._target(backend)
         request = [b"GET " + target.base + path.encode() + b" HTTP/1.1\r\n" + target.headers + b"\r\n"]
@@ -288,9 +327,11 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeout):
                 resp = UpstreamResponse(await self._exchange(target, request), target)
-                body = await resp.read()
+                body = await resp.read(limit)
         except TimeoutError:
             failure = f"timed out after {timeout:g}s"
+        except UpstreamResponseTooLarge:
+            failure = f"answered more than {limit} bytes"
         except OSError as exc:
             failure = f"could not connect ({_plain(exc)})"
         except _Closed:
