@@ -157,6 +157,50 @@ def test_usage_by_team_and_model_matches_the_events(gateway: Gateway, filled: tu
     print(f"\n1d usage over {ROWS} rows, grouped by team and model: {elapsed * 1000:.0f} ms")
 
 
+def test_usage_by_api_key_reads_the_events_and_matches_them(
+    gateway: Gateway, filled: tuple[str, float]
+) -> None:
+    """``group_by=api_key_id`` (and the ``api_key_ids``/``batch`` filters) read the events, which
+    the rollup does not key by credential: equal to direct SQL, and timed for docs/ledger.md."""
+    schema, now = filled
+    params: dict[str, Any] = {
+        "start_time": int(now) - DAYS * 86400 - 86400,
+        "end_time": int(now) + 60,
+        "bucket_width": "1d",
+        "limit": 31,
+    }
+    began = time.perf_counter()
+    r = get(gateway, "/v1/organization/usage/completions", group_by=["api_key_id", "batch"], **params)
+    grouped = time.perf_counter() - began
+    assert r.status_code == 200, r.text
+    body = r.json()
+    jsonschema.validate(body, SCHEMA)
+    got: dict[str, int] = {}
+    for bucket in body["data"]:
+        for res in bucket["results"]:
+            assert res["batch"] is False  # no job line among the synthetic rows
+            got[res["api_key_id"]] = got.get(res["api_key_id"], 0) + res["input_tokens"]
+    want = {
+        row["credential"]: row["p"]
+        for row in run_sql(
+            SHARED_DSN,
+            "SELECT credential, sum(prompt_tokens) AS p FROM events GROUP BY credential",
+            schema=schema,
+        )
+    }
+    assert got == want and len(got) == 20
+    began = time.perf_counter()
+    r = get(gateway, "/v1/organization/usage/completions", api_key_ids="key:000000000003", **params)
+    filtered = time.perf_counter() - began
+    assert r.status_code == 200, r.text
+    total = sum(res["input_tokens"] for b in r.json()["data"] for res in b["results"])
+    assert total == want["key:000000000003"]
+    print(
+        f"\n1d usage over {ROWS} rows from the events: grouped by api key and batch"
+        f" {grouped * 1000:.0f} ms, one api key {filtered * 1000:.0f} ms"
+    )
+
+
 def test_costs_by_team_match_the_events(gateway: Gateway, filled: tuple[str, float]) -> None:
     schema, now = filled
     r = get(
