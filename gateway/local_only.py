@@ -9,8 +9,9 @@ accepts only:
 
 * a ``Host`` naming loopback (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port): else 421;
 * no ``Origin``, or a loopback one: else 403;
-* for requests with a body, ``Content-Type: application/json``, which a cross-site page
-  cannot send without a preflight this gateway never answers: else 403 (a file upload to
+* for a POST, ``Content-Type: application/json``, which a cross-site page cannot send without
+  a preflight this gateway never answers: else 403 (DELETE, PUT and PATCH always need that
+  preflight, so they are not checked: ``DELETE /v1/cache`` needs no body; a file upload to
   ``/v1/files`` may be ``multipart/form-data`` when it carries an ``Authorization`` header,
   which needs the same preflight).
 
@@ -27,7 +28,9 @@ from gateway.asgi import Scope
 from gateway.errors import GatewayError, InvalidRequest, send_error
 
 PROBES = frozenset({"/live", "/ready", "/health", "/metrics"})
-_BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The one method with a body that a page may send cross-site without a CORS preflight (Fetch
+# standard, "CORS-safelisted method"): DELETE, PUT and PATCH always need one, never answered here.
+_SIMPLE_WITH_BODY = "POST"
 
 
 class MisdirectedRequest(GatewayError):
@@ -100,7 +103,7 @@ def refusal(scope: Scope) -> GatewayError | None:
                 "This gateway runs without authentication and refuses requests from web pages "
                 "that are not served from this machine (Origin)."
             )
-    if scope["method"] not in _BODILESS:
+    if scope["method"] == _SIMPLE_WITH_BODY:
         media = (content_type or b"").split(b";", 1)[0].strip().lower()
         # A file upload is multipart; a page can send that cross-site, but not together with an
         # Authorization header (not CORS-safelisted: a preflight, never answered here). The

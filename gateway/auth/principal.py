@@ -19,3 +19,6 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", None, None, frozenset(), None, "anonymous")
+# The anonymous caller of a gateway without authentication bound to loopback: this machine's own
+# clients, who could read Redis and the database themselves (gateway/pipeline/authenticate.py).
+LOCAL_OPERATOR = Principal("anonymous", None, None, frozenset({"admin"}), None, "anonymous")

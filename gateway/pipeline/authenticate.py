@@ -12,8 +12,8 @@ from gateway.asgi import Scope, header
 from gateway.auth.apikeys import ApiKeyError, ApiKeyStore, load_api_keys
 from gateway.auth.jwt import AuthUnavailable as KeysUnavailable
 from gateway.auth.jwt import JwtVerifier, TokenError
-from gateway.auth.principal import ANONYMOUS, Principal
-from gateway.config import Settings
+from gateway.auth.principal import ANONYMOUS, LOCAL_OPERATOR, Principal
+from gateway.config import Settings, is_loopback
 from gateway.errors import AuthUnavailable, Forbidden, Unauthenticated
 
 
@@ -21,6 +21,10 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         a = settings.auth
         self.enabled = a.enabled
+        # Without authentication on loopback (local-only mode, gateway/local_only.py) the only
+        # callers are this machine's own: they may also purge the cache and read usage (the
+        # `admin` scope). Without authentication elsewhere (allow_unauthenticated), nobody may.
+        self._anonymous = LOCAL_OPERATOR if not a.enabled and is_loopback(settings.server.host) else ANONYMOUS
         self.jwt = JwtVerifier(a.jwt, a.default_tier) if a.jwt is not None else None
         self.api_keys = ApiKeyStore(load_api_keys(a), a.default_tier)
         self._team_models = {
@@ -43,7 +47,7 @@ class Authenticator:
 
     async def authenticate(self, scope: Scope) -> Principal:
         if not self.enabled:
-            return ANONYMOUS
+            return self._anonymous
         raw = header(scope, b"authorization")
         if raw is not None:
             scheme, _, credential = raw.decode("latin-1").partition(" ")

@@ -6,6 +6,7 @@ Probes stay open to any Host. With authentication configured none of this applie
 from __future__ import annotations
 
 import hashlib
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.config import Settings
+from gateway.pipeline.authenticate import Authenticator
 from tests.procs import Gateway, Sim
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -171,3 +174,30 @@ def test_with_auth_configured_any_host_and_content_type_pass(sim: Sim, tmp_path:
         assert r.status_code == 401  # a credential is what a browser lacks
     finally:
         gw.stop()
+
+
+def test_this_machines_operator_may_purge_the_cache_without_a_body(sim: Sim, tmp_path: Path) -> None:
+    """`make run` turns the cache on without auth: DELETE /v1/cache was refused twice over (403
+    "send the body with Content-Type: application/json" for a request with no body, then 403 "needs
+    the admin scope"). DELETE needs a CORS preflight, which a page cannot get here."""
+    prefix = f"test:localcache:{secrets.token_hex(4)}:"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"cache:\n  storage: redis://127.0.0.1:6379/0\n  key_prefix: '{prefix}'\n")
+    gw = Gateway([sim.url], config=cfg)
+    try:
+        r = request(gw, "DELETE", "/v1/cache?all=true", {})
+        assert r.status_code == 200, r.text
+        r = request(gw, "DELETE", "/v1/cache?all=true", {"origin": "http://attacker.example"})
+        assert r.status_code == 403  # a page still cannot
+    finally:
+        gw.stop()
+
+
+async def test_without_auth_off_loopback_the_anonymous_caller_is_no_operator() -> None:
+    """allow_unauthenticated on a routable address: anyone who reaches it is anonymous, and gets
+    no admin scope (only local-only mode's callers are this machine's own)."""
+    local = Authenticator(Settings())
+    open_ = Authenticator(Settings(server={"host": "0.0.0.0", "allow_unauthenticated": True}))
+    scope = {"type": "http", "headers": []}
+    assert "admin" in (await local.authenticate(scope)).scopes
+    assert not (await open_.authenticate(scope)).scopes
