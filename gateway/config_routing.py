@@ -9,7 +9,7 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
 
@@ -66,17 +66,23 @@ class RoutingSettings(_Section):
             raise ValueError(f"`{v}` is not an HTTP header name (RFC 9110 token characters only)")
         return v.lower()
 
-    @model_validator(mode="after")
-    def _no_alias_cycles(self) -> RoutingSettings:
-        for start in self.aliases:
+    @field_validator("aliases")
+    @classmethod
+    def _resolve_aliases(cls, v: dict[str, str]) -> dict[str, str]:
+        """Each alias mapped to the served model at the end of its chain (`chain: strong`,
+        `strong: big` → `chain: big`), so routing, allowances and `/v1/models` resolve once;
+        a cycle is refused."""
+        out: dict[str, str] = {}
+        for start in v:
             seen = {start}
-            name = self.aliases[start]
-            while name in self.aliases:
+            name = v[start]
+            while name in v:
                 if name in seen:
                     raise ValueError(f"aliases form a cycle through `{start}`")
                 seen.add(name)
-                name = self.aliases[name]
-        return self
+                name = v[name]
+            out[start] = name
+        return out
 
 
 class ExternalSettings(_Section):

@@ -511,7 +511,7 @@ def route_gw(route_sims: tuple[Sim, Sim], tmp_path_factory: pytest.TempPathFacto
                 "classification": {"model": "small"},
                 "generation": {"model": "big", "fallback": True},
             },
-            "aliases": {"fast": "small"},
+            "aliases": {"fast": "small", "quick": "fast"},  # quick: an alias of an alias
         },
     }
     g = Gateway([], config=write_config(tmp_path_factory.mktemp("routes") / "routes.yaml", cfg))
@@ -566,10 +566,14 @@ def test_alias_is_served_and_listed(route_gw: Gateway, route_sims: tuple[Sim, Si
     route, (sim, sent) = _routed(route_gw, route_sims, chat("fast"))
     assert (route, sim, sent["body"]["model"]) == ("default", small, "small")
     cards = model_ids(route_gw)
-    assert set(cards) == {"small", "big", "fast"}
+    assert set(cards) == {"small", "big", "fast", "quick"}
     assert cards["fast"]["owned_by"] == "gateway"
     assert cards["fast"]["root"] == "small"
     assert httpx.get(route_gw.v1 + "/models/fast").json()["id"] == "fast"
+    # A chain resolves to its end (was: 404 naming `fast`, a model the client never asked for).
+    route, (sim, sent) = _routed(route_gw, route_sims, chat("quick"))
+    assert (route, sim, sent["body"]["model"]) == ("default", small, "small")
+    assert cards["quick"]["root"] == "small"
 
 
 def test_models_of_unhealthy_replicas_and_their_aliases_are_hidden(tmp_path: Path) -> None:
