@@ -39,7 +39,7 @@ unit: install
 ## The suite under coverage, including the gateway and simulator processes it starts: the report
 ## for gateway/ is printed and written to .cache/coverage/report.txt (HTML in .cache/coverage/html).
 coverage: install
-	@echo "Running the suite under coverage: real gateway and simulator processes, about 15 minutes on 2 cores..."
+	@echo "Running the suite under coverage: real gateway and simulator processes, about 40 minutes on 2 cores..."
 	rm -rf .cache/coverage && mkdir -p .cache/coverage
 	GATEWAY_TEST_COVERAGE=1 $(BIN)/coverage run -m pytest -q tests --ignore=tests/e2e_vllm; \
 		status=$$?; \

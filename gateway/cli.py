@@ -308,7 +308,15 @@ def register_serve(sub: Subcommands) -> None:
 
 
 def register_token(sub: Subcommands) -> None:
-    token = sub.add_parser("token", help="print a development JWT signed with the config's HS* secret")
+    token = sub.add_parser(
+        "token",
+        help="print a development JWT signed with the config's HS* secret",
+        description=(
+            "Print a development JWT signed with the config's HS* secret (auth.jwt.secret_env). "
+            "Refuses, exit 2, a token the gateway would refuse: an unknown tier, a ttl <= 0 or over "
+            "a year, an empty subject or team."
+        ),
+    )
     token.add_argument("--config", required=True, help="YAML config file with an auth.jwt section")
     token.add_argument("--sub", required=True, help="subject (the principal's name)")
     token.add_argument("--team", help="team claim (none by default)")

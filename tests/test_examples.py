@@ -40,7 +40,14 @@ def check_config(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_examples_are_there() -> None:
     names = {p.name for p in EXAMPLES}
-    assert {"auth-limits.yaml", "vllm-two-models.yaml", "production.yaml", "cache.yaml"} <= names
+    assert {
+        "auth-limits.yaml",
+        "vllm-two-models.yaml",
+        "production.yaml",
+        "jobs.yaml",
+        "cache.yaml",
+        "ledger.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
