@@ -9,16 +9,20 @@ were charged as reported.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import secrets
 import socket
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
 import openai
 import yaml
 
+from gateway.auth.jwks import JwksCache
+from gateway.config_auth import JwtSettings
 from tests.jobs_helpers import ALICE, CAROL, chat_lines, jobs_config, poll
 from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, run_sql, shared_server_or_fail, wait_for
 from tests.procs import Gateway, Sim
@@ -284,3 +288,43 @@ def test_a_backends_absurd_usage_is_not_charged(tmp_path: Path) -> None:
         g.stop()
         for s in (liar, greedy, honest):
             s.stop()
+
+
+async def test_an_endless_jwks_document_is_read_only_up_to_its_bound() -> None:
+    """The identity provider (or whatever answers its URL) streaming an endless key set: the
+    fetch was read whole (httpx ``.json()``); now at most 1 MiB, then a failed fetch."""
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        chunk = b" " * 65536
+        try:
+            writer.write(b'%x\r\n{"keys": [\r\n' % 10)
+            while sent < 200_000_000:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = JwtSettings(algorithms=["RS256"], jwks_url=f"http://127.0.0.1:{port}/jwks.json")
+    cache = JwksCache(settings, lambda: None)
+    tracemalloc.start()
+    try:
+        await cache.start()  # a failed fetch is logged and kept trying later, never raised
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        await cache.stop()
+        server.close()
+    assert not cache._loaded
+    assert peak < 8_000_000, peak
+    assert sent < 50_000_000, sent  # the connection was dropped soon after the bound

@@ -14,12 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import orjson
 import structlog
 from jose import jwk
 from jose.backends.base import Key
 from jose.exceptions import JOSEError
 
 from gateway.config_auth import JwtSettings
+
+MAX_JWKS_BYTES = 1 << 20  # bytes of a JWKS document read at most (real ones are a few KB)
 
 
 class JwksUnavailable(Exception):
@@ -60,9 +63,14 @@ class JwksCache:
         assert self._client is not None
         self._fetched_at = time.monotonic()
         try:
-            r = await self._client.get(self._url)
-            r.raise_for_status()
-            data = r.json()
+            async with self._client.stream("GET", self._url) as r:
+                r.raise_for_status()
+                body = bytearray()
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:  # a key set is a few KB; an endless one is not one
+                        raise ValueError("the JWKS document is too large")
+            data = orjson.loads(body)
             keys = {k.get("kid"): k for k in data.get("keys", []) if isinstance(k, dict)}
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             self._log.warning("jwks fetch failed; keeping the last key set", error=type(exc).__name__)
