@@ -296,6 +296,9 @@ class ProxyEndpoint:
                     raise
                 # The local pool cannot serve and this team's data may leave: the external provider.
                 ex.fallback, ex.backend = exc.code, fb.backend.label
+                # The provider's model has its own context: only max_tokens bounds its usage.
+                ex.prompt_cap = 0
+                ex.completion_cap = req.max_tokens * req.n if req.max_tokens else 0
                 self.metrics.child(self.metrics.fallbacks, exc.code).inc()
                 deadlines = Deadlines.for_attempt(loop.time(), s.timeouts.first_byte, total_deadline)
                 await fb.forward(self.upstream, req, plan, upstream_id, send, ex, deadlines, s, self.itl)

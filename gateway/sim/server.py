@@ -322,7 +322,8 @@ class Simulator:
     ) -> None:
         cfg = self.config
         words, prompt_tokens = engine.prompt_words(body, chat)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        # vLLM's CompletionRequest has no max_completion_tokens (an extra field, ignored there)
+        max_tokens = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens")
         limit = cfg.max_model_len - prompt_tokens
         if isinstance(max_tokens, int):
             limit = min(limit, max_tokens)
