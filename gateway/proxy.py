@@ -30,7 +30,7 @@ from gateway.cache.stage import CacheOnlyMiss
 from gateway.drain import CUT_GRACE
 from gateway.errors import Fault, GatewayError, ShuttingDown, sse_error_event
 from gateway.pipeline import receive as receive_stage
-from gateway.pipeline.account import Accountant
+from gateway.pipeline.account import Accountant, plausible_usage
 from gateway.pipeline.attempt import Deadlines, attempt
 from gateway.pipeline.content_log import prompt_text
 from gateway.pipeline.exchange import Exchange
@@ -158,6 +158,7 @@ class ProxyEndpoint:
             await self.send_error(send, ex, GatewayError("Internal gateway error."))
         finally:
             self.in_flight.dec()
+            plausible_usage(ex)
             if ex.reservation is not NO_LIMITS:
                 await self.limiter.settle(ex.reservation, _tokens_used(ex, self.limiter))
             if ex.prompt_tokens is None and ex.upstream_sent is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from redis.connection import parse_url
+
 
 def check_redis_url(url: str) -> str:
     """``url`` unchanged when it is ``redis://`` or ``rediss://`` with a host, a port from 1 to
@@ -26,6 +28,10 @@ def check_redis_url(url: str) -> str:
     if port == 0:
         raise ValueError("the port must be a number from 1 to 65535")
     db = parts.path.lstrip("/")
-    if db and not db.isdigit():
+    if db and not (db.isascii() and db.isdigit()):
         raise ValueError(f"the path must be a database number (/0), not /{db}")
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]  # its query options (?db=, ?socket_timeout=...) as the client will read them
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
     return url

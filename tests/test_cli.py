@@ -144,6 +144,8 @@ def test_check_config_without_secrets_still_checks_the_rest(tmp_path: Path) -> N
         ("cache.storage", "redis://127.0.0.1:6379/abc", "the path must be a database number"),
         ("jobs.queue", "redis:/x", "the URL names no host"),
         ("rate_limits.storage", "redis://h:99999/0", "the port must be a number"),
+        ("rate_limits.storage", "redis://127.0.0.1:6379?db=abc", "Invalid value for 'db'"),
+        ("jobs.queue", "redis://127.0.0.1:6379/0?socket_timeout=x", "Invalid value for 'socket_timeout'"),
     ],
 )
 def test_a_malformed_redis_url_is_named_by_its_key(tmp_path: Path, key: str, url: str, why: str) -> None:

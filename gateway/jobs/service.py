@@ -878,7 +878,8 @@ class Jobs:
                 )
             if self._stopping.is_set():
                 return None
-            if time.time() > doc["expires_at"] or (await self._status(kind, rid)) not in (
+            # Read, not the cached look: a cancel answered by another replica stops a retry.
+            if time.time() > doc["expires_at"] or (await self.store.status(kind, rid)) not in (
                 "validating",
                 "in_progress",
                 "queued",

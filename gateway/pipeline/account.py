@@ -7,7 +7,7 @@ text, and no credentials.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.errors import Fault
 from gateway.metrics import GatewayMetrics
@@ -17,6 +17,25 @@ from gateway.redact import redact
 if TYPE_CHECKING:
     from gateway.ledger.budget import BudgetBook
     from gateway.ledger.writer import LedgerWriter
+
+
+MAX_TOKEN_COUNT: Final = 2**31 - 1  # the ledger's integer columns; no request comes near it
+
+
+def plausible_usage(ex: Exchange) -> None:
+    """Drop usage figures the request could not have used, whoever reported them (vLLM's usage,
+    the external provider's, in any form): a prompt count above ``ex.prompt_cap`` (the model's
+    context per sequence), a completion count above ``ex.completion_cap`` (max_tokens, or the
+    context, per sequence), or either above ``MAX_TOKEN_COUNT``. Both are then None and
+    ``usage_implausible`` set: the request is charged the gateway's estimate, as when usage never
+    arrives, so one absurd figure cannot fill a token window or a month's budget. Called by the
+    pipeline before it settles the limits."""
+    p, c = ex.prompt_tokens, ex.completion_tokens
+    if (p is not None and p > (ex.prompt_cap or MAX_TOKEN_COUNT)) or (
+        c is not None and c > (ex.completion_cap or MAX_TOKEN_COUNT)
+    ):
+        ex.prompt_tokens = ex.completion_tokens = None
+        ex.usage_implausible = True
 
 
 class Accountant:

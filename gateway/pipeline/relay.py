@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
@@ -73,21 +73,11 @@ def _headers(content_type: bytes, request_id: bytes, ex: Exchange) -> list[tuple
     ]
 
 
-MAX_TOKEN_COUNT: Final = 2**31 - 1  # the ledger's integer columns; no request comes near it
-
-
 def _read_usage(ex: Exchange, usage: Any) -> None:
     """vLLM's token counts; anything but a non-negative integer (a broken backend's) is ignored.
-    Counts beyond what the request could have used (``ex.prompt_cap``, ``ex.completion_cap``,
-    ``MAX_TOKEN_COUNT``) are ignored both, and flagged: one absurd figure must not exhaust a
-    team's token limits and budget for a month (the request is estimated instead)."""
+    Whether they are plausible is the account stage's to judge (``account.plausible_usage``)."""
     if isinstance(usage, dict):
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if (type(p) is int and p > (ex.prompt_cap or MAX_TOKEN_COUNT)) or (
-            type(c) is int and c > (ex.completion_cap or MAX_TOKEN_COUNT)
-        ):
-            ex.usage_implausible = True
-            return
         if type(p) is int and p >= 0:
             ex.prompt_tokens = p
         if type(c) is int and c >= 0:
