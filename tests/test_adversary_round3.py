@@ -328,3 +328,31 @@ async def test_an_endless_jwks_document_is_read_only_up_to_its_bound() -> None:
     assert not cache._loaded
     assert peak < 8_000_000, peak
     assert sent < 50_000_000, sent  # the connection was dropped soon after the bound
+
+
+def test_a_backend_refusing_the_gateways_credentials_is_not_blamed_on_the_client() -> None:
+    """A backend's 401/403 (the gateway's api_key for it is wrong, or was rotated) reached the
+    client as its own 401 `authentication_error`, and a 429 as its own rate limit, with no
+    Retry-After and nothing counted against the replica."""
+    sims = [Sim(None, "--model", "tiny"), Sim(None, "--model", "tiny")]
+    g = Gateway([s.url for s in sims])
+    try:
+        for fault, status, code in (
+            ("status:401", 502, "upstream_auth_error"),
+            ("status:403", 502, "upstream_auth_error"),
+            ("status:429", 503, "upstream_unavailable"),
+        ):
+            for s in sims:
+                s.control(fault=fault)
+            rid = f"refused-{fault[7:]}-{secrets.token_hex(3)}"
+            r = httpx.post(g.v1 + "/chat/completions", json=CHAT, headers={"x-request-id": rid}, timeout=30)
+            assert r.status_code == status, r.text
+            assert r.json()["error"]["code"] == code, r.text
+            assert r.json()["error"]["type"] == "server_error"
+            if status == 503:
+                assert r.headers["retry-after"] == "1"
+            assert g.wait_audit(rid)["fault"] == "backend"
+    finally:
+        g.stop()
+        for s in sims:
+            s.stop()

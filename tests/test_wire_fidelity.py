@@ -166,8 +166,8 @@ def test_a_bare_detail_body_is_an_openai_error(egw: Gateway) -> None:
 
 @pytest.mark.parametrize(
     ("status", "type_"),
-    [(401, "authentication_error"), (404, "not_found_error"), (422, "invalid_request_error")],
-)
+    [(400, "invalid_request_error"), (404, "not_found_error"), (422, "invalid_request_error")],
+)  # 401, 403, 407 and 429 refuse the gateway, not the client: tests/test_adversary_round3.py
 def test_backend_4xx_types_follow_the_status(egw: Gateway, fault: Any, status: int, type_: str) -> None:
     fault(f"status:{status}")
     r = httpx.post(egw.v1 + "/chat/completions", json=CHAT, timeout=30)

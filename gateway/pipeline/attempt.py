@@ -93,6 +93,8 @@ async def attempt(
                     # Only a bounded prefix: the message is at its start, and an endless error
                     # page must not be read (the connection is closed, not pooled, after it).
                     await _server_error(resp.status, await resp.read_prefix(), backend)
+                if resp.status in _REFUSALS:
+                    await _refused(resp.status, await resp.read_prefix(), backend)
                 rid = ex.request_id.encode()
                 if stream:
                     clean = await relay_sse(
@@ -161,6 +163,24 @@ def on_backend(backend: Backend, ex: Exchange) -> Iterator[None]:
             breaker.leave(trial, failure.fault, True, failure.code)
         else:
             breaker.leave(trial, None, True)
+
+
+# A backend's 401, 403 and 407 refuse the gateway's own credentials (its `api_key` for that
+# backend, or a proxy's), and 429 its capacity: never the client's fault, never relayed as if
+# the client's key were wrong.
+_REFUSALS = frozenset({401, 403, 407, 429})
+
+
+async def _refused(status: int, body: bytes, backend: Backend) -> None:
+    message = upstream_message(body) or "no details"
+    if status == 429:
+        # Overloaded: like vLLM's 503, another replica may serve it.
+        raise UpstreamUnavailable(f"Backend {backend.label} is overloaded (429): {message}", retry_after=1)
+    raise UpstreamError(
+        f"Backend {backend.label} refused the gateway's credentials ({status}): {message}. "
+        "The operator should check that backend's `api_key`.",
+        code="upstream_auth_error",
+    )
 
 
 async def _server_error(status: int, body: bytes, backend: Backend) -> None:
