@@ -364,6 +364,17 @@ async def test_too_many_request_lines(files: Files) -> None:
     assert [(e["code"], e["line"]) for e in errors] == [("too_many_lines", 4)]
 
 
+async def test_errors_past_the_listed_ones_are_counted(files: Files) -> None:
+    """2,000 bad lines listed 1,000 errors, the last on line 1,000, with no sign of the rest."""
+    fid = await upload(files, b"not json\n" * 2003)
+    count, errors = await validate_batch_input(files, fid, CHAT, allow_tiny, 5000)
+    assert count == 2003
+    assert len(errors) == 1001
+    assert errors[999]["line"] == 1000
+    assert (errors[-1]["code"], errors[-1]["line"]) == ("too_many_errors", None)
+    assert errors[-1]["message"].startswith("1003 more lines have errors")
+
+
 async def test_empty_and_blank_files_are_errors(files: Files) -> None:
     for data in (b"", b"\n \n\r\n"):
         fid = await upload(files, data)

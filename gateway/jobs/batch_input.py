@@ -106,7 +106,8 @@ async def validate_batch_input(
     line's ``body`` so that the model its task route and aliases resolve to is the one
     checked. Returns ``(request lines, errors)``: the number of non-blank lines and OpenAI
     batch errors ``{"code", "message", "param", "line"}`` (one per invalid line, the first
-    problem found; the first :data:`MAX_REPORTED_ERRORS`; ``line`` is ``None`` for
+    problem found; the first :data:`MAX_REPORTED_ERRORS`, then one ``too_many_errors`` counting
+    the rest; ``line`` is ``None`` for that one and for
     ``empty_file``). The batch is valid iff ``errors`` is empty. More than ``max_lines``
     request lines: one ``too_many_lines`` error and the count stops there. A line longer
     than ``max_line_bytes`` (the largest request body, ``server.max_body_bytes``) is
@@ -121,6 +122,7 @@ async def validate_batch_input(
     """
     seen: set[str] = set()
     errors: list[dict[str, Any]] = []
+    unlisted = 0  # invalid lines past MAX_REPORTED_ERRORS
     count = 0
     async for number, raw in files.lines(file_id, max_line_bytes):
         count += 1
@@ -133,8 +135,20 @@ async def validate_batch_input(
         if heartbeat is not None and count % 1000 == 0:
             await heartbeat()
         error = _check_line(number, raw, endpoint, check_model, seen, max_line_bytes)
-        if error is not None and len(errors) < MAX_REPORTED_ERRORS:
-            errors.append(error)
+        if error is not None:
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(error)
+            else:
+                unlisted += 1
+    if unlisted:  # said, so that a client fixing the listed lines knows it is not done
+        errors.append(
+            _error(
+                "too_many_errors",
+                f"{unlisted} more lines have errors; only the first {MAX_REPORTED_ERRORS} are listed.",
+                None,
+                None,
+            )
+        )
     if count == 0 and not errors:
         errors.append(_error("empty_file", "The input file has no requests.", None, None))
     return count, errors

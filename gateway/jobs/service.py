@@ -413,7 +413,7 @@ class Jobs:
                     "failed",
                     failed_at=now,
                     total=0,
-                    errors={"object": "list", "data": errors[:1000]},
+                    errors={"object": "list", "data": errors},
                 )
                 return
             chunk: dict[str, list[tuple[int, dict[str, Any]]]] = {}
