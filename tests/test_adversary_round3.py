@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import redis
 import yaml
 
 from gateway.auth.jwks import JwksCache
@@ -356,3 +357,44 @@ def test_a_backend_refusing_the_gateways_credentials_is_not_blamed_on_the_client
         g.stop()
         for s in sims:
             s.stop()
+
+
+def test_an_async_job_of_a_team_over_its_budget_is_refused_at_submission(tmp_path: Path) -> None:
+    """The synchronous call was refused at once (429 budget_exceeded); the same request with
+    Prefer: respond-async was accepted (202), took a job slot, and ended as a 429 result."""
+    shared_server_or_fail()
+    schema = new_schema_name()
+    team = f"bt{secrets.token_hex(4)}"
+    sim = Sim(None, "--model", "tiny")
+    path, _ = jobs_config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["auth"]["api_keys"].append({"key": "sk-budget-team", "subject": "spender", "team": team})
+    cfg["teams"][team] = {"budget": {"monthly_tokens": 1}}
+    cfg["rate_limits"] = {"storage": "redis://127.0.0.1:6379/0"}
+    cfg["ledger"] = {"dsn": SHARED_DSN, "schema_name": schema, "spool_dir": str(tmp_path / "spool")}
+    path.write_text(yaml.safe_dump(cfg))
+    db_upgrade(path)
+    g = Gateway([sim.url], config=path)
+    try:
+        with httpx.Client(base_url=g.v1, timeout=30, headers={"authorization": "Bearer sk-budget-team"}) as c:
+            assert c.post("/chat/completions", json=CHAT).status_code == 200  # spends the month
+            assert c.post("/chat/completions", json=CHAT).status_code == 429
+            r = c.post("/chat/completions", json=CHAT, headers={"prefer": "respond-async"})
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "budget_exceeded"
+            assert int(r.headers["retry-after"]) > 0
+            r = c.post(
+                "/batches",
+                json={
+                    "input_file_id": "file-x",
+                    "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h",
+                },
+            )
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "budget_exceeded"
+    finally:
+        g.stop()
+        sim.stop()
+        drop_schema(SHARED_DSN, schema)
+        redis.Redis().delete(*(redis.Redis().keys(f"*budget:{team}:*") or ["-"]))

@@ -69,6 +69,8 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
     @router.post("/v1/batches", summary="Create a batch (OpenAI Batch API)")
     async def create_batch(request: Request) -> Response:
         principal = await auth.authenticate(request.scope)
+        if gw.budgets is not None:
+            await gw.budgets.check(principal)  # a spent month: 429 now, not a 429 per line later
         length = header(request.scope, b"content-length")
         try:
             # Bounded and decoded like a proxied request's body (a Batch request is tiny JSON).
@@ -146,6 +148,8 @@ async def submit_async(
         ex.route, ex.model = plan.name, plan.model
         gw.auth.authorize(principal, req.model, plan.model)
         check_model(gw.pool, plan.model)  # 404 at once for a model no backend lists, as when sync
+        if gw.budgets is not None:
+            await gw.budgets.check(principal)  # a spent month: 429 now, not a 429 job result later
         key = header(scope, b"idempotency-key")
         ikey: str | None = None
         if key is not None:
