@@ -125,11 +125,13 @@ class Unauthenticated(GatewayError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         # RFC 6750: say it is a bearer problem, never echo the credential.
-        return [(b"www-authenticate", f'Bearer error="{_BEARER_ERRORS[self.code]}"'.encode())]
+        error = _BEARER_ERRORS.get(self.code or "", "invalid_token")
+        return [(b"www-authenticate", f'Bearer error="{error}"'.encode())]
 
 
 _BEARER_ERRORS = {
     "missing_credentials": "invalid_request",
+    "duplicate_credentials": "invalid_request",  # RFC 6750 3.1: more than one method or copy
     "invalid_token": "invalid_token",
     "token_expired": "invalid_token",
     "invalid_api_key": "invalid_token",

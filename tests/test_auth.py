@@ -855,6 +855,28 @@ def test_a_team_or_tier_claim_that_is_not_a_string_is_refused_and_an_empty_team_
     assert hs_gw.wait_audit(rid)["team"] is None
 
 
+def test_a_second_credential_header_is_refused(hs_gw: Gateway) -> None:
+    """Two Authorization headers: the first was used, silently; a proxy in front that checks the
+    last one would let a caller through as someone else."""
+    good = f"Bearer {hs()}"
+    for name in ("authorization", "x-api-key"):
+        value = good if name == "authorization" else hs()
+        r = httpx.post(
+            hs_gw.v1 + "/chat/completions",
+            json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+            headers=[(name, value), (name, value)],
+            timeout=30,
+        )
+        assert_error(r, 401, "authentication_error", "duplicate_credentials")
+    r = httpx.post(  # one of each: the Authorization header, as before
+        hs_gw.v1 + "/chat/completions",
+        json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+        headers=[("authorization", good), ("x-api-key", "anything")],
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_models_claim_restricts_the_caller(hs_gw: Gateway) -> None:
     token = hs(claims(models=["tiny"]))
     assert sdk_chat(hs_gw, token, "tiny")

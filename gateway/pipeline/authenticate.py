@@ -8,7 +8,7 @@ request is the anonymous principal (the gateway then binds loopback only).
 
 from __future__ import annotations
 
-from gateway.asgi import Scope, header
+from gateway.asgi import Scope
 from gateway.auth.apikeys import ApiKeyError, ApiKeyStore, load_api_keys
 from gateway.auth.jwt import AuthUnavailable as KeysUnavailable
 from gateway.auth.jwt import JwtVerifier, TokenError
@@ -48,14 +48,25 @@ class Authenticator:
     async def authenticate(self, scope: Scope) -> Principal:
         if not self.enabled:
             return self._anonymous
-        raw = header(scope, b"authorization")
+        raw = key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" or name == b"x-api-key":
+                if (raw if name == b"authorization" else key) is not None:
+                    # A second copy: a proxy in front that reads another copy than the gateway
+                    # would authorize one caller while the gateway serves another.
+                    raise Unauthenticated(
+                        f"Send one {name.decode()} header, not several.", code="duplicate_credentials"
+                    )
+                if name == b"authorization":
+                    raw = value
+                else:
+                    key = value
         if raw is not None:
             scheme, _, credential = raw.decode("latin-1").partition(" ")
             if scheme.lower() != "bearer":
                 raise Unauthenticated("Use `Authorization: Bearer <token>`.", code="missing_credentials")
             credential = credential.strip()
         else:
-            key = header(scope, b"x-api-key")
             credential = key.decode("latin-1").strip() if key is not None else ""
         if not credential:
             raise Unauthenticated(
