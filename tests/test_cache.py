@@ -250,6 +250,14 @@ def test_other_temperature_team_or_weights_is_a_miss(cgw: Gateway, csim: Sim) ->
         assert ask(cgw, ALICE, seeded).headers["x-gateway-cache"] == "miss"
     finally:
         csim.control(weights="")
+        # Back to the old weights before the next test: seen mid-test, the change of version
+        # would make its second request a miss (the key changed between the two).
+        poll(
+            lambda: httpx.get(cgw.v1 + "/models", headers={"authorization": f"Bearer {ALICE}"}).json(),
+            lambda m: not any(str(c.get("root")).endswith("@v2") for c in m["data"]),
+            10,
+            "the old weights seen by the gateway",
+        )
 
 
 def test_nondeterministic_requests_bypass(cgw: Gateway, csim: Sim) -> None:

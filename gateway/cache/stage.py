@@ -8,8 +8,10 @@ A lookup never fails a request: Redis down, slow or saturated makes it a bypass 
 (so an outage costs one timeout per interval, not one per request). Fills are written after
 the client has its answer, in a task of their own. Identical concurrent misses make one upstream
 call: the first takes a lock in Redis (the single-flight lock, any replica), the others wait
-for its notice (``cache.single_flight_wait`` at most) and are served the entry; when the fill
-fails they go upstream themselves.
+for its notice (``cache.single_flight_wait`` at most) and are served the entry. When the fill
+fails (its client left, the backend failed) one waiter takes the lock over and asks the backend,
+the others wait for that one within the bound they started with; when nobody's answer could be
+stored (the backend refused the request itself, the answer is too large) they all ask at once.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gateway.cache.entry import PLAIN, STREAM, Entry, plain_from_stream, stream_
 from gateway.cache.key import CacheKey, deterministic, make_key, segment
 from gateway.cache.metrics import CacheMetrics
 from gateway.cache.resp import RespError
-from gateway.cache.store import CacheStore
+from gateway.cache.store import FAILED, STORED, UNSTORABLE, CacheStore
 from gateway.errors import Fault, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
@@ -52,6 +54,8 @@ _MAX_AGE = re.compile(r"(?<![a-z-])max-age\s*=\s*\"?(\d{1,10})\"?(?![\d.])")
 LOCK_LEASE_MS: Final = 5000  # the single-flight lock's expiry, renewed by its holder (lease)
 LOCK_RENEW: Final = 2.0  # seconds between renewals
 WAIT_POLL: Final = 1.0  # seconds between a waiter's looks at the lock and the entry
+# Backend 4xx that say nothing about the request itself: a timeout, too many requests.
+_TRANSIENT_4XX: Final = frozenset({408, 429})
 
 
 def _priority_of(holder: bytes) -> int:
@@ -132,6 +136,7 @@ class Lookup:
         "body",
         "deadline",
         "entry",
+        "fill",
         "filler",
         "key",
         "only_if_cached",
@@ -157,6 +162,8 @@ class Lookup:
         self.waited = False  # served after waiting for another request's fill
         self.only_if_cached = False  # Cache-Control: only-if-cached (a miss is answered 504)
         self.renewal: asyncio.TimerHandle | None = None  # the filler's lock lease renewal
+        # The filler's result for the waiters in this process: the entry, or FAILED / UNSTORABLE.
+        self.fill: asyncio.Future[Entry | int] | None = None
         self.deadline = 0.0  # the request's total deadline (loop time): no renewal after it
 
 
@@ -185,9 +192,11 @@ class ResponseCache:
         self._token = secrets.token_hex(6) + ":"
         self._ids = itertools.count()
         self._down_until = 0.0
-        # Fills this process runs: digest → (the entry when stored, the filler's priority).
-        self._local: dict[str, tuple[asyncio.Future[Entry | None], int]] = {}
-        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}  # waiting on a fill anywhere
+        # Fills this process runs: digest → (the entry when stored, else FAILED or UNSTORABLE; the
+        # filler's priority).
+        self._local: dict[str, tuple[asyncio.Future[Entry | int], int]] = {}
+        # Waiting on a fill (anywhere): digest → futures a notice sets to its outcome.
+        self._waiters: dict[str, list[asyncio.Future[int]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.log = structlog.get_logger("gateway.cache")
 
@@ -275,7 +284,7 @@ class ResponseCache:
             fut, held_by = local
             if priority < held_by:
                 return look  # the filler waits behind this request in admission: do not wait for it
-            return await self._wait_local(look, fut, req, endpoint, deadline)
+            return await self._wait(look, fut, req, endpoint, max_age, deadline, priority)
         # only-if-cached never asks the backend: it must not hold others back with the lock
         single = s.single_flight_wait > 0 and not only_cached
         token = f"{self._token}{next(self._ids)}:{priority}"
@@ -286,17 +295,25 @@ class ResponseCache:
         if self._answer(look, stream, plain, req, endpoint, max_age):
             return look
         if locked:
-            look.filler, look.token, look.deadline = True, token, deadline
-            self._local[key.digest] = (asyncio.get_running_loop().create_future(), priority)
-            look.renewal = asyncio.get_running_loop().call_later(LOCK_RENEW, self._renew, look)
+            self._hold(look, token, priority, deadline)
             return look
         if single and stream is None and plain is None and holder is not None:
             if priority < _priority_of(holder) or max_age <= 0:
                 # The filler waits behind this request in admission, or nothing it stores could
                 # be young enough for this request (max-age=0): do not wait for it.
                 return look
-            return await self._wait_remote(look, req, endpoint, max_age, deadline)
+            return await self._wait(look, None, req, endpoint, max_age, deadline, priority)
         return look  # stored entries too old, or not servable in this form
+
+    def _hold(self, look: Lookup, token: str, priority: int, deadline: float) -> None:
+        """``look`` took the single-flight lock under ``token``: it is the filler (its waiters in
+        this process wait on ``look.fill``; its lease is renewed while it runs)."""
+        assert look.key is not None
+        loop = asyncio.get_running_loop()
+        look.filler, look.token, look.deadline = True, token, deadline
+        look.fill = loop.create_future()
+        self._local[look.key.digest] = (look.fill, priority)
+        look.renewal = loop.call_later(LOCK_RENEW, self._renew, look)
 
     def _answer(
         self,
@@ -333,58 +350,104 @@ class ResponseCache:
             return None
         return plain_from_stream(entry.body, endpoint)
 
-    async def _wait_local(
+    async def _wait(
         self,
         look: Lookup,
-        fut: asyncio.Future[Entry | None],
+        fill: asyncio.Future[Entry | int] | None,
         req: ParsedRequest,
         endpoint: str,
+        max_age: float,
         deadline: float,
+        priority: int,
     ) -> Lookup:
-        try:
-            async with asyncio.timeout(self._wait_bound(deadline)):
-                entry = await asyncio.shield(fut)
-        except TimeoutError:
-            return look
-        if entry is not None:
-            body = self._render(entry, req, endpoint)
-            if body is not None:
-                look.status, look.entry, look.body, look.store, look.waited = HIT, entry, body, False, True
-        return look
+        """Wait for another request's fill, for ``_wait_bound(deadline)`` seconds from now in all,
+        and make ``look`` a hit from it; or return it a miss to ask the backend itself.
 
-    async def _wait_remote(
-        self, look: Lookup, req: ParsedRequest, endpoint: str, max_age: float, deadline: float
-    ) -> Lookup:
-        """Wait for another request's fill: its notice, or (every ``WAIT_POLL`` s) a look at the
-        lock and the entry, so a filler that died, a fill that failed and a Redis that went away
-        all end the wait within a second rather than at its bound."""
+        ``fill``: the filler's result when it runs in this process (no Redis call), else None: its
+        notice, or (every ``WAIT_POLL`` s) a look at the lock and the entry, so a filler that died,
+        a fill that failed and a Redis that went away all end the wait within a second rather
+        than at its bound. When the fill failed (``FAILED``, not ``UNSTORABLE``) this request
+        tries to take the lock over (the lookup script): exactly one waiter does and returns a
+        miss as the new filler; the others wait for it, within the same bound (a chain of
+        failing fillers never makes a waiter wait longer than it would behind one that hangs).
+        """
         key = look.key
         assert key is not None
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-        waiters = self._waiters.setdefault(key.digest, [])
-        waiters.append(fut)
         end = loop.time() + self._wait_bound(deadline)
+        notice: asyncio.Future[int] = loop.create_future()
+        waiters = self._waiters.setdefault(key.digest, [])
+        waiters.append(notice)
         try:
             while True:
-                # Registered first, then looked: a notice sent before this point is not missed.
-                stream, plain, holder = await self.store.peek(key)
+                if fill is not None:  # the filler runs in this process: its result, no Redis call
+                    try:
+                        async with asyncio.timeout_at(end):
+                            outcome = await asyncio.shield(fill)
+                    except TimeoutError:
+                        return look
+                    if isinstance(outcome, Entry):
+                        body = self._render(outcome, req, endpoint)
+                        if body is not None:
+                            look.status, look.entry, look.body, look.store = HIT, outcome, body, False
+                            look.waited = True
+                        return look
+                    if outcome == UNSTORABLE:
+                        return look
+                else:
+                    told = notice.result() if notice.done() else None
+                    if told == UNSTORABLE:
+                        return look
+                    if told != FAILED:
+                        # Registered first, then looked: a notice sent before this point is not missed.
+                        stream, plain, holder = await self.store.peek(key)
+                        if self._answer(look, stream, plain, req, endpoint, max_age):
+                            look.waited = True
+                            return look
+                        if told == STORED:
+                            # What is stored does not serve this request (too old for its max-age,
+                            # or not in a form it can take): ask the backend.
+                            return look
+                        if holder is not None:
+                            left = end - loop.time()
+                            if left <= 0:
+                                return look
+                            await asyncio.wait((notice,), timeout=min(WAIT_POLL, left))
+                            continue
+                # The fill failed, or the lock is gone without an entry (its holder died): take it
+                # over, or find who did. Registered afresh first, so its notice is not missed.
+                if loop.time() >= end or time.monotonic() < self._down_until:
+                    return look  # waited long enough, or Redis just failed (the release, say)
+                waiters.remove(notice)
+                notice = loop.create_future()
+                waiters.append(notice)
+                token = f"{self._token}{next(self._ids)}:{priority}"
+                stream, plain, locked, holder = await self.store.lookup(key, token, LOCK_LEASE_MS, True)
                 if self._answer(look, stream, plain, req, endpoint, max_age):
                     look.waited = True
                     return look
-                left = end - loop.time()
-                if holder is None or left <= 0:
-                    return look  # the lock is gone without an entry, or waited long enough
-                if fut.done():
-                    # Notified, and what is stored does not serve this request (too old for its
-                    # max-age, or not in a form it can take), or the fill failed: ask the backend.
+                if locked:
+                    self._hold(look, token, priority, deadline)
                     return look
-                await asyncio.wait((fut,), timeout=min(WAIT_POLL, left))
+                if holder is None or priority < _priority_of(holder):
+                    # Stored entries that do not serve this request, or a new filler that waits
+                    # behind this request in admission.
+                    return look
+                local = self._local.get(key.digest)
+                if local is not None and holder.startswith(self._token.encode()):
+                    fill = local[0]  # a waiter in this process took it
+                    continue
+                if max_age <= 0:
+                    return look  # nothing another replica stores is young enough (max-age=0)
+                # Another replica's request took it (this lookup marked the lock waited: its fill
+                # or release will publish). Just looked: wait before the next look.
+                fill = None
+                await asyncio.wait((notice,), timeout=min(WAIT_POLL, max(0.0, end - loop.time())))
         except Exception as exc:
             self._failed(exc)
             return look
         finally:
-            waiters.remove(fut)
+            waiters.remove(notice)
             if not waiters:
                 self._waiters.pop(key.digest, None)
 
@@ -409,10 +472,10 @@ class ResponseCache:
         except Exception as exc:
             self._failed(exc)
 
-    def _notice(self, digest: str, stored: bool) -> None:
+    def _notice(self, digest: str, outcome: int) -> None:
         for fut in self._waiters.get(digest, ()):
             if not fut.done():
-                fut.set_result(stored)
+                fut.set_result(outcome)
 
     def _failed(self, exc: BaseException) -> Lookup:
         """Redis failed or was slow: skip the cache for ``retry_interval`` seconds.
@@ -485,16 +548,38 @@ class ResponseCache:
         if look.renewal is not None:
             look.renewal.cancel()
         entry = self._storable(ex)
-        local = self._local.pop(look.key.digest, None) if look.filler else None
-        fut = local[0] if local is not None else None
-        if fut is not None and not fut.done():
-            fut.set_result(entry)
+        fill = look.fill
+        if fill is not None:
+            local = self._local.get(look.key.digest)
+            if local is not None and local[0] is fill:  # not a later filler's (this one's lease ran out)
+                del self._local[look.key.digest]
         if entry is not None:
+            if fill is not None and not fill.done():
+                fill.set_result(entry)
             ttl_ms = look.policy.ttl_ms
             if not self.store.fill_nowait(look.key, entry.kind, entry.encode(), ttl_ms, look.token):
                 self._spawn(self._fill(look.key, entry, ttl_ms, look.token))  # counted when written
         elif look.filler:
-            self._spawn(self._release(look.key, look.token))
+            outcome = UNSTORABLE if self._futile(ex) else FAILED
+            self._spawn(self._release(look.key, look.token, outcome, fill))
+
+    @staticmethod
+    def _futile(ex: Exchange) -> bool:
+        """Whether an answer that was not stored would not be for anyone asking again either, so
+        waiters do not take turns at it: the local backend refused the request itself (a 4xx
+        other than a timeout or too many requests), or its complete answer was larger than the
+        route's ``max_entry_bytes`` (a plain answer the relay kept nothing of: too large, or,
+        rarely, a choice unfinished). Anything else — the client gone, a backend failure, a
+        deadline, the fallback provider's answer — was that attempt's: a waiter tries again."""
+        if ex.fallback is not None or ex.disconnected:
+            return False
+        if ex.reason == "upstream_client_error":
+            return ex.status not in _TRANSIENT_4XX
+        if ex.status != 200 or ex.reason is not None or ex.usage_estimated:
+            return False
+        if ex.stream:  # the relay drops its copy past the room; a complete stream says so
+            return ex.cache_tap is None and ex.cache_complete
+        return ex.cache_tap is not None and not ex.cache_tap and not ex.cache_complete
 
     def _storable(self, ex: Exchange) -> Entry | None:
         """The entry to keep: a complete, successful answer from a local replica, within size."""
@@ -548,11 +633,22 @@ class ResponseCache:
             if token:  # let the waiters go (if Redis still answers; else their polls see it)
                 await self._release(key, token)
 
-    async def _release(self, key: CacheKey, token: str) -> None:
+    async def _release(
+        self,
+        key: CacheKey,
+        token: str,
+        outcome: int = FAILED,
+        fill: asyncio.Future[Entry | int] | None = None,
+    ) -> None:
+        """Give the lock back (the waiters elsewhere are told ``outcome`` by its notice), then tell
+        the waiters in this process: after the release, so the lock they try to take is free."""
         try:
-            await self.store.release(key, token)
+            await self.store.release(key, token, outcome)
         except Exception as exc:
             self._failed(exc)
+        finally:
+            if fill is not None and not fill.done():
+                fill.set_result(outcome)
 
     async def purge(self, team: str | None, model: str | None) -> int:
         """Delete the entries of ``team`` (team and principal scopes) and/or ``model``; all when

@@ -2,8 +2,9 @@
 the notices that wake requests waiting on another replica's fill.
 
 Every per-request call is one round trip (a Lua script or one command) under ``timeout`` on the
-pipelined client (resp.py). Notices travel on one pub/sub channel,
-``{prefix}n``: the message is ``<digest>:1`` (stored) or ``<digest>:0`` (the fill failed).
+pipelined client (resp.py). Notices travel on one pub/sub channel, ``{prefix}n``: the message is
+``<digest>:<outcome>``: ``1`` stored, ``0`` the fill failed (a waiter takes the lock over), ``2``
+nobody's answer would be stored (a 4xx, an answer too large: every waiter asks at once).
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import contextlib
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from gateway.cache.key import CacheKey
 from gateway.cache.resp import RespClient
 from gateway.storage_timeout import storage_timeout
+
+# What became of a fill: a notice's outcome, and a local filler's result (stage.py).
+FAILED: Final = 0  # not stored for a reason of that attempt's (client gone, backend failure): try again
+STORED: Final = 1
+UNSTORABLE: Final = 2  # whoever asks again gets no storable answer either (a 4xx, too large)
 
 # KEYS: stream entry, plain entry, lock, waiters' mark. ARGV: lock token, lock ms, take the lock
 # on a miss (1/0), the mark's ms. A caller that finds the lock held marks it waited: only then do
@@ -148,9 +154,12 @@ class CacheStore:
             [value, ttl_ms, token, self.channel, key.digest + ":1"],
         )
 
-    async def release(self, key: CacheKey, token: str) -> None:
-        """Give the lock back without an entry (the answer was not storable) and wake the waiters."""
-        await self._eval(self._release, [key.lock, key.lock + ":w"], [token, self.channel, key.digest + ":0"])
+    async def release(self, key: CacheKey, token: str, outcome: int = FAILED) -> None:
+        """Give the lock back without an entry (the answer was not storable) and wake the waiters,
+        telling them why: ``FAILED`` (one of them takes the lock over) or ``UNSTORABLE``."""
+        await self._eval(
+            self._release, [key.lock, key.lock + ":w"], [token, self.channel, f"{key.digest}:{outcome}"]
+        )
 
     async def purge(self, team_seg: str | None, model_seg: str | None) -> int:
         """Delete the entries of a team and/or a model (all entries when both are None); returns
@@ -168,7 +177,7 @@ class CacheStore:
             deleted += int(await self.redis.unlink(*batch))
         return deleted
 
-    def listen(self, on_notice: Callable[[str, bool], None]) -> None:
+    def listen(self, on_notice: Callable[[str, int], None]) -> None:
         """Start the notices' subscriber (reconnects with backoff while Redis is away) and warm
         the connections up (a first burst of lookups would otherwise open them all at once and
         load the scripts, and time out)."""
@@ -186,7 +195,7 @@ class CacheStore:
         except Exception as exc:  # Redis away at start: lookups bypass until it answers
             self.log.info("cache warm-up skipped", cause=type(exc).__name__)
 
-    async def _listen(self, on_notice: Callable[[str, bool], None]) -> None:
+    async def _listen(self, on_notice: Callable[[str, int], None]) -> None:
         pause = 0.1
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -199,8 +208,10 @@ class CacheStore:
                         continue
                     data = msg.get("data")
                     if isinstance(data, bytes):
-                        digest, _, ok = data.decode("ascii", "replace").partition(":")
-                        on_notice(digest, ok == "1")
+                        digest, _, outcome = data.decode("ascii", "replace").partition(":")
+                        on_notice(
+                            digest, STORED if outcome == "1" else UNSTORABLE if outcome == "2" else FAILED
+                        )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: waiters fall back to their bound meanwhile
