@@ -211,10 +211,10 @@ class UsageApi:
             if cursor < start or cursor % width or cursor > MAX_TIME:
                 raise InvalidRequest("`page` is not a cursor this endpoint returned.", param="page")
             start = cursor
-        end = int(time.time()) if q.end_time is None else q.end_time
-        if end <= q.start_time:
+        now = time.time()
+        if (q.end_time if q.end_time is not None else now) <= q.start_time:
             raise InvalidRequest("`end_time` must be after `start_time`.", param="end_time")
-        end = -(-end // width) * width  # up to a whole bucket
+        end = bucket_end(q.end_time, now, width)
         stop = min(end, start + buckets * width)
         if reads_events(width, q.groups, q.filters, q.batch) and start < (horizon := self._events_horizon()):
             # The per-request rows before the horizon are gone: their buckets would read as empty
@@ -248,6 +248,15 @@ class UsageApi:
         more = stop < end
         body = {"object": "page", "data": data, "has_more": more, "next_page": str(stop) if more else None}
         return Response(orjson.dumps(body), media_type="application/json")
+
+
+def bucket_end(end_time: int | None, now: float, width: int) -> int:
+    """The exclusive end (epoch seconds) of a usage query: ``end_time``, or when none was given
+    ``now`` with its current second included, rounded up to a whole bucket of ``width`` seconds.
+    (``int(now)`` at 120.3 was 120 exactly, a bucket's edge: the rows of the current second, and
+    in a bucket's first second the whole current bucket, were left out of "everything so far".)"""
+    end = int(now) + 1 if end_time is None else end_time
+    return -(-end // width) * width
 
 
 def _unavailable(exc: BaseException) -> LedgerUnavailable:
