@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, settings_to_json
-from gateway.config_check import Loc, describe, explain, stray_env_vars, unset_secret_vars
+from gateway.config_check import Loc, describe, explain, shared_redis, stray_env_vars, unset_secret_vars
 from gateway.ledger.cli import register as register_ledger
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _check_config(args: argparse.Namespace) -> int:
             "Set it where serve runs (check-config --require-secrets makes this an error)",
             file=sys.stderr,
         )
-    for line in stray_env_vars(os.environ, settings):
+    for line in [*stray_env_vars(os.environ, settings), *shared_redis(settings)]:
         print(f"warning: {line}", file=sys.stderr)
     missing = ", ".join(v.env for v in unset)
     print(f"{label}: OK" + (f" (not set here: {missing})" if unset else ""))

@@ -17,6 +17,7 @@ import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -178,6 +179,22 @@ def _mask_urls(value: Any) -> Any:
 # GATEWAY_* variables that are not settings: the resolved settings handed to uvicorn's workers,
 # the test suite's coverage switch.
 _NOT_SETTINGS = frozenset({"GATEWAY_RESOLVED_SETTINGS", "GATEWAY_TEST_COVERAGE"})
+
+
+def shared_redis(settings: Settings) -> list[str]:
+    """Warnings for one Redis server given two jobs that must not share it: the cache (which
+    should evict, ``volatile-lru``) and the jobs' queue and records (which must never evict).
+    A different database number on the same server is the same memory (docs/cache.md)."""
+    if settings.cache is None or not settings.jobs.enabled:
+        return []
+    cache, queue = urlsplit(settings.cache.storage), urlsplit(settings.jobs.queue)
+    if (cache.hostname, cache.port or 6379) != (queue.hostname, queue.port or 6379):
+        return []
+    return [
+        f"cache.storage and jobs.queue are the same Redis server ({cache.hostname}:{cache.port or 6379}): "
+        "a full cache would make job submissions fail, and an evicting Redis would lose jobs. Give "
+        "the cache a Redis of its own (docs/cache.md, 'Redis for the cache')."
+    ]
 
 
 def stray_env_vars(environ: Mapping[str, str], settings: Settings) -> list[str]:

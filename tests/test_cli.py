@@ -158,6 +158,21 @@ def test_a_malformed_redis_url_is_named_by_its_key(tmp_path: Path, key: str, url
     assert "Traceback" not in p.stderr
 
 
+def test_check_config_warns_when_the_cache_and_the_jobs_share_a_redis(tmp_path: Path) -> None:
+    """docs/cache.md says never to (a full cache makes job submissions fail); check-config said
+    nothing. Another database number on the same server is the same memory."""
+    shared = write(tmp_path, "cache: {storage: 'redis://127.0.0.1:6379/1'}\njobs: {enabled: true}\n")
+    p = run_cli("check-config", shared)
+    assert p.returncode == 0, p.stderr
+    assert "warning: cache.storage and jobs.queue are the same Redis server (127.0.0.1:6379)" in p.stderr
+    apart = tmp_path / "apart"
+    apart.mkdir()
+    own = write(apart, "cache: {storage: 'redis://127.0.0.1:6380/0'}\njobs: {enabled: true}\n")
+    p = run_cli("check-config", own)
+    assert p.returncode == 0, p.stderr
+    assert "same Redis" not in p.stderr
+
+
 def test_an_error_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
     cfg = write(tmp_path, "timeouts:\n  idle: 5\n  connect: -1\n")
     p = run_cli("check-config", cfg, env={"GATEWAY_TIMEOUTS__IDLE": "abc"})
