@@ -93,9 +93,10 @@ class GatewayApp:
                         return
                     await endpoint(scope, receive, send)
                     return
-                if scope["method"] != "OPTIONS":
-                    await _send_plain_error(send, MethodNotAllowed(f"Use POST for {scope['path']}."))
-                    return
+                # Any other method, OPTIONS included (RFC 9110 9.3.7: the Allow header says what
+                # the path takes; no CORS preflight is ever approved here), is a 405.
+                await _send_plain_error(send, MethodNotAllowed(f"Use POST for {scope['path']}."))
+                return
         await self.api(scope, receive, send)
 
 

@@ -131,9 +131,11 @@ def test_backend_api_key_is_sent_upstream() -> None:
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_get_on_post_endpoint_is_405(http: httpx.Client, path: str) -> None:
-    r = http.get(path)
-    assert r.status_code == 405
-    assert r.json()["error"]["code"] == "method_not_allowed"
+    for method in ("GET", "OPTIONS", "PUT", "DELETE"):  # OPTIONS was a 404 naming no path
+        r = http.request(method, path)
+        assert r.status_code == 405, (method, r.text)
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        assert r.headers["allow"] == "POST"
 
 
 def test_unknown_path_is_openai_shaped_404(http: httpx.Client) -> None:
