@@ -551,3 +551,50 @@ def test_breaker_counts_the_providers_faults_only(tmp_path: Path, kind: str) -> 
     finally:
         gw.stop()
         provider.stop()
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_providers_absurd_usage_is_not_recorded(
+    gateways: dict[str, Gateway], provider: RawProvider, kind: str, stream: bool
+) -> None:
+    """A provider reporting 1,000,000,000 output tokens for max_tokens 5: the Anthropic adapter
+    wrote the figure straight into the request's record (limits, budget, ledger); now any
+    provider's usage past what the request could use is estimated instead (account stage)."""
+    name = f"absurd-{kind}-{'stream' if stream else 'plain'}"
+    huge = 1_000_000_000
+    if kind == "anthropic":
+        answer = (
+            sse(
+                A_START,
+                A_DELTA,
+                ev(
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn"},
+                        "usage": {"output_tokens": huge},
+                    },
+                    "message_delta",
+                ),
+                ev({"type": "message_stop"}, "message_stop"),
+            )
+            if stream
+            else plain(200, {**A_MSG, "usage": {"input_tokens": 3, "output_tokens": huge}})
+        )
+    else:
+        usage = {"prompt_tokens": 3, "completion_tokens": huge, "total_tokens": huge + 3}
+        answer = (
+            sse(
+                O_CHUNK,
+                ev({**O_MSG, "object": "chat.completion.chunk", "choices": [], "usage": usage}),
+                O_DONE,
+            )
+            if stream
+            else plain(200, {**O_MSG, "usage": usage})
+        )
+    provider.answers[name] = answer
+    r = ask(gateways[kind], name, stream)
+    assert r.status_code == 200, r.text
+    audit = gateways[kind].wait_audit(name)
+    assert audit["usage_estimated"] is True, audit
+    assert audit["completion_tokens"] <= 5, audit
