@@ -42,11 +42,10 @@ from gateway.errors import (
     Fault,
     GatewayError,
     UpstreamError,
-    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pipeline.upstream import MAX_ERROR_BODY_BYTES, UpstreamResponse
+from gateway.pipeline.upstream import MAX_ERROR_BODY_BYTES, UpstreamResponse, read_bounded, read_head
 
 DIRECT_WORDS = ("", "none")  # external.proxy values that mean "no proxy, whatever the environment says"
 
@@ -216,32 +215,12 @@ class EgressResponse:
         Raises UpstreamResponseTooLarge past it (the connection is closed, the rest never read)
         or UpstreamError when the connection breaks first.
         """
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            size += len(chunk)
-            if size > limit:
-                self.close()
-                raise UpstreamResponseTooLarge(
-                    f"The external provider sent a response larger than the gateway's limit ({limit} bytes)."
-                )
-            parts.append(chunk)
-        return b"".join(parts)
+        return await read_bounded(self, limit, "The external provider")
 
     async def read_prefix(self, limit: int = MAX_ERROR_BODY_BYTES) -> bytes:
         """At most the first ``limit`` bytes of the body (an error body's message); a longer
         body is not read further and its connection is closed. Raises UpstreamError as read()."""
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            room = limit - size
-            if len(chunk) > room:
-                parts.append(chunk[:room])
-                self.close()
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        return b"".join(parts)
+        return await read_head(self, limit)
 
     async def read_chunk(self) -> bytes:
         """Whatever bytes have arrived (at least one); b"" at the end of the body.

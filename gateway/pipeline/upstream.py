@@ -34,6 +34,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from gateway.backends import Backend
@@ -65,6 +66,47 @@ class ProbeFailed(Exception):
     """A poller GET that got no HTTP answer."""
 
 
+class ChunkSource(Protocol):
+    """A response body read chunk by chunk (``UpstreamResponse``, egress's ``ResponseStream``)."""
+
+    async def read_chunk(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+async def read_bounded(source: ChunkSource, limit: int, who: str) -> bytes:
+    """The whole body, at most ``limit`` bytes; past it the connection is closed (the rest is
+    never read) and UpstreamResponseTooLarge names ``who`` ("The backend"). Counting costs an
+    addition per chunk."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await source.read_chunk():
+        size += len(chunk)
+        if size > limit:
+            source.close()
+            raise UpstreamResponseTooLarge(
+                f"{who} sent a response larger than the gateway's limit ({limit} bytes)."
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def read_head(source: ChunkSource, limit: int) -> bytes:
+    """At most the first ``limit`` bytes of the body (an error body's message); a longer body is
+    not read further and its connection is closed."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await source.read_chunk():
+        room = limit - size
+        if len(chunk) > room:
+            parts.append(chunk[:room])
+            source.close()
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 class UpstreamResponse:
     """A started upstream response: status and content type known, body not yet read.
 
@@ -89,17 +131,7 @@ class UpstreamResponse:
         UpstreamError if the connection ends first. Counting costs an addition per chunk
         (a chunk is whatever arrived, up to ``HIGH_WATER`` buffered plus one packet).
         """
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            size += len(chunk)
-            if size > limit:
-                self.close()
-                raise UpstreamResponseTooLarge(
-                    f"The backend sent a response larger than the gateway's limit ({limit} bytes)."
-                )
-            parts.append(chunk)
-        return b"".join(parts)
+        return await read_bounded(self, limit, "The backend")
 
     async def read_prefix(self, limit: int = MAX_ERROR_BODY_BYTES) -> bytes:
         """At most the first ``limit`` bytes of the body: enough of an error body for its message.
@@ -108,17 +140,7 @@ class UpstreamResponse:
         nothing), so a backend's endless error page costs ``limit`` bytes. Raises UpstreamError
         if the connection ends before the body (or the prefix) does.
         """
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            room = limit - size
-            if len(chunk) > room:
-                parts.append(chunk[:room])
-                self.close()
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        return b"".join(parts)
+        return await read_head(self, limit)
 
     async def read_chunk(self) -> bytes:
         """Whatever bytes have arrived (at least one); b"" at end of body.
