@@ -56,6 +56,16 @@ def new_schema_name() -> str:
     return f"ledger_t{os.getpid()}_{secrets.token_hex(3)}"
 
 
+def ledger_section(schema: str, spool_dir: Path, flush_interval: float = 0.2) -> dict[str, Any]:
+    """A config's ``ledger`` section on the shared server, in ``schema``."""
+    return {
+        "dsn": SHARED_DSN,
+        "schema_name": schema,
+        "spool_dir": str(spool_dir),
+        "flush_interval": flush_interval,
+    }
+
+
 def drop_schema(dsn: str, schema: str) -> None:
     run_sql(dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 

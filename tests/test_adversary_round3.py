@@ -25,7 +25,15 @@ import yaml
 from gateway.auth.jwks import JwksCache
 from gateway.config_auth import JwtSettings
 from tests.jobs_helpers import ALICE, CAROL, chat_lines, jobs_config, poll
-from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, run_sql, shared_server_or_fail, wait_for
+from tests.ledger_pg import (
+    SHARED_DSN,
+    drop_schema,
+    ledger_section,
+    new_schema_name,
+    run_sql,
+    shared_server_or_fail,
+    wait_for,
+)
 from tests.procs import Gateway, Sim
 from tests.test_ledger import db_upgrade
 
@@ -38,12 +46,7 @@ def test_async_submissions_and_their_refusals_are_in_the_ledger_and_the_audit_lo
     sim = Sim(None, "--model", "tiny")
     path, _ = jobs_config(tmp_path)
     cfg = yaml.safe_load(path.read_text())
-    cfg["ledger"] = {
-        "dsn": SHARED_DSN,
-        "schema_name": schema,
-        "spool_dir": str(tmp_path / "spool"),
-        "flush_interval": 0.2,
-    }
+    cfg["ledger"] = ledger_section(schema, tmp_path / "spool")
     cfg["teams"]["research"] = {"models": ["nothing-here"]}  # carol may not use tiny
     path.write_text(yaml.safe_dump(cfg))
     db_upgrade(path)
@@ -191,12 +194,7 @@ def test_no_batch_line_starts_after_its_cancel_was_answered(tmp_path: Path) -> N
     files = tmp_path / "shared-files"
     path, _ = jobs_config(tmp_path, files=files, concurrency=16)
     cfg = yaml.safe_load(path.read_text())
-    cfg["ledger"] = {
-        "dsn": SHARED_DSN,
-        "schema_name": schema,
-        "spool_dir": str(tmp_path / "spool"),
-        "flush_interval": 0.2,
-    }
+    cfg["ledger"] = ledger_section(schema, tmp_path / "spool")
     path.write_text(yaml.safe_dump(cfg))
     db_upgrade(path)
     a = Gateway([sim.url], config=path)
@@ -371,7 +369,7 @@ def test_an_async_job_of_a_team_over_its_budget_is_refused_at_submission(tmp_pat
     cfg["auth"]["api_keys"].append({"key": "sk-budget-team", "subject": "spender", "team": team})
     cfg["teams"][team] = {"budget": {"monthly_tokens": 1}}
     cfg["rate_limits"] = {"storage": "redis://127.0.0.1:6379/0"}
-    cfg["ledger"] = {"dsn": SHARED_DSN, "schema_name": schema, "spool_dir": str(tmp_path / "spool")}
+    cfg["ledger"] = ledger_section(schema, tmp_path / "spool")
     path.write_text(yaml.safe_dump(cfg))
     db_upgrade(path)
     g = Gateway([sim.url], config=path)

@@ -9,7 +9,15 @@ import openai
 import yaml
 
 from tests.jobs_helpers import chat_lines, jobs_config, jsonl, poll
-from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, run_sql, shared_server_or_fail, wait_for
+from tests.ledger_pg import (
+    SHARED_DSN,
+    drop_schema,
+    ledger_section,
+    new_schema_name,
+    run_sql,
+    shared_server_or_fail,
+    wait_for,
+)
 from tests.procs import Gateway, Sim
 from tests.test_ledger import db_upgrade
 
@@ -21,12 +29,7 @@ def test_every_run_of_a_job_line_is_one_ledger_row(tmp_path: Path) -> None:
     path, _ = jobs_config(tmp_path, max_deliveries=10)
     cfg = yaml.safe_load(path.read_text())
     cfg["auth"]["api_keys"].append({"key": "sk-ledger-jobs", "subject": "etl", "team": "search"})
-    cfg["ledger"] = {
-        "dsn": SHARED_DSN,
-        "schema_name": schema,
-        "spool_dir": str(tmp_path / "spool"),
-        "flush_interval": 0.2,
-    }
+    cfg["ledger"] = ledger_section(schema, tmp_path / "spool")
     cfg["pricing"] = {"tiny": {"prompt_per_million": 1.0, "completion_per_million": 2.0}}
     path.write_text(yaml.safe_dump(cfg))
     db_upgrade(path)

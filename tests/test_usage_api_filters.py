@@ -24,7 +24,14 @@ import pytest
 import yaml
 
 from tests.jobs_helpers import ALICE, CAROL, chat_lines, clean_prefix, jobs_config, poll, sha
-from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, run_sql, shared_server_or_fail
+from tests.ledger_pg import (
+    SHARED_DSN,
+    drop_schema,
+    ledger_section,
+    new_schema_name,
+    run_sql,
+    shared_server_or_fail,
+)
 from tests.procs import ROOT, Gateway, Sim, until
 from tests.test_ledger import db_upgrade
 
@@ -52,12 +59,7 @@ def ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
     path, prefix = jobs_config(tmp)
     cfg = yaml.safe_load(path.read_text())
     cfg["auth"]["api_keys"].append({"key": ADMIN, "subject": "ops", "scopes": ["admin"]})
-    cfg["ledger"] = {
-        "dsn": SHARED_DSN,
-        "schema_name": schema,
-        "spool_dir": str(tmp / "spool"),
-        "flush_interval": 0.1,
-    }
+    cfg["ledger"] = ledger_section(schema, tmp / "spool", 0.1)
     cfg["pricing"] = {"tiny": {"prompt_per_million": 1.0, "completion_per_million": 2.0}}
     path.write_text(yaml.safe_dump(cfg))
     db_upgrade(path)
