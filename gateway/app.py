@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from gateway.cache.stage import ResponseCache
     from gateway.jobs.service import Jobs
     from gateway.ledger.budget import BudgetBook
+    from gateway.ledger.config import BudgetSettings
     from gateway.ledger.writer import LedgerWriter
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
@@ -187,13 +188,14 @@ def check_startup(settings: Settings) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the settings cannot be handed to a worker process: {exc}") from exc
     build_gateway(settings)
+    keyed = principal_budgets(settings)  # refuses keys of one subject that disagree
     if settings.ledger is not None:
         try:
             settings.ledger.password()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-    elif any(t.budget is not None for t in settings.teams.values()):
-        raise ConfigError("teams.<team>.budget: budgets need a `ledger` section")
+    elif paths := budget_paths(settings) or (["auth.api_keys_file"] if keyed else []):
+        raise ConfigError(f"{paths[0]}: budgets need a `ledger` section")
 
 
 def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
@@ -348,12 +350,15 @@ def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | 
 
 
 def build_budgets(settings: Settings, metrics: GatewayMetrics) -> BudgetBook | None:
-    """Team budgets when a team has one (they need the ledger: it is what seeds the counts)."""
+    """Team and principal budgets when any is set (they need the ledger: it seeds the counts)."""
     budgets = {name: t.budget for name, t in settings.teams.items() if t.budget is not None}
-    if not budgets:
+    defaults = {name: t.principal_budget for name, t in settings.teams.items() if t.principal_budget}
+    keys = principal_budgets(settings)
+    if not (budgets or defaults or keys):
         return None
     if settings.ledger is None:
-        raise ConfigError(f"teams.{next(iter(budgets))}.budget: budgets need a `ledger` section")
+        where = (budget_paths(settings) or ["auth.api_keys_file"])[0]  # else a key in the file
+        raise ConfigError(f"{where}: budgets need a `ledger` section")
     from gateway.ledger.budget import BudgetBook
     from gateway.ledger.pricing import PriceTable
 
@@ -366,7 +371,45 @@ def build_budgets(settings: Settings, metrics: GatewayMetrics) -> BudgetBook | N
         settings.ledger,
         PriceTable(settings.pricing),
         metrics.registry,
+        principal_defaults=defaults,
+        principals=keys,
     )
+
+
+def budget_paths(settings: Settings) -> list[str]:
+    """Where the configuration sets a budget (config paths), for errors that need the ledger."""
+    paths = []
+    for name, t in settings.teams.items():
+        if t.budget is not None:
+            paths.append(f"teams.{name}.budget")
+        if t.principal_budget is not None:
+            paths.append(f"teams.{name}.principal_budget")
+    paths += [f"auth.api_keys.{i}.budget" for i, k in enumerate(settings.auth.api_keys) if k.budget]
+    return paths
+
+
+def principal_budgets(settings: Settings) -> dict[tuple[str, str], BudgetSettings]:
+    """(team or "", subject) -> the API keys' own budgets (``auth.api_keys`` and its file).
+
+    ConfigError when two keys of one subject and team give different budgets (they share a count).
+    """
+    from gateway.auth.apikeys import load_api_keys
+
+    try:
+        keys = load_api_keys(settings.auth)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"auth.api_keys_file: {exc}") from exc
+    found: dict[tuple[str, str], BudgetSettings] = {}
+    for key in keys:
+        if key.budget is None:
+            continue
+        who = (key.team or "", key.subject)
+        if found.setdefault(who, key.budget) != key.budget:
+            raise ConfigError(
+                f"auth.api_keys: the keys of subject {key.subject!r} (team {key.team!r}) give different "
+                "budgets; they share one count, so give one budget"
+            )
+    return found
 
 
 def build_authenticator(settings: Settings) -> Authenticator:

@@ -78,6 +78,14 @@ class ApiKeySettings(_Section):
         ),
     )
     revoked: bool = Field(False, description="A revoked key is answered 401 `revoked_api_key`.")
+    budget: BudgetSettings | None = Field(
+        None,
+        description=(
+            "Monthly spend limit of this key's principal (its `subject` in its `team`; needs `ledger`), "
+            "instead of the team's `principal_budget`. Keys of one subject and team share one count and "
+            "must give the same budget."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKeySettings:
@@ -154,6 +162,14 @@ class TeamSettings(_Section):
             "Monthly spend limit of the whole team (needs `ledger`): over it, 429 `budget_exceeded` "
             "until the month ends (UTC). Counted in the rate-limit storage (Redis: shared by replicas), "
             "rebuilt from the ledger when missing (docs/ledger.md)."
+        ),
+    )
+    principal_budget: BudgetSettings | None = Field(
+        None,
+        description=(
+            "Monthly spend limit of each principal of the team on its own (by subject: a JWT's `sub`, "
+            "an API key's `subject`; needs `ledger`), checked beside the team's `budget`. An API "
+            "key's own `budget` replaces it for that key's subject."
         ),
     )
 

@@ -163,10 +163,10 @@ class ModelPrice(_Section):
 
 class BudgetSettings(_Section):
     monthly_usd: float | None = Field(
-        None, gt=0, description="USD the team may spend per calendar month (UTC), from the ledger's costs."
+        None, gt=0, description="USD that may be spent per calendar month (UTC), from the ledger's costs."
     )
     monthly_tokens: int | None = Field(
-        None, ge=1, description="Prompt + completion tokens the team may use per calendar month (UTC)."
+        None, ge=1, description="Prompt + completion tokens that may be used per calendar month (UTC)."
     )
     soft: float = Field(
         0.8,
@@ -174,7 +174,8 @@ class BudgetSettings(_Section):
         le=1,
         description=(
             "Fraction of the budget at which `gateway_budget_used_ratio` reaches "
-            "`gateway_budget_soft_ratio` (the alert rule's threshold); requests still pass."
+            "`gateway_budget_soft_ratio` (the alert rule's threshold); requests still pass. Team "
+            "budgets only: a principal's has no per-subject metric."
         ),
     )
 
