@@ -238,11 +238,11 @@ def once(rule: Callable[[list[bytes]], bool], fate: str, times: int = 1) -> Rule
 
 
 def _is_submit(args: list[bytes]) -> bool:
-    """The SUBMIT_JOB script (seven keys, the job's record second)."""
+    """The SUBMIT_JOB script (nine keys, the job's record second)."""
     return (
         args[0].upper() in (b"EVAL", b"EVALSHA")
         and len(args) > 4
-        and args[2] == b"7"
+        and args[2] == b"9"
         and b":job:job_" in args[4]
     )
 

@@ -512,7 +512,11 @@ def test_a_batch_whose_big_input_is_deleted_while_it_starts_fails_cleanly_or_run
         got = poll(
             batches, lambda bs: all(b["status"] != "validating" for b in bs.values()), 60, "none validating"
         )
-        queued: list[dict[bytes, bytes]] = [fields for _id, fields in r.xrange(f"{p.prefix}q:tiny")]  # type: ignore[union-attr,misc]
+        queued: list[dict[bytes, bytes]] = [
+            fields
+            for stream in r.scan_iter(f"{p.prefix}qs:*:tiny")
+            for _id, fields in r.xrange(stream)  # type: ignore[union-attr,misc]
+        ]
         running = 0
         for bid, one in got.items():
             in_queue = sum(1 for f in queued if f.get(b"job") == bid.encode())

@@ -141,7 +141,8 @@ def test_a_line_larger_than_a_request_may_be_fails_at_validation(tmp_path: Path)
         assert done["status"] == "failed", done
         assert [e["line"] for e in done["errors"]["data"]] == [2], done["errors"]
         r = redis.Redis()
-        assert not any(r.xlen(k) for k in r.scan_iter(f"{prefix}q:*")), "lines were enqueued"
+        streams = [*r.scan_iter(f"{prefix}q:*"), *r.scan_iter(f"{prefix}qs:*")]
+        assert not any(r.xlen(k) for k in streams), "lines were enqueued"
         assert sim.stats()["received"] == 0
     finally:
         g.stop()

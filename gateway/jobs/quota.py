@@ -37,15 +37,20 @@ return 1
 
 # One job submission, whole or not at all: the Idempotency-Key check, the lease, the record and
 # the queue entry in one script, so that a lost reply leaves a state the submitter can read back
-# (the record exists: all of it happened). KEYS: Idempotency-Key (the record's key when none),
-# record, owner's index, active set, owner's leases, models set, stream. ARGV: the key's value
-# ('' when none), id, doc JSON, created µs, now, cap, lease lapses at, model, then the queue
-# entry's field/value pairs. 1 made, 0 the key names another submission, -1 at the cap.
+# (the record exists: all of it happened). Runs after gateway/jobs/queue.py ``APPEND_LUA``.
+# KEYS: Idempotency-Key (the record's key when none), record, owner's index, active set, owner's
+# leases, models set, the share's stream of the model's lines, the model's stream, its rotation
+# of shares. ARGV: the key's value ('' when none), id, doc JSON, created µs, now, cap, lease
+# lapses at, model, share, then the queue entry's field/value pairs. 1 made, 0 the key names
+# another submission, -1 at the cap.
 SUBMIT_JOB: Final = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[5])
 if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[6]) then return -1 end
-redis.call('XADD', KEYS[7], '*', unpack(ARGV, 9))
+ensure(KEYS[7])
+ensure(KEYS[8])
+append(KEYS[7], KEYS[8], {unpack(ARGV, 10)})
+enlist(KEYS[9], ARGV[9])
 redis.call('ZADD', KEYS[5], ARGV[7], ARGV[2])
 local ttl = tonumber(ARGV[7]) - tonumber(ARGV[5])
 if redis.call('TTL', KEYS[5]) < ttl then redis.call('EXPIRE', KEYS[5], ttl) end

@@ -45,7 +45,7 @@ from gateway.errors import Fault, GatewayError, InvalidRequest, NotFound
 from gateway.jobs.batch_input import ModelCheck, iter_batch_requests, validate_batch_input
 from gateway.jobs.files import Files
 from gateway.jobs.metrics import JobsMetrics
-from gateway.jobs.queue import Entry, RedisStreamsQueue
+from gateway.jobs.queue import Entry, RedisStreamsQueue, share_of
 from gateway.jobs.quota import LEASE_SLACK, TooManyActive
 from gateway.jobs.store import (
     BATCH_TIMESTAMPS,
@@ -385,6 +385,7 @@ class Jobs:
                 return
             doc, _ = got
             principal = principal_from(doc["principal"])
+            share = share_of(principal.team, doc["owner"])
             period = self.s.visibility_timeout / 3
             beat = time.monotonic()
 
@@ -421,7 +422,7 @@ class Jobs:
 
             async def flush() -> None:
                 for model, items in chunk.items():
-                    await self.store.enqueue_lines(bid, await self.queue.stream(model), model, items)
+                    await self.store.enqueue_lines(bid, self.queue.append_keys(model, share), model, items)
                 chunk.clear()
                 await heartbeat()
 
@@ -611,11 +612,11 @@ class Jobs:
             "principal": principal_doc(principal),
             "task_type": task_type,
         }
-        stream = await self.queue.stream(served)
+        keys = self.queue.append_keys(served, share_of(principal.team, owner))
         entry = {"kind": "job", "job": jid, "cid": jid, "line": 0, "body": raw, "t": time.time()}
         # One script: the key's check, the lease, the record and the queue entry, all or none.
         made = await self.store.submit_job(
-            jid, doc, now + JOB_WINDOW + LEASE_SLACK, self.s.max_active_jobs, guard, stream, served, entry
+            jid, doc, now + JOB_WINDOW + LEASE_SLACK, self.s.max_active_jobs, guard, keys, served, entry
         )
         if made == 0:
             return None
@@ -1043,12 +1044,12 @@ class Jobs:
             chunk = await self.r.lrange(key, start, start + 999)
             if not chunk:
                 return
-            by_model: dict[str, list[str]] = {}
+            by_stream: dict[tuple[str, str], list[str]] = {}
             for raw in chunk:
-                eid, _, model = (raw.decode() if isinstance(raw, bytes) else raw).partition(" ")
-                by_model.setdefault(model, []).append(eid)
-            for model, ids in by_model.items():
-                await self.queue.remove(model, ids)
+                eid, _, kept = (raw.decode() if isinstance(raw, bytes) else raw).partition(" ")
+                by_stream.setdefault(self.queue.located(kept), []).append(eid)
+            for (model, stream), ids in by_stream.items():
+                await self.queue.remove(model, stream, ids)
             start += len(chunk)
 
     async def _lines(self, key: str) -> AsyncIterator[bytes]:

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 
 from gateway.auth.principal import Principal
 from gateway.jobs.files import owner_key
+from gateway.jobs.queue import APPEND_LUA, AppendKeys
 from gateway.jobs.quota import SUBMIT_JOB, TAKE_LEASE
 
 __all__ = ["JobStore", "owner_key"]
@@ -70,24 +71,32 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
-# KEYS[1] the batch's enqueued-lines hash, KEYS[2] its entries list, KEYS[3] the model's
-# stream, KEYS[4] the set of models with a stream; ARGV[1] the model, ARGV[2] how many fields an
-# entry has, then per line its number and its entry's field/value pairs. A line is appended only if its number
-# was never enqueued for the batch, so a validation resumed after a crash or a Redis failure
-# (or run twice) queues each line once. Returns how many lines were appended.
-_ENQUEUE_LINES = """
+# KEYS[1] the batch's enqueued-lines hash, KEYS[2] its entries list, KEYS[3] the share's stream
+# of the model's lines, KEYS[4] the set of models with a stream, KEYS[5] the model's stream,
+# KEYS[6] its rotation of shares (gateway/jobs/queue.py); ARGV[1] the model, ARGV[2] how many
+# fields an entry has, ARGV[3] the share, then per line its number and its entry's field/value
+# pairs. A line is appended only if its number was never enqueued for the batch, so a validation
+# resumed after a crash or a Redis failure (or run twice) queues each line once. Returns how many
+# lines were appended.
+_ENQUEUE_LINES = (
+    APPEND_LUA
+    + """
+ensure(KEYS[3])
+ensure(KEYS[5])
 local n = 0
 local step = 1 + 2 * tonumber(ARGV[2])
-for i = 3, #ARGV, step do
+for i = 4, #ARGV, step do
   if redis.call('HSETNX', KEYS[1], ARGV[i], 1) == 1 then
-    local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, i + 1, i + step - 1))
-    redis.call('RPUSH', KEYS[2], id .. ' ' .. ARGV[1])
+    local id = append(KEYS[3], KEYS[5], {unpack(ARGV, i + 1, i + step - 1)})
+    redis.call('RPUSH', KEYS[2], id .. ' ' .. KEYS[3])
     n = n + 1
   end
 end
+if n > 0 then enlist(KEYS[6], ARGV[3]) end
 redis.call('SADD', KEYS[4], ARGV[1])
 return n
 """
+)
 
 
 # KEYS[1] the record, KEYS[2] its attempts hash, KEYS[3] its running set; ARGV[1] the line's
@@ -137,7 +146,7 @@ class JobStore:
         self._enqueue_lines = redis.register_script(_ENQUEUE_LINES)
         self._start_line = redis.register_script(_START_LINE)
         self._take_lease = redis.register_script(TAKE_LEASE)
-        self._submit_job = redis.register_script(SUBMIT_JOB)
+        self._submit_job = redis.register_script(APPEND_LUA + SUBMIT_JOB)
 
     # keys
     def key(self, kind: str, rid: str) -> str:
@@ -171,23 +180,30 @@ class JobStore:
         return f"{self.p}quota:{kind}:{owner}"
 
     async def enqueue_lines(
-        self, batch_id: str, stream: str, model: str, lines: list[tuple[int, dict[str, Any]]]
+        self, batch_id: str, keys: AppendKeys, model: str, lines: list[tuple[int, dict[str, Any]]]
     ) -> int:
-        """Append a batch's lines ``(line number, queue entry)`` for ``model`` to ``stream`` (its
-        consumer group made: ``JobQueue.stream``), each at most once per batch, and list their
-        entry ids under ``entries_key`` (so lines never run can leave the queue); one script per
-        call, so a line is either queued and listed or neither. Returns how many were new.
-        Every entry has the same fields, in the same order."""
+        """Append a batch's lines ``(line number, queue entry)`` for ``model`` to its share's
+        stream (``keys``: ``JobQueue.append_keys``), each at most once per batch, and list their
+        entry ids with their stream under ``entries_key`` (so lines never run can leave the
+        queue); one script per call, so a line is either queued and listed or neither. Returns
+        how many were new. Every entry has the same fields, in the same order."""
         if not lines:
             return 0
         fields = len(lines[0][1])
-        args: list[Any] = [model, fields]
+        args: list[Any] = [model, fields, keys.share]
         for number, entry in lines:
             args.append(number)
             for k, v in entry.items():
                 args += (k, v)
-        keys = [self.enqueued_key(batch_id), self.entries_key(batch_id), stream, f"{self.p}models"]
-        return int(await self._enqueue_lines(keys=keys, args=args))
+        script_keys = [
+            self.enqueued_key(batch_id),
+            self.entries_key(batch_id),
+            keys.lines,
+            f"{self.p}models",
+            keys.model,
+            keys.rotation,
+        ]
+        return int(await self._enqueue_lines(keys=script_keys, args=args))
 
     # per-principal bounds (gateway/jobs/quota.py)
     async def take_lease(self, kind: str, owner: str, rid: str, until: int, cap: int) -> bool:
@@ -204,15 +220,15 @@ class JobStore:
         lease_until: int,
         cap: int,
         guard: tuple[str, str] | None,
-        stream: str,
+        queue: AppendKeys,
         model: str,
         entry: dict[str, Any],
     ) -> int:
         """Record job ``jid`` as ``queued``, count it against its owner's bound and append
-        ``entry`` to ``stream``, in one script (gateway/jobs/quota.py ``SUBMIT_JOB``): 1 made,
-        0 ``guard`` (an Idempotency-Key and the value it must hold) names another submission,
-        -1 ``cap`` jobs are already active. Either all of it happened or none: after a lost
-        reply, the record's existence says which."""
+        ``entry`` to its share's stream (``queue``: ``JobQueue.append_keys``), in one script
+        (gateway/jobs/quota.py ``SUBMIT_JOB``): 1 made, 0 ``guard`` (an Idempotency-Key and the
+        value it must hold) names another submission, -1 ``cap`` jobs are already active. Either
+        all of it happened or none: after a lost reply, the record's existence says which."""
         owner = doc["owner"]
         record = self.key("job", jid)
         keys = [
@@ -222,7 +238,9 @@ class JobStore:
             self.active_key("job"),
             self.quota_key("job", owner),
             f"{self.p}models",
-            stream,
+            queue.lines,
+            queue.model,
+            queue.rotation,
         ]
         args: list[Any] = [
             guard[1] if guard is not None else "",
@@ -233,6 +251,7 @@ class JobStore:
             cap,
             lease_until,
             model,
+            queue.share,
         ]
         for k, v in entry.items():
             args += (k, v)
