@@ -77,7 +77,9 @@ def _nested(annotation: Any) -> tuple[str, type[BaseModel]] | None:
     return None
 
 
-def _section(path: str, model: type[BaseModel], out: list[str]) -> None:
+def _section(path: str, model: type[BaseModel], out: list[str], titled: bool = False) -> None:
+    """Append ``model``'s table under ``## `path``` (no heading again when ``titled``: the
+    caller wrote it, with the section's description)."""
     rows: list[str] = []
     subsections: list[tuple[str, type[BaseModel]]] = []
     for name, field in model.model_fields.items():
@@ -91,7 +93,8 @@ def _section(path: str, model: type[BaseModel], out: list[str]) -> None:
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{key}` | {_type(field)} | {_default(field)} | {desc} |")
     if rows:
-        out.append(f"\n## `{path}`\n")
+        if not titled:
+            out.append(f"\n## `{path}`\n")
         out.append("| key | type | default | meaning |\n|---|---|---|---|")
         out.extend(rows)
     for key, sub in subsections:
@@ -104,9 +107,10 @@ def render() -> str:
         nested = _nested(field.annotation)
         if nested is None:
             continue
+        titled = bool(field.description) and not nested[0]
         if field.description:
-            out.append(f"\n## `{name}`\n\n{field.description} Default: {_default(field) or 'empty'}.")
-        _section(name + nested[0], nested[1], out)
+            out.append(f"\n## `{name}`\n\n{field.description} Default: {_default(field) or 'empty'}.\n")
+        _section(name + nested[0], nested[1], out, titled)
     return "\n".join(out) + "\n"
 
 

@@ -235,7 +235,9 @@ class ProxyEndpoint:
             look = await cache.lookup(
                 scope, principal, self.endpoint.name, plan.name, req, total_deadline, priority
             )
-            ex.cache_look, ex.cache = look, look.status
+            # A hit is one only once served: a request refused at the limits (429) was not, for
+            # the header, the metrics and the ledger's saved cost alike.
+            ex.cache_look, ex.cache = look, look.status if look.entry is None else None
             if look.only_if_cached:
                 raise CacheOnlyMiss(
                     "Cache-Control: only-if-cached, and no stored answer matches this request."
@@ -245,6 +247,7 @@ class ProxyEndpoint:
                     entry = look.entry
                     cost = entry.prompt_tokens + entry.completion_tokens if cache.charge_tokens else 0
                     ex.reservation = await self.limiter.admit(principal, cost, s.timeouts.total)
+                ex.cache = look.status
                 await cache.serve(look, req, send, ex)
                 return
             if look.store:

@@ -2,15 +2,17 @@
 # `make run`: the gateway on 127.0.0.1:8080 in front of the bundled vLLM simulator on :8000.
 # With BACKEND=url (or GATEWAY_BACKENDS set) the simulator is skipped and the gateway fronts that vLLM.
 # PORT and SIM_PORT change the two ports. Async jobs and the response cache are on when Redis
-# answers (JOBS_REDIS; JOBS=0, CACHE=0).
+# answers (JOBS_REDIS, CACHE_REDIS; JOBS=0, CACHE=0).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 PORT=${PORT:-8080}
 SIM_PORT=${SIM_PORT:-8000}
 # Async jobs (docs/jobs.md) and the response cache (docs/cache.md) need Redis: on when one answers
 # at JOBS_REDIS (default the local one), off with a word on how to get it otherwise. JOBS=0 and
-# CACHE=0 keep them off.
+# CACHE=0 keep them off. The cache uses CACHE_REDIS, by default the jobs' Redis: fine on a
+# laptop; in production the cache gets a Redis of its own (docs/cache.md).
 JOBS_REDIS=${JOBS_REDIS:-redis://127.0.0.1:6379/0}
+CACHE_REDIS=${CACHE_REDIS:-}
 redis_ok() {
   "$BIN/python" -c "import sys, redis
 try:
@@ -35,8 +37,15 @@ if [ "${JOBS:-1}" != "0" ] && [ -z "${GATEWAY_JOBS__ENABLED:-}" ]; then
 fi
 if [ "${CACHE:-1}" != "0" ] && [ -z "${GATEWAY_CACHE__STORAGE:-}" ]; then
   if [ "$redis_state" = up ]; then
-    export GATEWAY_CACHE__STORAGE="$JOBS_REDIS"
-    echo "cache: on for requests with temperature 0 or a seed (x-gateway-cache header), Redis at $JOBS_REDIS"
+    if [ -n "$CACHE_REDIS" ]; then
+      export GATEWAY_CACHE__STORAGE="$CACHE_REDIS"
+      echo "cache: on for requests with temperature 0 or a seed (x-gateway-cache header), Redis at $CACHE_REDIS"
+    else
+      export GATEWAY_CACHE__STORAGE="$JOBS_REDIS"
+      echo "cache: on for requests with temperature 0 or a seed (x-gateway-cache header), Redis at" \
+        "$GATEWAY_CACHE__STORAGE: the jobs' server, fine here; in production give the cache its own" \
+        "(CACHE_REDIS=url; docs/cache.md)"
+    fi
   else
     echo "cache: off, no Redis answers at $JOBS_REDIS"
   fi

@@ -67,8 +67,11 @@ def scope_of(principal: Principal, scope: str) -> tuple[str, str]:
     team_seg = segment(team) if team is not None else "-"
     if scope == "team" and team is not None:
         return "t:" + team, team_seg
-    # A JWT's `sub` and an API key's configured subject are different namespaces.
-    return f"p:{principal.via}:{principal.subject}", team_seg
+    # A JWT's `sub` and an API key's configured subject are different namespaces, and one
+    # subject in two teams is two principals (as everywhere else: jobs' owners, budgets). The
+    # team is in the hashed value, not only in the entry's key: the single-flight lock and this
+    # process's waiters go by the digest alone.
+    return orjson.dumps(["p", principal.via, principal.subject, team]).decode(), team_seg
 
 
 def make_key(

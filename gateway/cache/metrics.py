@@ -57,6 +57,8 @@ class CacheMetrics:
         self._child = child  # GatewayMetrics.child: label children looked up once
 
     def record(self, ex: Exchange, look: Lookup, known_model: bool) -> None:
+        if ex.cache is None:  # a stored answer the limits refused to serve: no one's hit
+            return
         model = ex.model if known_model else "unknown"
         team = ex.principal.team
         team_label = "none" if team is None else team if team in self._teams else "other"
