@@ -33,7 +33,7 @@ from gateway.cache.entry import PLAIN, STREAM, Entry, plain_from_stream, stream_
 from gateway.cache.key import CacheKey, deterministic, make_key, segment
 from gateway.cache.metrics import CacheMetrics
 from gateway.cache.resp import RespError
-from gateway.cache.store import FAILED, STORED, UNSTORABLE, CacheStore
+from gateway.cache.store import ALL, FAILED, STORED, UNSTORABLE, CacheStore
 from gateway.errors import Fault, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.receive import ParsedRequest
@@ -488,9 +488,13 @@ class ResponseCache:
             self._failed(exc)
 
     def _notice(self, digest: str, outcome: int) -> None:
-        for fut in self._waiters.get(digest, ()):
-            if not fut.done():
-                fut.set_result(outcome)
+        """A fill's outcome for the waiters of ``digest`` (``ALL``: every waiter, the notices'
+        connection was lost: each looks again at once instead of at its next poll)."""
+        groups = self._waiters.values() if digest == ALL else (self._waiters.get(digest, ()),)
+        for waiters in groups:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(outcome)
 
     def _failed(self, exc: BaseException) -> Lookup:
         """Redis failed or was slow: skip the cache for ``retry_interval`` seconds.

@@ -26,6 +26,7 @@ from gateway.storage_timeout import storage_timeout
 FAILED: Final = 0  # not stored for a reason of that attempt's (client gone, backend failure): try again
 STORED: Final = 1
 UNSTORABLE: Final = 2  # whoever asks again gets no storable answer either (a 4xx, too large)
+ALL: Final = "*"  # a notice for every waiter (never a digest: those are hex)
 
 # KEYS: stream entry, plain entry, lock, waiters' mark. ARGV: lock token, lock ms, take the lock
 # on a miss (1/0), the mark's ms. A caller that finds the lock held marks it waited: only then do
@@ -214,8 +215,9 @@ class CacheStore:
                         )
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis away: waiters fall back to their bound meanwhile
+            except Exception as exc:  # Redis away: no notice can come, so no waiter waits for one
                 self.log.info("cache notices interrupted", cause=type(exc).__name__)
+                on_notice(ALL, FAILED)
                 await asyncio.sleep(pause)
                 pause = min(5.0, pause * 2)
             finally:
