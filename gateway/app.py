@@ -109,7 +109,7 @@ class LocalOnlyGatewayApp(GatewayApp):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in local_only.PROBES:
+        if scope["type"] == "http":
             refused = local_only.refusal(scope)
             if refused is not None:
                 await local_only.send_refusal(send, refused)

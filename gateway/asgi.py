@@ -18,3 +18,13 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value  # type: ignore[no-any-return]
     return None
+
+
+def header_list(scope: Scope, name: bytes) -> bytes | None:
+    """Every value of a request header joined with ``, ``, as RFC 9110 §5.3 combines repeated
+    field lines (a proxy in front reads them so): for list-valued fields such as
+    Content-Encoding, where one copy alone would let the gateway and that proxy disagree."""
+    found = [value for key, value in scope["headers"] if key == name]
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else b", ".join(found)

@@ -315,8 +315,7 @@ class Settings(BaseSettings):
             "connection slot), a cap on the rate of new connections, and buffering of slow uploads. "
             "Without authentication it binds loopback only and refuses browser cross-site and DNS "
             "rebinding requests (a `Host` or `Origin` that is not loopback, or a body that is not "
-            "`application/json`); the probes `/live`, `/ready`, `/health` and `/metrics` answer any "
-            "`Host`."
+            "`application/json`), on every path, the probes included."
         ),
     )
     backends: Annotated[list[BackendSettings], NoDecode] = Field(

@@ -124,13 +124,16 @@ class Unauthenticated(GatewayError):
     fault = Fault.CLIENT
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        # RFC 6750: say it is a bearer problem, never echo the credential.
+        # RFC 6750: say it is a bearer problem, never echo the credential; a request without a
+        # bearer credential gets no error code (3.1), only the scheme to use.
         error = _BEARER_ERRORS.get(self.code or "", "invalid_token")
+        if error is None:
+            return [(b"www-authenticate", b"Bearer")]
         return [(b"www-authenticate", f'Bearer error="{error}"'.encode())]
 
 
-_BEARER_ERRORS = {
-    "missing_credentials": "invalid_request",
+_BEARER_ERRORS: dict[str, str | None] = {
+    "missing_credentials": None,
     "duplicate_credentials": "invalid_request",  # RFC 6750 3.1: more than one method or copy
     "invalid_token": "invalid_token",
     "token_expired": "invalid_token",

@@ -15,9 +15,11 @@ accepts only:
   ``/v1/files`` may be ``multipart/form-data`` when it carries an ``Authorization`` header,
   which needs the same preflight).
 
-Probes (``/live``, ``/ready``, ``/health``, ``/metrics``) stay open to any Host: Kubernetes
-probes and Prometheus address a pod by its IP, and they only read.
-With authentication configured none of this runs: a credential is what a browser lacks.
+The probes (``/live``, ``/ready``, ``/health``, ``/metrics``) too: they only read, but what they
+say (backend URLs, models, traffic) is not a web page's business, and a gateway bound to
+loopback has no remote prober to keep them open for (a container's health check asks
+``127.0.0.1``). With authentication configured none of this runs: a credential is what a
+browser lacks, and probes answer any Host.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import ipaddress
 from gateway.asgi import Scope
 from gateway.errors import GatewayError, InvalidRequest, send_error
 
-PROBES = frozenset({"/live", "/ready", "/health", "/metrics"})
 # The one method with a body that a page may send cross-site without a CORS preflight (Fetch
 # standard, "CORS-safelisted method"): DELETE, PUT and PATCH always need one, never answered here.
 _SIMPLE_WITH_BODY = "POST"
@@ -88,6 +89,8 @@ def refusal(scope: Scope) -> GatewayError | None:
                 return InvalidRequest("The request has more than one Origin header.", param=None)
             origin = value
         elif key == b"content-type":
+            if content_type is not None:  # a singleton field: which copy would count is a guess
+                return InvalidRequest("The request has more than one Content-Type header.", param=None)
             content_type = value
         elif key == b"authorization":
             authorization = True

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from gateway.asgi import Receive, Scope, Send, header
+from gateway.asgi import Receive, Scope, Send, header, header_list
 from gateway.auth.principal import Principal
 from gateway.backends import Backend
 from gateway.cache.stage import CacheOnlyMiss
@@ -201,7 +201,7 @@ class ProxyEndpoint:
             receive,
             int(length) if length and length.isdigit() else None,
             s.server.max_body_bytes,
-            header(scope, b"content-encoding"),
+            header_list(scope, b"content-encoding"),
         )
         req = receive_stage.parse(self.endpoint, raw, s.validation)
         # 3. route plan: task type and alias → the served model (replicas are picked below)

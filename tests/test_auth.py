@@ -147,11 +147,14 @@ def assert_401(
     r: httpx.Response,
     credential: str,
     code: str | None = None,
-    bearer_error: str = "invalid_token",
+    bearer_error: str | None = "invalid_token",
     extra: list[str] | tuple[str, ...] = (),
 ) -> None:
+    """``bearer_error`` None: a request without a bearer credential, whose challenge names no
+    error code (RFC 6750 3.1)."""
     assert_error(r, 401, "authentication_error", code)
-    assert r.headers["www-authenticate"] == f'Bearer error="{bearer_error}"'
+    want = "Bearer" if bearer_error is None else f'Bearer error="{bearer_error}"'
+    assert r.headers["www-authenticate"] == want
     assert_no_leak(r, credential, extra)
 
 
@@ -502,9 +505,9 @@ def test_leeway_is_honoured(hs_gw: Gateway) -> None:
         pytest.param({"Authorization": "Token abc.def.ghi"}, id="other-scheme"),
     ],
 )
-def test_missing_credential_is_401_invalid_request(hs_gw: Gateway, headers: dict[str, str]) -> None:
+def test_missing_credential_is_401_without_an_error_code(hs_gw: Gateway, headers: dict[str, str]) -> None:
     r = post_chat(hs_gw, headers)
-    assert_401(r, "", code="missing_credentials", bearer_error="invalid_request")
+    assert_401(r, "", code="missing_credentials", bearer_error=None)
 
 
 def test_sdk_without_a_key_gets_authentication_error(hs_gw: Gateway) -> None:
@@ -542,10 +545,10 @@ def raw_post(gw: Gateway, header_lines: list[bytes]) -> tuple[int, dict[str, str
 
 
 @pytest.mark.parametrize("line", [b"Authorization: Bearer ", b"Authorization: Bearer \t ", b"x-api-key:  "])
-def test_whitespace_credential_is_401_invalid_request(hs_gw: Gateway, line: bytes) -> None:
+def test_whitespace_credential_is_401_without_an_error_code(hs_gw: Gateway, line: bytes) -> None:
     status, headers, payload = raw_post(hs_gw, [line])
     assert status == 401, payload
-    assert headers["www-authenticate"] == 'Bearer error="invalid_request"'
+    assert headers["www-authenticate"] == "Bearer"
     assert json.loads(payload)["error"]["code"] == "missing_credentials"
 
 
@@ -811,9 +814,11 @@ def test_api_key_wrong(hs_gw: Gateway) -> None:
     assert err.code == "invalid_api_key"
 
 
-def test_authorization_header_wins_over_x_api_key(hs_gw: Gateway) -> None:
+def test_authorization_and_another_x_api_key_are_refused(hs_gw: Gateway) -> None:
+    """The Authorization header won, silently: a proxy in front that authorizes by x-api-key would
+    let one caller in while the gateway served another."""
     r = post_chat(hs_gw, {**bearer("sk-wrong"), "x-api-key": API_KEY})
-    assert_401(r, "sk-wrong", code="invalid_api_key")
+    assert_401(r, "sk-wrong", code="duplicate_credentials", bearer_error="invalid_request", extra=[API_KEY])
 
 
 def test_api_key_comparison_is_constant_time() -> None:
@@ -868,10 +873,21 @@ def test_a_second_credential_header_is_refused(hs_gw: Gateway) -> None:
             timeout=30,
         )
         assert_error(r, 401, "authentication_error", "duplicate_credentials")
-    r = httpx.post(  # one of each: the Authorization header, as before
+    # One of each naming different credentials: the Authorization header was used, silently (a
+    # proxy in front that authorizes by x-api-key would let one caller in as another).
+    token = hs()
+    for other in ("anything", hs(claims(sub="someone-else"))):
+        r = httpx.post(
+            hs_gw.v1 + "/chat/completions",
+            json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+            headers=[("authorization", f"Bearer {token}"), ("x-api-key", other)],
+            timeout=30,
+        )
+        assert_401(r, token, code="duplicate_credentials", bearer_error="invalid_request", extra=[other])
+    r = httpx.post(  # one of each naming the same credential: nothing to disagree about
         hs_gw.v1 + "/chat/completions",
         json={"model": "tiny", "messages": MSG, "max_tokens": 2},
-        headers=[("authorization", good), ("x-api-key", "anything")],
+        headers=[("authorization", f"Bearer {token}"), ("x-api-key", token)],
         timeout=30,
     )
     assert r.status_code == 200, r.text
@@ -940,7 +956,7 @@ def test_probes_open_without_credentials(hs_gw: Gateway, path: str) -> None:
 def test_models_listing_requires_credentials(hs_gw: Gateway) -> None:
     assert httpx.get(hs_gw.v1 + "/models", headers=bearer(hs()), timeout=5).status_code == 200
     r = httpx.get(hs_gw.v1 + "/models", timeout=5)
-    assert_401(r, "", code="missing_credentials", bearer_error="invalid_request")
+    assert_401(r, "", code="missing_credentials", bearer_error=None)
 
 
 def test_failed_attempts_are_audited_without_the_credential(hs_gw: Gateway) -> None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gateway import __version__
 from gateway.errors import GatewayError, ModelNotFound, error_body
@@ -104,6 +105,9 @@ def build_router(gw: Gateway) -> APIRouter:
     return router
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error FastAPI/Starlette produce on the cold paths, OpenAI-shaped."""
 
@@ -112,15 +116,28 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {k.decode(): v.decode() for k, v in exc.headers()}
         return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=headers)
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = "Not found." if exc.status_code == 404 else str(exc.detail)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route whose path matched; RFC 9110
+            # 15.5.6 wants every method the path serves (GET and DELETE of one file, say).
+            routes = request.app.router.routes
+            methods = [
+                m
+                for m in _METHODS
+                if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+            ]
+            if methods:
+                headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+                headers["allow"] = ", ".join(methods)
         return Response(
             error_body(message, "invalid_request_error", None, code),
             status_code=exc.status_code,
             media_type="application/json",
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     async def validation_error(_: Request, exc: Exception) -> Response:

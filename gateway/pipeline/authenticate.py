@@ -66,6 +66,13 @@ class Authenticator:
             if scheme.lower() != "bearer":
                 raise Unauthenticated("Use `Authorization: Bearer <token>`.", code="missing_credentials")
             credential = credential.strip()
+            if key is not None and key.decode("latin-1").strip() != credential:
+                # Two credentials: whichever the gateway chose, a proxy in front may have
+                # authorized the other (RFC 6750 3.1: more than one method is invalid_request).
+                raise Unauthenticated(
+                    "Send one credential: `Authorization` and `x-api-key` name different ones.",
+                    code="duplicate_credentials",
+                )
         else:
             credential = key.decode("latin-1").strip() if key is not None else ""
         if not credential:

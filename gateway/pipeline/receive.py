@@ -87,13 +87,15 @@ async def read_body(
             f"Request body is {content_length} bytes; the limit is {limit} bytes.", param=None
         )
     if encoding:
-        coding = encoding.strip().lower()
-        if coding != b"identity":
-            wbits = _DECODERS.get(coding)
+        # A list (RFC 9110 8.4: codings in the order applied; repeated headers arrive joined):
+        # `identity` is no coding; one real coding is decoded, more are not supported.
+        codings = [c for c in (p.strip().lower() for p in encoding.split(b",")) if c and c != b"identity"]
+        if codings:
+            wbits = _DECODERS.get(codings[0]) if len(codings) == 1 else None
             if wbits is None:
                 shown = encoding.decode("latin-1")[:64]
                 raise UnsupportedMediaType(
-                    f"Content-Encoding `{shown}` is not supported; send gzip, deflate or identity."
+                    f"Content-Encoding `{shown}` is not supported; send one of gzip, deflate or identity."
                 )
             return await _read_decoded(receive, limit, wbits)
     chunks: list[bytes] = []

@@ -110,8 +110,13 @@ def test_loopback_hosts_are_served(local: Gateway, host: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/live", "/ready", "/health", "/metrics"])
-def test_probes_answer_any_host(local: Gateway, path: str) -> None:
-    r = request(local, "GET", path, {"host": "10.1.2.3:8080", "origin": "http://attacker.example"})
+def test_probes_answer_this_machine_only(local: Gateway, path: str) -> None:
+    """The probes answered any Host, so a page rebinding its name to 127.0.0.1 could read
+    /health (backend URLs, models) and /metrics; a loopback-bound gateway has no remote prober
+    to keep them open for."""
+    r = request(local, "GET", path, {"host": "attacker.example", "origin": "http://attacker.example"})
+    assert_refused(r, 421, "invalid_request_error", "host_not_allowed")
+    r = request(local, "GET", path, {"host": f"127.0.0.1:{local.port}"})
     assert r.status_code == 200
 
 

@@ -1,0 +1,93 @@
+"""Faults a fourth adversarial review found in the request path, each through a real gateway:
+
+* repeated Content-Encoding headers: the gateway read the first copy while a proxy in front
+  combines them (RFC 9110 §5.3), so the two disagreed about the body;
+* two Content-Type headers in local mode: the last copy passed the JSON-only check;
+* a 405's `Allow` named the methods of one route of the path, not every method it serves.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.jobs_helpers import ALICE, jobs_config
+from tests.procs import Gateway, Sim
+
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Sim]:
+    s = Sim(None, "--ttft", "0.005", "--itl", "0.001")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    path, _ = jobs_config(tmp_path_factory.mktemp("r4"))
+    g = Gateway([sim.url], config=path)
+    yield g
+    g.stop()
+
+
+def raw(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def test_repeated_content_encoding_headers_are_read_as_one_list(gw: Gateway) -> None:
+    packed = gzip.compress(orjson.dumps(BODY))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"authorization: Bearer " + ALICE.encode() + b"\r\ncontent-type: application/json\r\n"
+    )
+    # identity, then gzip: the body is gzip (a proxy combining the lines decodes it so)
+    status, body = raw(gw.port, head + b"content-encoding: identity\r\ncontent-encoding: gzip\r\n", packed)
+    assert status == 200, body
+    assert orjson.loads(body)["object"] == "chat.completion"
+    # two real codings are not supported: 415, not a guess at one of them
+    twice = gzip.compress(packed)
+    status, body = raw(gw.port, head + b"content-encoding: gzip\r\ncontent-encoding: gzip\r\n", twice)
+    assert status == 415, body
+    assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_405_allows_every_method_the_path_serves(gw: Gateway) -> None:
+    auth = {"authorization": f"Bearer {ALICE}"}
+    for path, allowed in (
+        ("/v1/files", {"GET", "POST"}),
+        ("/v1/files/file-x", {"GET", "DELETE"}),
+        ("/v1/batches", {"GET", "POST"}),
+        ("/v1/jobs/job_x", {"GET", "DELETE"}),
+    ):
+        r = httpx.request("PUT", gw.url + path, headers=auth, timeout=10)
+        assert r.status_code == 405, (path, r.text)
+        assert set(r.headers["allow"].replace(" ", "").split(",")) == allowed, (path, r.headers["allow"])
+        assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_two_content_types_are_refused_in_local_mode(sim: Sim, tmp_path: Path) -> None:
+    g = Gateway([sim.url])  # no auth, loopback: local mode
+    try:
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            b"content-type: text/plain\r\ncontent-type: application/json\r\n"
+        )
+        status, body = raw(g.port, head, orjson.dumps(BODY))
+        assert status == 400, body
+        assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    finally:
+        g.stop()
