@@ -87,6 +87,13 @@ class ApiKeySettings(_Section):
         ),
     )
 
+    @field_validator("subject", "team", "tier")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and any(ch < " " or ch == "\x7f" for ch in v):
+            raise ValueError("must not hold control characters")
+        return v
+
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKeySettings:
         if (self.sha256 is None) == (self.key is None):

@@ -901,6 +901,25 @@ def test_models_claim_restricts_the_caller(hs_gw: Gateway) -> None:
     assert sdk_chat(hs_gw, hs(), "big")  # no models claim: anything the team may use
 
 
+def test_names_no_store_can_keep_are_refused(hs_gw: Gateway) -> None:
+    """A `sub` with a NUL was served, but PostgreSQL cannot keep it: its budget's month was never
+    seeded (so never enforced) and its ledger rows were set aside; a lone surrogate (JSON
+    ``\\ud800``) is not UTF-8 at all and failed the request (500) where a budget applied."""
+    for field, value in (
+        ("sub", "mallory\x00x"),
+        ("sub", "x\ud800"),
+        ("sub", "tab\there"),
+        ("sub", "s" * 513),
+        ("org_id", "research\x00"),
+        ("jti", "j\udfff"),
+    ):
+        r = post_chat(hs_gw, bearer(hs(claims(**{field: value}))))
+        assert_401(r, "", code="invalid_token")
+        assert field in r.json()["error"]["message"], (field, r.text)
+    ok = post_chat(hs_gw, bearer(hs(claims(sub="ålice:%41 ✓", jti="j-1"))))
+    assert ok.status_code == 200, ok.text
+
+
 def test_models_claim_as_string_does_not_fail_open(hs_gw: Gateway) -> None:
     r = post_chat(hs_gw, bearer(hs(claims(models="tiny"))), model="big")
     assert r.status_code == 403, r.text

@@ -157,6 +157,7 @@ class JwtVerifier:
         subject = claims.get(s.subject_claim)
         if not isinstance(subject, str) or not subject:
             raise TokenError(f"The token has no `{s.subject_claim}` claim.")
+        _check_name(subject, s.subject_claim)
         # Fail closed on a team or tier that is not a string: str() of a list or a number would
         # make a team name of it (and share its cache scope, limits and budget with whoever else
         # got the same junk). An empty team is no team (the principal is its own scope).
@@ -166,6 +167,9 @@ class JwtVerifier:
         tier = claims.get(s.tier_claim)
         if tier is not None and not isinstance(tier, str):
             raise TokenError(f"The token's `{s.tier_claim}` claim must be a string.")
+        for value, claim in ((team, s.team_claim), (tier, s.tier_claim), (claims.get("jti"), "jti")):
+            if isinstance(value, str):
+                _check_name(value, claim)
         tier = tier or self._default_tier
         scopes = claims.get(s.scopes_claim) or []
         if isinstance(scopes, str):
@@ -184,6 +188,22 @@ class JwtVerifier:
             models=frozenset(str(m) for m in models) if isinstance(models, list) else None,
             via="jwt",
             credential=f"jti:{jti[:128]}" if isinstance(jti := claims.get("jti"), str) and jti else None,
+        )
+
+
+MAX_NAME_CHARS = 512
+
+
+def _check_name(value: str, claim: str) -> None:
+    """A claim that names someone (subject, team, tier, jti) must be text every store can keep:
+    no control characters (PostgreSQL refuses NUL, logs and keys would carry the rest), no lone
+    UTF-16 surrogate (JSON's ``\\ud800``: not UTF-8 at all), at most ``MAX_NAME_CHARS``. Else one
+    token's principal could escape its budget (its month never seeded) or fail a request (500)."""
+    if len(value) > MAX_NAME_CHARS:
+        raise TokenError(f"The token's `{claim}` claim is longer than {MAX_NAME_CHARS} characters.")
+    if any(ch < " " or ch == "\x7f" or "\ud800" <= ch <= "\udfff" for ch in value):
+        raise TokenError(
+            f"The token's `{claim}` claim holds a control character or is not valid Unicode text."
         )
 
 

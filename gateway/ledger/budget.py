@@ -23,6 +23,7 @@ cost is known only when it ends, so the requests in flight when the budget is cr
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from gateway.auth.principal import Principal
     from gateway.pipeline.exchange import Exchange
 
+SEED_RETRY = 5.0  # seconds between seeds of one month's spend while the ledger fails
 KEY_TTL_MS = 40 * 86400 * 1000  # a month's hash outlives the month (queries of last month's spend)
 _CHARGE = """
 for _, key in ipairs(KEYS) do
@@ -142,6 +144,7 @@ class BudgetBook:
             self._seed_script = self._redis.register_script(_SEED)
         self._tasks: set[asyncio.Task[None]] = set()
         self._seeding: dict[str, asyncio.Task[tuple[int, int] | None]] = {}
+        self._seed_failed: dict[str, float] = {}  # storage key -> no new seed before (monotonic)
         self._log = structlog.get_logger("gateway.ledger.budget")
         self.used = Gauge(
             "gateway_budget_used_ratio",
@@ -283,7 +286,14 @@ class BudgetBook:
         ]
 
     async def _seeded(self, scope: _Scope, key: str, now: datetime) -> tuple[int, int] | None:
-        """The month's spend from the ledger, stored unless another process stored it first."""
+        """The month's spend from the ledger, stored unless another process stored it first.
+
+        After a seed that failed (the ledger unreachable, say) the next is tried only
+        ``SEED_RETRY`` seconds later: requests meanwhile are served unchecked rather than each
+        opening a connection to a database that is down."""
+        failed = self._seed_failed.get(key)
+        if failed is not None and time.monotonic() < failed:
+            return None
         task = self._seeding.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._seed(scope, key, now))
@@ -330,6 +340,9 @@ class BudgetBook:
         except Exception as exc:
             error = type(exc).__name__
             self._log.warning("budget: the ledger could not be read", team=scope.team, error=error)
+            if len(self._seed_failed) > 10_000:  # one entry per budget and month: keep it bounded
+                self._seed_failed.clear()
+            self._seed_failed[key] = time.monotonic() + SEED_RETRY
             return None
         assert row is not None
         nano, tokens = int(Decimal(row["usd"]) * 1_000_000_000), int(row["tokens"])
