@@ -10,6 +10,9 @@ Starts its own simulator and gateway (jobs on, Redis at ``--redis``, a fresh key
     interactive  the same open-loop interactive load (plain chat requests) twice, for
                  ``--seconds`` each: alone, then while a batch keeps the pool full. Reports p50/p90/p99
                  latency of both and the p50 change (the issue's bound: within 10 %).
+    fair         fair shares: team A's ``--lines``-line batch runs, then team B submits a 100-line
+                 batch; reports how long B's took (submit to completed) and how many of A's lines
+                 were still waiting then (first come, first served, B would have waited for them all).
 
 Results: loadtests/results/jobs-*.json and a Markdown summary on stdout.
 """
@@ -38,7 +41,8 @@ from loadtests.bench import ROOT, Child, free_port, machine, open_loop, percenti
 from loadtests.capacity import tree_rss
 
 RESULTS = ROOT / "loadtests" / "results"
-KEY = "sk-loadtest-" + "k" * 24
+KEY = "sk-loadtest-" + "k" * 24  # team "a"
+KEY_B = "sk-loadtest-b-" + "k" * 22  # team "b"
 
 
 def log(msg: str) -> None:
@@ -58,7 +62,12 @@ class Stack:
         cfg = {
             "backends": [{"url": self.sim_url, "max_in_flight": capacity}],
             "admission": {"max_queue": 100_000},
-            "auth": {"api_keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "subject": "lt"}]},
+            "auth": {
+                "api_keys": [
+                    {"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "subject": "lt", "team": "a"},
+                    {"sha256": hashlib.sha256(KEY_B.encode()).hexdigest(), "subject": "lt-b", "team": "b"},
+                ]
+            },
             "logging": {"access_log": False},
             "jobs": {
                 "enabled": True,
@@ -222,6 +231,27 @@ def run_interactive(
     }
 
 
+def run_fair(stack: Stack, n: int, max_tokens: int) -> dict[str, Any]:
+    a = openai.OpenAI(base_url=stack.url + "/v1", api_key=KEY, max_retries=2)
+    b = openai.OpenAI(base_url=stack.url + "/v1", api_key=KEY_B, max_retries=2)
+    big = start_batch(a, n, max_tokens)
+    deadline = time.monotonic() + 120
+    while a.batches.retrieve(big).status != "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # the workers fill the pool with team a's lines
+    t0 = time.perf_counter()
+    small = start_batch(b, 100, max_tokens)
+    while b.batches.retrieve(small).status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.1)
+    took = time.perf_counter() - t0
+    seen = a.batches.retrieve(big).request_counts
+    done = seen.completed + seen.failed if seen else 0
+    a.batches.cancel(big)
+    out = {"big_lines": n, "small_lines": 100, "small_s": round(took, 2), "big_lines_left": n - done}
+    log(f"fair: {out}")
+    return out
+
+
 def render(report: dict[str, Any]) -> str:
     out = [f"# Jobs load test ({report['when']})", ""]
     b = report.get("batch")
@@ -252,12 +282,22 @@ def render(report: dict[str, Any]) -> str:
             "",
             f"p50 change: {i['p50_change_pct']} %",
         ]
+    f = report.get("fair")
+    if f:
+        out += [
+            "",
+            f"Fair shares: team b's {f['small_lines']}-line batch, submitted while team a's "
+            f"{f['big_lines']:,}-line batch filled the pool, completed in {f['small_s']} s, with "
+            f"{f['big_lines_left']:,} of team a's lines still to run (queued first, all of them would "
+            "have run before it, first come first served).",
+        ]
     return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="batch,interactive", help="batch, interactive (default: both)")
+    parts_help = "batch, interactive, fair (default: the first two)"
+    p.add_argument("--parts", default="batch,interactive", help=parts_help)
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the job queue")
     p.add_argument("--lines", type=int, default=10_000, help="lines of the big batch")
     p.add_argument("--capacity", type=int, default=32, help="the replica's max_in_flight = jobs.concurrency")
@@ -287,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["interactive"] = run_interactive(
                     stack, args.rate, args.seconds, args.max_tokens, args.batch_tokens
                 )
+            finally:
+                stack.stop()
+        if "fair" in parts:
+            stack = Stack(Path(tmp) / "c", args.redis, args.capacity, sim_flags)
+            try:
+                report["fair"] = run_fair(stack, args.lines, args.batch_tokens)
             finally:
                 stack.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
