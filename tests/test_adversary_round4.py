@@ -91,3 +91,16 @@ def test_two_content_types_are_refused_in_local_mode(sim: Sim, tmp_path: Path) -
         assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
     finally:
         g.stop()
+
+
+def test_head_is_served_wherever_get_is(gw: Gateway) -> None:
+    """RFC 9110 §9.1: HEAD /v1/models was a 405 (a load balancer's HEAD probe of /ready too)."""
+    auth = {"authorization": f"Bearer {ALICE}"}
+    for path in ("/live", "/ready", "/health", "/metrics", "/v1/models", "/v1/models/tiny"):
+        got, head = (
+            httpx.get(gw.url + path, headers=auth, timeout=10),
+            httpx.head(gw.url + path, headers=auth, timeout=10),
+        )
+        assert (head.status_code, got.status_code) == (200, 200), path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
