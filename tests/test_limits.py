@@ -604,9 +604,11 @@ def test_tpm_reservation_over_the_remaining_budget_is_429_tokens(gw: Gateway, wh
     assert h["requests"] == 1000 - 2  # the refused request did not count
 
     # A request that could never fit, whatever the wait, says so.
+    # Its own code, no Retry-After, and `x-should-retry: false` (the OpenAI SDKs do not retry it).
     r = post(gw, token(who + "-huge", tier="tpm"), body(max_tokens=limit + 1))
-    err = assert_openai_error(r, 429, "rate_limit_exceeded")
+    err = assert_openai_error(r, 429, "tokens_exceed_limit")
     assert err["param"] == "tokens" and "max_tokens" in err["message"]
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
 
 
 def test_tpm_per_team_shared_and_reconciled(gw: Gateway, who: str) -> None:

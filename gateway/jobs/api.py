@@ -4,7 +4,8 @@
   ``POST /v1/batches/{id}/cancel``: OpenAI's Batch API (the Batch object).
 * ``GET /v1/jobs/{id}``: a single job; once done its ``response`` holds ``status_code`` and the
   ``body`` a synchronous call would have returned. ``DELETE /v1/jobs/{id}`` cancels a job that
-  has not started.
+  has not started (queued, or waiting between attempts); 400 ``invalid_state`` for one running
+  or ended.
 * Any proxied endpoint with ``Prefer: respond-async`` (RFC 7240) is validated and authorized as
   a synchronous request would be, then answered ``202 Accepted`` with ``Location: /v1/jobs/{id}``
   and the job object (``Preference-Applied: respond-async``). ``Idempotency-Key`` (≤ 255
@@ -16,6 +17,7 @@ Everything belongs to the principal (within its team) that created it: anyone el
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -150,6 +152,14 @@ async def submit_async(
         check_model(gw.pool, plan.model)  # 404 at once for a model no backend lists, as when sync
         if gw.budgets is not None:
             await gw.budgets.check(principal)  # a spent month: 429 now, not a 429 job result later
+        limiter = gw.limiter
+        if limiter.enabled:
+            # A request no wait lets through (more tokens than a whole budget per minute, under
+            # the tier the job runs as): 429 tokens_exceed_limit now, as when sync, not a job.
+            runs_as = principal if s.jobs.tier is None else replace(principal, tier=s.jobs.tier)
+            never = limiter.never_fits(runs_as, limiter.estimate(len(raw), req.max_tokens, req.n))
+            if never is not None:
+                raise never
         key = header(scope, b"idempotency-key")
         ikey: str | None = None
         if key is not None:
@@ -169,6 +179,7 @@ async def submit_async(
         )
     except GatewayError as exc:
         ex.reason, ex.fault, ex.error = exc.reason, exc.fault, exc.message
+        ex.limited = getattr(exc, "limit", None)
         await proxy.send_error(send, ex, exc)
     except receive_stage.ClientGone:
         ex.disconnected = True

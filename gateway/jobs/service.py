@@ -68,8 +68,14 @@ BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 # Reasons a line waits and is tried again without counting as a failed delivery: a limit or
-# the admission queue refused it (the gateway's own back-pressure), or no replica is ready.
+# the admission queue refused it (the gateway's own back-pressure), or no replica is ready. A
+# refusal that is the request's own fault (Fault.CLIENT: one that can never fit its token
+# budget, 429 tokens_exceed_limit) is its answer instead, whatever its reason.
 _WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage"})
+_LOOK_EVERY = 1.0  # seconds between looks at its batch's or job's status of a line that waits
+# An outcome of a line's attempts: stop, acknowledge it, write no result (its batch or job was
+# cancelled, or ended, while it waited).
+_DROPPED = (False, b"", "dropped")
 _FINALIZE_LOCK_SECONDS = 120  # a replica that died finalizing holds a batch this long at most
 _VALIDATION_GRACE = 600  # seconds past its window a batch may still be validating
 JOB_WINDOW = 86400  # seconds a `Prefer: respond-async` job may wait and run (its expires_at)
@@ -632,11 +638,25 @@ class Jobs:
         return self._render_job(*got)
 
     async def cancel_job(self, owner: str, jid: str) -> dict[str, Any]:
+        """Cancel a job that has not started: queued, or taken but waiting between attempts (a
+        limit's Retry-After, a full queue, a retry's backoff); its worker lets it go within
+        ``_LOOK_EVERY``. A job already cancelled is answered as it is; one whose request is
+        running at a backend now, or that ended, is 400 ``invalid_state`` and left as it is."""
         got = await self.store.load("job", jid)
         if got is None or got[0].get("owner") != owner:
             raise NotFound(f"No such job: {jid}.", param="job_id")
-        await self.store.transition("job", jid, ("queued",), "cancelled", cancelled_at=int(time.time()))
+        _, status = await self.store.cancel_job(jid)
         self._status_cache.pop(jid, None)
+        if status is None:
+            raise NotFound(f"No such job: {jid}.", param="job_id")
+        if status != "cancelled":
+            why = (
+                ": its request is running now, and its answer will be its response."
+                if status == "in_progress"
+                else "."
+            )
+            raise InvalidRequest(f"A job that is {status} cannot be cancelled{why}", code="invalid_state")
+        self.wake()
         return await self.job(owner, jid)
 
     def _render_job(self, doc: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
@@ -773,24 +793,33 @@ class Jobs:
             await self.queue.ack(entry)  # cancelled (or ended) since its status was looked at
             self._status_cache.pop(rid, None)
             return
-        renew = asyncio.create_task(self._renew(entry, kind, rid, cid))
+        done = asyncio.Event()
+        renew = asyncio.create_task(self._renew(entry, kind, rid, cid, done))
         try:
             outcome = await self._attempts(entry, kind, rid, doc, endpoint, principal, delivery)
         finally:
-            renew.cancel()
+            # Told to stop, not cancelled: a Redis call cancelled in flight may swallow the
+            # cancel (the renewal then ran on, and this worker waited for it, forever).
+            done.set()
             with contextlib.suppress(BaseException):
                 await renew
         if outcome is None:
             with contextlib.suppress(RedisError, OSError):
                 await self.store.running(kind, rid, cid, False)
             return  # left pending (shutting down): another replica takes it
+        if outcome is _DROPPED:
+            # Cancelled (or ended) while it waited: no result, and it never runs again.
+            await self.store.running(kind, rid, cid, False)
+            await self.queue.ack(entry)
+            self._status_cache.pop(rid, None)
+            return
         ok, line_json, outcome_label = outcome
         if kind == "batch":
             await self.store.finish_line(rid, cid, line_json, ok)
         else:
             await self.store.running(kind, rid, cid, False)
             result = orjson.loads(line_json)
-            if outcome_label == "dead_lettered":
+            if outcome_label in ("dead_lettered", "expired"):
                 await self.store.transition(
                     "job",
                     rid,
@@ -843,10 +872,15 @@ class Jobs:
         if kind == "batch":
             await self._maybe_finalize(rid)
 
-    async def _renew(self, entry: Entry, kind: str, rid: str, cid: str) -> None:
+    async def _renew(self, entry: Entry, kind: str, rid: str, cid: str, done: asyncio.Event) -> None:
+        """Renew a line every third of ``visibility_timeout`` until ``done`` is set."""
         period = max(0.2, self.s.visibility_timeout / 3)
         while True:
-            await asyncio.sleep(period)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await done.wait()
+            if done.is_set():
+                return
             with contextlib.suppress(RedisError, OSError):
                 await self.queue.touch(entry, self.consumer)
                 await self.store.running(kind, rid, cid, True)
@@ -867,6 +901,7 @@ class Jobs:
         line_id = f"batch_req_{secrets.token_hex(12)}"
         last: tuple[int, Any, str | None] = (0, None, None)
         wait = 0.5
+        runnable = ("validating", "in_progress") if kind == "batch" else ("in_progress",)
         while True:
             if delivery > self.s.max_deliveries:
                 status, body, reason = last
@@ -880,25 +915,15 @@ class Jobs:
             if self._stopping.is_set():
                 return None
             # Read, not the cached look: a cancel answered by another replica stops a retry.
-            if time.time() > doc["expires_at"] or (await self.store.status(kind, rid)) not in (
-                "validating",
-                "in_progress",
-                "queued",
-            ):
-                return (
-                    None
-                    if kind == "batch"
-                    else (
-                        False,
-                        _line(
-                            line_id,
-                            entry.cid,
-                            None,
-                            {"code": "expired", "message": "The job was not run within its window."},
-                        ),
-                        "expired",
-                    )
-                )
+            if (await self.store.status(kind, rid)) not in runnable:
+                return _DROPPED  # cancelled, or ended (expired, failed) meanwhile
+            if time.time() > doc["expires_at"]:
+                if kind == "batch":
+                    return None  # its batch's expiry writes its `batch_expired` result
+                expired = {"code": "expired", "message": "The job was not run within its window."}
+                return False, _line(line_id, entry.cid, None, expired), "expired"
+            if kind == "job" and not await self.store.job_attempt(rid, True):
+                return _DROPPED  # cancelled since it was looked at: it does not start
             sink = ResultSink()
             # Each run of the line is a request of its own (its own id in the audit log and the
             # ledger); the output line carries the id of the run that answered.
@@ -918,24 +943,39 @@ class Jobs:
                     ),
                     "completed",
                 )
+            if ex.fault is Fault.CLIENT or (400 <= sink.status < 500 and sink.status not in (408, 429)):
+                # The request itself is wrong (or not allowed, or can never fit its token budget):
+                # an answer, kept in the error file (a job's response), never tried again.
+                response = {"status_code": sink.status, "request_id": line_id, "body": body}
+                return False, _line(line_id, entry.cid, response, None), "failed"
             if ex.reason in _WAIT_REASONS:
                 # The gateway's own back-pressure: wait as told, and do not count a delivery.
                 retry_after = sink.header(b"retry-after")
                 pause = float(retry_after) if retry_after and retry_after.isdigit() else wait
                 wait = min(30.0, wait * 2)
-                await self._idle_until(min(pause, 30.0))
+                await self._wait(kind, rid, runnable, min(pause, 30.0))
                 continue
-            if ex.fault is Fault.CLIENT or (400 <= sink.status < 500 and sink.status not in (408, 429)):
-                # The request itself is wrong (or not allowed): an answer, kept in the error file.
-                response = {"status_code": sink.status, "request_id": line_id, "body": body}
-                return False, _line(line_id, entry.cid, response, None), "failed"
             last = (sink.status, body, ex.reason)
             self.log.info(
                 "job line failed; retrying", reason=ex.reason, status=sink.status, delivery=delivery
             )
-            await self._idle_until(min(30.0, 0.5 * 2 ** (delivery - 1)))
+            await self._wait(kind, rid, runnable, min(30.0, 0.5 * 2 ** (delivery - 1)))
             delivery = await self.store.attempt(kind, rid, entry.cid)
             self.metrics.deliveries.labels("retry").inc()
+
+    async def _wait(self, kind: str, rid: str, runnable: tuple[str, ...], seconds: float) -> None:
+        """Wait ``seconds`` between two attempts of a line (a limit's Retry-After, a full queue,
+        a retry's backoff) without holding its worker past a cancel: a job is marked waiting
+        (``DELETE`` may cancel it now), and the batch's or job's status is read every
+        ``_LOOK_EVERY`` s; returns early once it is not ``runnable`` (cancelled, ended) or the
+        replica stops."""
+        if kind == "job":
+            await self.store.job_attempt(rid, False)
+        end = time.monotonic() + seconds
+        while not self._stopping.is_set() and (left := end - time.monotonic()) > 0:
+            await self._idle_until(min(left, _LOOK_EVERY))
+            if left > _LOOK_EVERY and (await self.store.status(kind, rid)) not in runnable:
+                return
 
     async def _idle_until(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

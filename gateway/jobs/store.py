@@ -7,7 +7,9 @@ A record is a hash, ``{prefix}batch:{id}`` or ``{prefix}job:{id}``:
 * ``status`` and one field per timestamp (``in_progress_at``, ``completed_at``...), changed only
   by ``transition``, a compare-and-set on the status (one Lua script: replicas racing to move a
   batch on cannot both win);
-* ``output_file_id``, ``error_file_id``, ``errors`` (JSON), ``total`` (request lines).
+* ``output_file_id``, ``error_file_id``, ``errors`` (JSON), ``total`` (request lines);
+* a single job's ``attempt``: 1 while a request of it is at the pipeline, 0 while it waits
+  between attempts (``DELETE /v1/jobs/{id}`` cancels it only then, or while it is queued).
 
 A batch's results are two hashes keyed by ``custom_id``, ``…:out`` (2xx answers) and ``…:err``
 (other answers, lines dead-lettered or expired), written once across both (a Lua script): a line
@@ -113,6 +115,32 @@ return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 """
 
 
+# A single job's record while it is ``in_progress`` says whether a request of it is at the
+# pipeline now (field ``attempt`` 1) or it waits between attempts (a limit's Retry-After, a full
+# queue, a retry's backoff: ``attempt`` 0 or absent). KEYS[1] the record; ARGV[1] 1 or 0.
+# Returns 1 when set: 1 only while the job is in_progress (not cancelled since), 0 only while the
+# record exists (an expired record is not brought back).
+_ATTEMPT = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur or (ARGV[1] == '1' and cur ~= 'in_progress') then return 0 end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[1])
+return 1
+"""
+
+# DELETE /v1/jobs/{id}. KEYS[1] the record; ARGV[1] now (Unix seconds). A job is cancelled while
+# queued, or in progress between attempts (waiting); not while a request of it runs. Returns
+# {1, 'cancelled'} when this call cancelled it, else {0, its status} ('' when there is none).
+_CANCEL_JOB = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+if cur == 'queued' or (cur == 'in_progress' and redis.call('HGET', KEYS[1], 'attempt') ~= '1') then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
+  return {1, 'cancelled'}
+end
+return {0, cur}
+"""
+
+
 def principal_doc(p: Principal) -> dict[str, Any]:
     return {
         "subject": p.subject,
@@ -145,6 +173,8 @@ class JobStore:
         self._put_once = redis.register_script(_PUT_ONCE)
         self._enqueue_lines = redis.register_script(_ENQUEUE_LINES)
         self._start_line = redis.register_script(_START_LINE)
+        self._attempt = redis.register_script(_ATTEMPT)
+        self._cancel_job = redis.register_script(_CANCEL_JOB)
         self._take_lease = redis.register_script(TAKE_LEASE)
         self._submit_job = redis.register_script(APPEND_LUA + SUBMIT_JOB)
 
@@ -292,6 +322,22 @@ class JobStore:
         if res == 1 and to in TERMINAL:
             await self.expire(kind, rid)
         return bool(res == 1)
+
+    async def cancel_job(self, jid: str) -> tuple[bool, str | None]:
+        """Cancel a job that is queued, or in progress but waiting between attempts (one
+        script); (whether this call cancelled it, its status now: None when there is no such
+        job). A cancelled job is kept for ``retention`` and its lease given back."""
+        moved, status = await self._cancel_job(keys=[self.key("job", jid)], args=[int(time.time())])
+        if moved == 1:
+            await self.expire("job", jid)
+        text = status.decode() if isinstance(status, bytes) else str(status)
+        return moved == 1, text or None
+
+    async def job_attempt(self, jid: str, running: bool) -> bool:
+        """Mark a job's request as at the pipeline now (``running``: only while the job is
+        in_progress, False when it was cancelled or ended since) or as waiting between attempts
+        (so that a DELETE may cancel it)."""
+        return bool(await self._attempt(keys=[self.key("job", jid)], args=[1 if running else 0]) == 1)
 
     async def set_fields(self, kind: str, rid: str, **fields: Any) -> None:
         await self.r.hset(self.key(kind, rid), mapping={k: _enc(v) for k, v in fields.items()})

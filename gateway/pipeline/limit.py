@@ -44,7 +44,7 @@ import structlog
 from gateway.auth.principal import Principal
 from gateway.config import Settings
 from gateway.config_auth import LimitValues
-from gateway.errors import GatewayError
+from gateway.errors import Fault, GatewayError
 from gateway.pipeline.counters import CAP, Counters, clamp, counters_from_url
 
 WINDOW = 60.0  # seconds: limits are per minute
@@ -64,6 +64,20 @@ class RateLimited(GatewayError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [*super().headers(), *self.limit_headers]
+
+
+class TokensExceedLimit(RateLimited):
+    """429: the request's token reservation is more than a whole budget per minute, so no wait
+    can let it through. OpenAI's shape for it ("Request too large ... (TPM)": a 429
+    ``rate_limit_error``) with a code of its own, no ``Retry-After``, and ``x-should-retry:
+    false`` so that the OpenAI SDKs do not send it again. The request's own fault: a job line
+    refused so is answered with it, not retried (gateway/jobs/service.py)."""
+
+    code = "tokens_exceed_limit"
+    fault = Fault.CLIENT
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"x-should-retry", b"false")]
 
 
 class LimitStorageDown(GatewayError):
@@ -133,7 +147,8 @@ class RateLimiter:
 
     ``admit`` takes every counter of a request in one storage call and returns a
     ``Reservation``; ``settle`` (one call) corrects the token windows to what was charged and
-    releases the in-flight lease. Raises ``RateLimited`` (429) or, failing closed,
+    releases the in-flight lease. Raises ``RateLimited`` (429; ``TokensExceedLimit`` when no
+    wait can let the request through) or, failing closed,
     ``LimitStorageDown`` (503).
     """
 
@@ -201,6 +216,17 @@ class RateLimiter:
             conc = _Counter("concurrent", "principal", f"gw:inflight:{who}", mine.max_concurrent, 1)
         return out, conc
 
+    def never_fits(self, p: Principal, estimate: int) -> TokensExceedLimit | None:
+        """The refusal a request reserving ``estimate`` tokens meets whatever it waits (a token
+        budget per minute, the principal's or its team's, smaller than it), or None; from the
+        configuration alone, without storage. What an async submission is checked against
+        before its 202 (gateway/jobs/api.py)."""
+        counters, _ = self._counters(p, estimate)
+        for c in counters:
+            if c.kind == "tokens" and c.cost > c.limit:
+                return self._too_large(c)
+        return None
+
     async def admit(self, p: Principal, estimate: int, total_timeout: float = 0.0) -> Reservation:
         """Take the request's counters (``estimate`` tokens) or raise ``RateLimited``.
 
@@ -255,18 +281,12 @@ class RateLimiter:
         wait = min(WINDOW, max(0.0, ttl + self._ttl_slack))
         per = "requests" if c.kind == "requests" else "tokens"
         if c.kind == "tokens" and c.cost > c.limit:
-            # Retrying cannot help: no Retry-After, and the budget is reported as it stands. Still
-            # OpenAI's 429 rate_limit_exceeded, as its "Request too large ... (TPM)" answer is.
-            err = RateLimited(
-                f"This request needs about {c.cost} tokens, more than the {c.scope}'s whole budget of "
-                f"{c.limit} tokens per minute; lower max_tokens.",
-                param=per,
-            )
-            err.limit = (c.kind, c.scope)
+            # Retrying cannot help: no Retry-After, and the budget is reported as it stands.
+            too_large = self._too_large(c)
             if c.scope == "principal":
                 remaining = max(0, c.limit - max(0, c.count - c.cost))
-                err.limit_headers = _limit_headers(c.kind, c.limit, remaining, wait)
-            return err
+                too_large.limit_headers = _limit_headers(c.kind, c.limit, remaining, wait)
+            return too_large
         message = (
             f"Rate limit reached for {per} per minute ({c.scope}): limit {c.limit}. "
             f"Try again in {reset_text(wait)}."
@@ -275,6 +295,16 @@ class RateLimiter:
         err.limit = (c.kind, c.scope)
         if c.scope == "principal":
             err.limit_headers = _limit_headers(c.kind, c.limit, 0, wait)
+        return err
+
+    @staticmethod
+    def _too_large(c: _Counter) -> TokensExceedLimit:
+        err = TokensExceedLimit(
+            f"This request needs about {c.cost} tokens, more than the {c.scope}'s whole budget of "
+            f"{c.limit} tokens per minute; lower max_tokens (or n).",
+            param="tokens",
+        )
+        err.limit = (c.kind, c.scope)
         return err
 
     async def settle(self, res: Reservation, used_tokens: int | None) -> None:
