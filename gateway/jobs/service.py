@@ -141,6 +141,18 @@ class IdempotencyKeyReused(GatewayError):
         )
 
 
+def request_fingerprint(endpoint: str, raw: bytes, task_type: str | None) -> str:
+    """What an Idempotency-Key remembers of its request: every input that changes what runs —
+    the endpoint, the body (decoded) and the task type header (it may route to another model).
+    Nothing else of the request reaches the job (``ProxyEndpoint.execute``). A request without
+    a task type keeps the digest of keys recorded before it counted."""
+    digest = hashlib.sha256(endpoint.encode() + b"\0" + raw)
+    if task_type is not None:
+        # A JSON body holds no NUL byte: this suffix cannot be part of another request's body.
+        digest.update(b"\0task\0" + task_type.encode("latin-1"))
+    return digest.hexdigest()[:32]
+
+
 def parse_window(value: Any) -> int:
     """Seconds of a ``completion_window``: ``24h`` (OpenAI's only value), or a shorter ``N{s,m,h}``."""
     m = _WINDOW.match(value) if isinstance(value, str) else None
@@ -508,7 +520,7 @@ class Jobs:
         ikey = f"{self.s.key_prefix}idem:{owner}:{idempotency_key}"
         # The key remembers what it was used for: the same key with another request is an
         # error (IETF draft-ietf-httpapi-idempotency-key-header: 422), not the other's job.
-        fingerprint = hashlib.sha256(endpoint.encode() + b"\0" + raw).hexdigest()[:32]
+        fingerprint = request_fingerprint(endpoint, raw, task_type)
         interrupted = False
         for _ in range(5):
             jid = f"job_{secrets.token_hex(12)}"
