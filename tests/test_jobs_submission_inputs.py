@@ -58,6 +58,42 @@ def _post(g: Gateway, headers: list[tuple[str, str]], body: dict[str, Any] = BOD
     )
 
 
+@pytest.mark.parametrize(
+    "prefer",
+    [
+        ["respond-async"],
+        ["RESPOND-ASYNC"],
+        ["Respond-Async; foo=bar"],
+        ["wait=10, respond-async"],
+        ['return=minimal; note="a, b", respond-async ,  handling=lenient'],
+        ["wait=5", "respond-async"],  # two Prefer headers
+        ["respond-async=", "wait=5"],
+    ],
+)
+def test_a_respond_async_preference_makes_a_job(gw: Gateway, prefer: list[str]) -> None:
+    r = _post(gw, [("Prefer", v) for v in prefer])
+    assert r.status_code == 202, (prefer, r.status_code, r.text)
+    assert r.headers["preference-applied"] == "respond-async"
+
+
+@pytest.mark.parametrize(
+    "prefer",
+    [
+        ["no-respond-async"],  # before: 202
+        ["respond-asynchronously"],
+        ['return="respond-async"'],  # a quoted value, not a preference
+        ["return=respond-async"],
+        ["handling=lenient; respond-async"],  # a parameter of another preference
+        ['note="x, respond-async"'],  # a comma inside a quoted string
+        ["x-respond-async, wait=3"],
+    ],
+)
+def test_anything_else_is_answered_synchronously(gw: Gateway, prefer: list[str]) -> None:
+    r = _post(gw, [("Prefer", v) for v in prefer])
+    assert r.status_code == 200, (prefer, r.status_code, r.text)
+    assert r.json()["object"] == "chat.completion" and "preference-applied" not in r.headers
+
+
 def _job(g: Gateway, jid: str) -> dict[str, Any]:
     r = httpx.get(g.v1 + f"/jobs/{jid}", headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
     assert r.status_code == 200, r.text

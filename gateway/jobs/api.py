@@ -57,8 +57,48 @@ def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None
 
 
 def wants_async(scope: Scope) -> bool:
-    """Whether the request carries ``Prefer: respond-async`` (any of its Prefer headers)."""
-    return any(k == b"prefer" and b"respond-async" in v.lower() for k, v in scope["headers"])
+    """Whether the request carries the ``respond-async`` preference (RFC 7240) in any of its
+    Prefer headers. A header that does not even contain the word is not parsed (the hot path of
+    every proxied request pays a substring test at most)."""
+    return any(
+        k == b"prefer" and b"respond-async" in v.lower() and "respond-async" in preferences(v)
+        for k, v in scope["headers"]
+    )
+
+
+def preferences(value: bytes) -> set[str]:
+    """The preference names of one Prefer header value (RFC 7240 section 2), lowercased:
+    ``1#preference``, each ``token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] )``, a word
+    a token or a quoted string. Parameters and values are not names, and a comma or semicolon
+    inside a quoted string separates nothing."""
+    names: set[str] = set()
+    for preference in _split(value.decode("latin-1"), ","):
+        head = _split(preference, ";")[0]
+        name = head.partition("=")[0].strip().lower()
+        if name:
+            names.add(name)
+    return names
+
+
+def _split(text: str, separator: str) -> list[str]:
+    """``text`` cut at each ``separator`` outside quoted strings (``\\`` escapes within one)."""
+    parts: list[str] = []
+    start, quoted, escaped = 0, False, False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == separator:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
