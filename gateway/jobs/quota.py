@@ -41,20 +41,21 @@ return 1
 # KEYS: Idempotency-Key (the record's key when none), record, owner's index, active set, owner's
 # leases, models set, the share's stream of the model's lines, the model's stream, its rotation
 # of shares. ARGV: the key's value ('' when none), id, doc JSON, created µs, now, cap, lease
-# lapses at, model, share, then the queue entry's field/value pairs. 1 made, 0 the key names
-# another submission, -1 at the cap.
+# lapses at, model, share, then the queue entry's field/value pairs. The record keeps the entry's
+# id and stream (`entry`: a cancel takes it out of the queue). 1 made, 0 the key names another
+# submission, -1 at the cap.
 SUBMIT_JOB: Final = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[5])
 if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[6]) then return -1 end
 ensure(KEYS[7])
 ensure(KEYS[8])
-append(KEYS[7], KEYS[8], {unpack(ARGV, 10)})
+local entry = append(KEYS[7], KEYS[8], {unpack(ARGV, 10)})
 enlist(KEYS[9], ARGV[9])
 redis.call('ZADD', KEYS[5], ARGV[7], ARGV[2])
 local ttl = tonumber(ARGV[7]) - tonumber(ARGV[5])
 if redis.call('TTL', KEYS[5]) < ttl then redis.call('EXPIRE', KEYS[5], ttl) end
-redis.call('HSET', KEYS[2], 'doc', ARGV[3], 'status', 'queued')
+redis.call('HSET', KEYS[2], 'doc', ARGV[3], 'status', 'queued', 'entry', entry .. ' ' .. KEYS[7])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[6], ARGV[8])

@@ -67,11 +67,17 @@ if TYPE_CHECKING:
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
+
+
+class _NoLongerValidating(Exception):
+    """The batch being validated left ``validating`` (cancelled): queue nothing more."""
+
+
 # Reasons a line waits and is tried again without counting as a failed delivery: a limit or
 # the admission queue refused it (the gateway's own back-pressure), or no replica is ready. A
 # refusal that is the request's own fault (Fault.CLIENT: one that can never fit its token
 # budget, 429 tokens_exceed_limit) is its answer instead, whatever its reason.
-_WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage"})
+_WAIT_REASONS = frozenset({"rate_limited", "shed", "upstream_unavailable", "limit_storage", "budget_storage"})
 _LOOK_EVERY = 1.0  # seconds between looks at its batch's or job's status of a line that waits
 # An outcome of a line's attempts: stop, acknowledge it, write no result (its batch or job was
 # cancelled, or ended, while it waited).
@@ -440,7 +446,9 @@ class Jobs:
 
             async def flush() -> None:
                 for model, items in chunk.items():
-                    await self.store.enqueue_lines(bid, self.queue.append_keys(model, share), model, items)
+                    keys = self.queue.append_keys(model, share)
+                    if await self.store.enqueue_lines(bid, keys, model, items) < 0:
+                        raise _NoLongerValidating
                 chunk.clear()
                 await heartbeat()
 
@@ -469,6 +477,11 @@ class Jobs:
             if not moved:  # cancelled while validating
                 await self.store.set_fields("batch", bid, total=queued)
             self.wake()
+        except _NoLongerValidating:
+            # Cancelled (or ended) while its lines were being queued: the script refused the
+            # rest, and the cancel takes out what was queued before it (its total: those).
+            queued = int(await self.r.llen(self.store.entries_key(bid)))
+            await self.store.set_fields("batch", bid, total=queued)
         except FileNotFoundError:
             # The input file was deleted (or expired) before the batch read it all: the batch
             # fails (OpenAI's shape: one error without a line), and lines already queued leave.
@@ -657,8 +670,16 @@ class Jobs:
         got = await self.store.load("job", jid)
         if got is None or got[0].get("owner") != owner:
             raise NotFound(f"No such job: {jid}.", param="job_id")
-        _, status = await self.store.cancel_job(jid)
+        moved, status = await self.store.cancel_job(jid)
         self._status_cache.pop(jid, None)
+        if moved:
+            # Out of the queue now, not when a worker next takes it: until then it would count
+            # as waiting (gateway_jobs_pending, the lag autoscalers read).
+            kept = field_str(got[1], "entry")
+            if kept:
+                eid, _, where = kept.partition(" ")
+                model, stream = self.queue.located(where)
+                await self.queue.remove(model, stream, [eid])
         if status is None:
             raise NotFound(f"No such job: {jid}.", param="job_id")
         if status != "cancelled":
@@ -1080,11 +1101,13 @@ class Jobs:
                     "id"
                 ]
         done, failed = await self.store.counts(bid)
+        if to != "completed":
+            # Before the status says it ended: whoever sees it ended sees its lines gone too (a
+            # replica dying here leaves it `frm`, and whoever ends it next purges again).
+            await self._purge_queue(bid)
         await self.store.transition(
             "batch", bid, (frm,), to, completed_count=done, failed_count=failed, **ids, **stamp
         )
-        if to != "completed":
-            await self._purge_queue(bid)
         return done, failed
 
     async def _purge_queue(self, bid: str) -> None:

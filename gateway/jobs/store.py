@@ -75,14 +75,16 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 
 # KEYS[1] the batch's enqueued-lines hash, KEYS[2] its entries list, KEYS[3] the share's stream
 # of the model's lines, KEYS[4] the set of models with a stream, KEYS[5] the model's stream,
-# KEYS[6] its rotation of shares (gateway/jobs/queue.py); ARGV[1] the model, ARGV[2] how many
-# fields an entry has, ARGV[3] the share, then per line its number and its entry's field/value
-# pairs. A line is appended only if its number was never enqueued for the batch, so a validation
-# resumed after a crash or a Redis failure (or run twice) queues each line once. Returns how many
-# lines were appended.
+# KEYS[6] its rotation of shares (gateway/jobs/queue.py), KEYS[7] the batch's record; ARGV[1]
+# the model, ARGV[2] how many fields an entry has, ARGV[3] the share, then per line its number
+# and its entry's field/value pairs. A line is appended only if its number was never enqueued
+# for the batch, so a validation resumed after a crash or a Redis failure (or run twice) queues
+# each line once. Returns how many lines were appended, or -1 (nothing) when the batch is no
+# longer `validating`: a cancel then finds every line it must take out already listed.
 _ENQUEUE_LINES = (
     APPEND_LUA
     + """
+if redis.call('HGET', KEYS[7], 'status') ~= 'validating' then return -1 end
 ensure(KEYS[3])
 ensure(KEYS[5])
 local n = 0
@@ -216,7 +218,8 @@ class JobStore:
         stream (``keys``: ``JobQueue.append_keys``), each at most once per batch, and list their
         entry ids with their stream under ``entries_key`` (so lines never run can leave the
         queue); one script per call, so a line is either queued and listed or neither. Returns
-        how many were new. Every entry has the same fields, in the same order."""
+        how many were new, or -1 (none queued) once the batch is no longer ``validating``. Every
+        entry has the same fields, in the same order."""
         if not lines:
             return 0
         fields = len(lines[0][1])
@@ -232,6 +235,7 @@ class JobStore:
             f"{self.p}models",
             keys.model,
             keys.rotation,
+            self.key("batch", batch_id),
         ]
         return int(await self._enqueue_lines(keys=script_keys, args=args))
 
