@@ -369,3 +369,74 @@ def test_client_gone_mid_upload_keeps_nothing(small: FilesServer) -> None:
         time.sleep(0.01)
     assert small.proc.alive()
     assert small.client().files.list().data is not None
+
+
+# ---------------------------------------------------------------- form parts
+
+
+def test_a_form_of_many_parts_is_refused_naming_the_limit(small: FilesServer) -> None:
+    """Only the fields the Files API defines are kept, and a form has at most 16 parts: before,
+    every other field was kept in a dict, as many as the body held (a 150 MB form of tiny fields
+    grew the server by some 200 MB that stayed)."""
+    auth = {"authorization": f"Bearer {KEY_ALICE}"}
+    files_before = set(small.store.iterdir())
+    extra = [(f"f{i}", None, b"x") for i in range(100)]
+    body, ctype = multipart(("purpose", None, b"batch"), *extra, ("file", "a.jsonl", b"{}\n"))
+    r = httpx.post(small.url + "/v1/files", content=body, headers={**auth, "content-type": ctype})
+    assert r.status_code == 400, r.text  # before: 200, the 100 fields kept until the end
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == ("invalid_request_error", "too_many_parts"), err
+    assert "16 parts" in err["message"], err
+    assert set(small.store.iterdir()) == files_before
+    # The SDK's fields, and a field the API does not define (ignored), make a file.
+    body, ctype = multipart(
+        ("purpose", None, b"batch"),
+        ("expires_after[anchor]", None, b"created_at"),
+        ("expires_after[seconds]", None, b"3600"),
+        ("note", None, b"ignored"),
+        ("file", "a.jsonl", b"{}\n"),
+    )
+    r = httpx.post(small.url + "/v1/files", content=body, headers={**auth, "content-type": ctype})
+    assert r.status_code == 200, r.text
+    assert r.json()["expires_at"] == r.json()["created_at"] + 3600
+    small.client().files.delete(r.json()["id"])
+
+
+def test_a_flood_of_tiny_form_fields_does_not_grow_server_memory(big: FilesServer) -> None:
+    boundary = "flood"
+    fields = 300_000  # about 22 MB of `name="f<N>"` parts, each with the value `x`
+
+    def body() -> Iterator[bytes]:
+        chunk = []
+        for i in range(fields):
+            chunk.append(f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n')
+            if len(chunk) == 1000:
+                yield "".join(chunk).encode()
+                chunk = []
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nx\r\n'
+            f"--{boundary}--\r\n"
+        ).encode()
+
+    big.client().files.list()  # imports and pools warm
+    before = big.memory("VmRSS")
+    try:
+        r = httpx.post(
+            big.url + "/v1/files",
+            content=body(),
+            headers={
+                "authorization": f"Bearer {KEY_ALICE}",
+                "content-type": f"multipart/form-data; boundary={boundary}",
+            },
+            timeout=60,
+        )
+        status = r.status_code
+    except httpx.TransportError:
+        status = 0  # refused before the body was all sent: the server closed the connection
+    after = big.memory("VmRSS")
+    print(f"server RSS before {before / MIB:.1f} MiB, after {after / MIB:.1f} MiB (status {status})")
+    assert status in (0, 400), status  # before: 200, with every field held until the end
+    assert after - before < 8 * MIB, (before, after)
+    auth = {"authorization": f"Bearer {KEY_ALICE}"}
+    assert httpx.get(big.url + "/v1/files", headers=auth).status_code == 200  # still serving

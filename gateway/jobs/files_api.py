@@ -2,7 +2,8 @@
 
 * ``POST /v1/files`` — multipart form: ``purpose`` (``batch`` or ``user_data``), optional
   ``expires_after[anchor]=created_at`` and ``expires_after[seconds]`` (3600 to 2592000), then
-  ``file``, in any order. The file streams to the store as it arrives; the purpose's checks
+  ``file``, in any order; other fields are skipped, and a form has at most ``MAX_FORM_PARTS``
+  parts (400 ``too_many_parts``). The file streams to the store as it arrives; the purpose's checks
   run while it streams when ``purpose`` came first, else once the form ends. Up to
   ``jobs.max_file_bytes`` (413 past it).
 * ``GET /v1/files`` — ``purpose``, ``limit`` (1 to 10000, default 10000), ``after`` (a file
@@ -35,6 +36,9 @@ from gateway.pipeline.receive import UnsupportedMediaType
 UPLOAD_PURPOSES = ("batch", "user_data")
 MAX_LIST_LIMIT = 10000  # OpenAI's bound for GET /v1/files
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart heads and the small fields, beyond the file itself
+# The form fields OpenAI's Files API defines beside `file`; any other is skipped, never kept.
+FORM_FIELDS = frozenset({"purpose", "expires_after[anchor]", "expires_after[seconds]"})
+MAX_FORM_PARTS = 16  # parts of one upload form: the API's four, and room for a client's extras
 
 
 class _UploadCoding(UnsupportedMediaType):
@@ -117,11 +121,21 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
         form = FormStream(request.stream(), form_boundary(request.headers.get("content-type")), max_body)
         fields: dict[str, str] = {}
         received: Received | None = None
+        parts = 0
         try:
             while (part := await form.next_part()) is not None:
+                parts += 1
+                if parts > MAX_FORM_PARTS:
+                    raise InvalidRequest(
+                        f"The form has more than {MAX_FORM_PARTS} parts, the most allowed: send "
+                        "`purpose` and `file` (and optionally `expires_after[anchor]` and "
+                        "`expires_after[seconds]`).",
+                        code="too_many_parts",
+                    )
                 if part.name != "file":
-                    fields[part.name] = await form.text()
-                    continue
+                    if part.name in FORM_FIELDS:
+                        fields[part.name] = await form.text()
+                    continue  # not a field of this API: skipped unread (next_part)
                 if received is not None or part.filename is None:
                     raise InvalidRequest("Send exactly one `file` part, with a filename.", param="file")
                 purpose = fields.get("purpose")
