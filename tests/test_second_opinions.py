@@ -214,9 +214,9 @@ def test_a_request_larger_than_the_whole_budget_has_no_retry_after(plain_gw: Gat
     r = httpx.post(plain_gw.v1 + "/chat/completions", json=body, headers=_headers("huge", "huge"), timeout=10)
     assert r.status_code == 429
     err = r.json()["error"]
-    assert (err["code"], err["param"]) == ("rate_limit_exceeded", "tokens")
+    assert (err["code"], err["param"]) == ("tokens_exceed_limit", "tokens")
     assert "max_tokens" in err["message"]
-    assert "retry-after" not in r.headers
+    assert "retry-after" not in r.headers and r.headers["x-should-retry"] == "false"
     assert r.headers["x-ratelimit-remaining-tokens"] == "200"  # nothing of the budget was used
 
 

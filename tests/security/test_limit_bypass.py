@@ -122,7 +122,7 @@ def test_completions_ignore_a_negative_max_completion_tokens(gw: Gateway) -> Non
         {"model": "tiny", "prompt": "x", "max_tokens": 600, "max_completion_tokens": -(10**15)}
     )
     r = send(gw, cred, "/completions", hostile)
-    err = assert_openai_error(r, 429, "rate_limit_exceeded")
+    err = assert_openai_error(r, 429, "tokens_exceed_limit")  # more than the whole budget
     needs = math.ceil(len(hostile) / 4) + 600
     assert f"needs about {needs} tokens" in err["message"]
     probe_sees(gw, cred, SMALL, 0)
@@ -215,6 +215,6 @@ def test_api_key_principals_are_held_to_the_same_rules(
         hostile = raw_json(
             {"model": "tiny", "prompt": "x", "max_tokens": 600, "max_completion_tokens": -(10**15)}
         )
-        assert_openai_error(send(g, key, "/completions", hostile), 429, "rate_limit_exceeded")
+        assert_openai_error(send(g, key, "/completions", hostile), 429, "tokens_exceed_limit")
     finally:
         g.stop()
