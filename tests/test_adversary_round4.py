@@ -104,3 +104,17 @@ def test_head_is_served_wherever_get_is(gw: Gateway) -> None:
         assert (head.status_code, got.status_code) == (200, 200), path
         assert head.content == b"", path
         assert head.headers["content-type"] == got.headers["content-type"], path
+
+
+def test_repeated_content_encoding_headers_on_the_jobs_endpoints(gw: Gateway) -> None:
+    """The upload and the batch creation read the first Content-Encoding too: `identity` then
+    `gzip` passed an upload as plain (a proxy in front would call it gzip)."""
+    head = b"POST /v1/files HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer " + ALICE.encode() + b"\r\n"
+    form = (
+        b'--b\r\ncontent-disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\ncontent-disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n{}\n\r\n--b--\r\n'
+    )
+    head += b"content-type: multipart/form-data; boundary=b\r\n"
+    head += b"content-encoding: identity\r\ncontent-encoding: gzip\r\n"
+    status, body = raw(gw.port, head, form)
+    assert status == 415, body

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
-from gateway.asgi import Receive, Scope, Send, header
+from gateway.asgi import Receive, Scope, Send, header, header_list
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.jobs.store import owner_key
 from gateway.pipeline import receive as receive_stage
@@ -120,7 +120,7 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
                 request.receive,
                 int(length) if length and length.isdigit() else None,
                 gw.settings.server.max_body_bytes,
-                header(request.scope, b"content-encoding"),
+                header_list(request.scope, b"content-encoding"),
             )
         except receive_stage.ClientGone:
             return Response(status_code=400)  # nobody reads it; nothing was made
@@ -178,7 +178,7 @@ async def submit_async(
             receive,
             int(length) if length and length.isdigit() else None,
             s.server.max_body_bytes,
-            header(scope, b"content-encoding"),
+            header_list(scope, b"content-encoding"),
         )
         req = receive_stage.parse(endpoint, raw, s.validation)
         ex.requested_model = ex.model = req.model

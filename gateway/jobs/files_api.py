@@ -26,7 +26,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from gateway.api.router import JSONBytes
-from gateway.asgi import header
+from gateway.asgi import header, header_list
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
 from gateway.jobs.files import Files, Order, Received, owner_key
 from gateway.jobs.upload_form import FormStream, form_boundary
@@ -108,8 +108,8 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
     @router.post("/v1/files", summary="Upload a file (multipart: purpose, then file)")
     async def upload(request: Request) -> Response:
         owner = await owner_of(request)
-        coding = header(request.scope, b"content-encoding")
-        if coding is not None and coding.strip().lower() != b"identity":
+        coding = header_list(request.scope, b"content-encoding") or b""
+        if any(c.strip().lower() not in (b"", b"identity") for c in coding.split(b",")):
             raise _UploadCoding(
                 "Uploads are stored as sent: send the multipart body without a Content-Encoding."
             )
