@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+import yaml
 
 from tests.jobs_helpers import ALICE, jobs_config
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, Sim, free_port
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -118,3 +119,30 @@ def test_repeated_content_encoding_headers_on_the_jobs_endpoints(gw: Gateway) ->
     head += b"content-encoding: identity\r\ncontent-encoding: gzip\r\n"
     status, body = raw(gw.port, head, form)
     assert status == 415, body
+
+
+def test_a_request_larger_than_the_budget_is_refused_with_the_storage_down(sim: Sim, tmp_path: Path) -> None:
+    """With the limit storage unreachable and `on_storage_error: open`, a request that no wait
+    could ever let through was served: the configuration alone refuses it."""
+    key = "sk-small-" + "s" * 24
+    cfg = {
+        "backends": [{"url": sim.url}],
+        "auth": {"api_keys": [{"key": key, "subject": "small", "tier": "small"}]},
+        "tiers": {"small": {"tokens_per_minute": 100}},
+        "rate_limits": {"storage": f"redis://127.0.0.1:{free_port()}/0", "storage_timeout": 0.2},
+    }
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway([], config=path)
+    try:
+        auth = {"authorization": f"Bearer {key}"}
+        small = httpx.post(g.v1 + "/chat/completions", json=BODY, headers=auth, timeout=30)
+        assert small.status_code == 200, small.text  # served, unchecked: the storage is down
+        huge = httpx.post(
+            g.v1 + "/chat/completions", json={**BODY, "max_tokens": 500}, headers=auth, timeout=30
+        )
+        assert huge.status_code == 429, huge.text
+        assert huge.json()["error"]["code"] == "tokens_exceed_limit"
+        assert huge.headers["x-should-retry"] == "false" and "retry-after" not in huge.headers
+    finally:
+        g.stop()

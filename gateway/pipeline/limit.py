@@ -241,6 +241,9 @@ class RateLimiter:
         except RateLimited:
             raise
         except Exception as exc:  # storage unreachable, timed out, or broken
+            for c in counters:  # what the configuration alone refuses, whatever the storage says
+                if c.kind == "tokens" and c.cost > c.limit:
+                    raise self._too_large(c) from None
             return self._storage_failed(exc)
 
     async def _admit(self, counters: list[_Counter], conc: _Counter | None, estimate: int) -> Reservation:
