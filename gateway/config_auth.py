@@ -90,8 +90,8 @@ class ApiKeySettings(_Section):
     @field_validator("subject", "team", "tier")
     @classmethod
     def _printable(cls, v: str | None) -> str | None:
-        if v is not None and any(ch < " " or ch == "\x7f" for ch in v):
-            raise ValueError("must not hold control characters")
+        if v is not None and not v.isprintable():
+            raise ValueError("must not hold control characters (or other unprintable ones)")
         return v
 
     @model_validator(mode="after")

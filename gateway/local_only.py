@@ -72,7 +72,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 def _port(text: str) -> bool:
-    return len(text) > 1 and text[0] == ":" and text[1:].isdigit() and len(text) <= 6
+    return len(text) > 1 and text[0] == ":" and text[1:].isascii() and text[1:].isdigit() and len(text) <= 6
 
 
 def refusal(scope: Scope) -> GatewayError | None:

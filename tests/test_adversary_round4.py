@@ -69,10 +69,10 @@ def test_repeated_content_encoding_headers_are_read_as_one_list(gw: Gateway) -> 
 def test_a_405_allows_every_method_the_path_serves(gw: Gateway) -> None:
     auth = {"authorization": f"Bearer {ALICE}"}
     for path, allowed in (
-        ("/v1/files", {"GET", "POST"}),
-        ("/v1/files/file-x", {"GET", "DELETE"}),
-        ("/v1/batches", {"GET", "POST"}),
-        ("/v1/jobs/job_x", {"GET", "DELETE"}),
+        ("/v1/files", {"GET", "HEAD", "POST"}),
+        ("/v1/files/file-x", {"GET", "HEAD", "DELETE"}),
+        ("/v1/batches", {"GET", "HEAD", "POST"}),
+        ("/v1/jobs/job_x", {"GET", "HEAD", "DELETE"}),
     ):
         r = httpx.request("PUT", gw.url + path, headers=auth, timeout=10)
         assert r.status_code == 405, (path, r.text)
@@ -97,7 +97,16 @@ def test_two_content_types_are_refused_in_local_mode(sim: Sim, tmp_path: Path) -
 def test_head_is_served_wherever_get_is(gw: Gateway) -> None:
     """RFC 9110 §9.1: HEAD /v1/models was a 405 (a load balancer's HEAD probe of /ready too)."""
     auth = {"authorization": f"Bearer {ALICE}"}
-    for path in ("/live", "/ready", "/health", "/metrics", "/v1/models", "/v1/models/tiny"):
+    for path in (
+        "/live",
+        "/ready",
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/models/tiny",
+        "/v1/files",
+        "/v1/batches",
+    ):
         got, head = (
             httpx.get(gw.url + path, headers=auth, timeout=10),
             httpx.head(gw.url + path, headers=auth, timeout=10),
@@ -146,3 +155,60 @@ def test_a_request_larger_than_the_budget_is_refused_with_the_storage_down(sim: 
         assert huge.headers["x-should-retry"] == "false" and "retry-after" not in huge.headers
     finally:
         g.stop()
+
+
+def test_a_request_that_never_fits_is_final_even_behind_a_full_request_counter(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """With the requests-per-minute counter full, a request larger than the whole token budget
+    got the ordinary 429 with `Retry-After: 60`, after which it could only meet the final one."""
+    key = "sk-rpm-" + "r" * 24
+    cfg = {
+        "backends": [{"url": sim.url}],
+        "auth": {"api_keys": [{"key": key, "subject": "rpm", "tier": "small"}]},
+        "tiers": {"small": {"requests_per_minute": 2, "tokens_per_minute": 100}},
+    }
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    g = Gateway([], config=path)
+    try:
+        auth = {"authorization": f"Bearer {key}"}
+        for _ in range(2):
+            assert (
+                httpx.post(g.v1 + "/chat/completions", json=BODY, headers=auth, timeout=30).status_code == 200
+            )
+        full = httpx.post(g.v1 + "/chat/completions", json=BODY, headers=auth, timeout=30)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "rate_limit_exceeded"
+        huge = httpx.post(
+            g.v1 + "/chat/completions", json={**BODY, "max_tokens": 500}, headers=auth, timeout=30
+        )
+        assert huge.status_code == 429, huge.text
+        assert huge.json()["error"]["code"] == "tokens_exceed_limit"
+        assert huge.headers["x-should-retry"] == "false" and "retry-after" not in huge.headers
+    finally:
+        g.stop()
+
+
+def test_list_limits_that_are_not_ascii_digits_are_400(gw: Gateway) -> None:
+    """`limit=²` passed `str.isdigit()` and `int()` refused it; 5,000 digits passed too and
+    `int()` refused more than 4,300: both were a plain-text 500."""
+    auth = {"authorization": f"Bearer {ALICE}"}
+    for path in ("/v1/files", "/v1/batches"):
+        for limit in ("%C2%B2", "1" * 5000, "-1", "1.0"):
+            r = httpx.get(f"{gw.url}{path}?limit={limit}", headers=auth, timeout=10)
+            assert r.status_code == 400, (path, limit[:10], r.text[:200])
+            assert r.json()["error"]["param"] == "limit"
+
+
+def test_a_credential_is_trimmed_of_http_whitespace_only(gw: Gateway) -> None:
+    """NBSP and NEL were trimmed from a credential (Python's str.strip): a proxy in front that
+    matches keys exactly saw another credential than the gateway served."""
+    for value in (b"Bearer " + ALICE.encode() + b"\xa0", b"Bearer \x85" + ALICE.encode()):
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        status, body = raw(gw.port, head + b"authorization: " + value + b"\r\n", orjson.dumps(BODY))
+        assert status == 401, body
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    status, body = raw(
+        gw.port, head + b"authorization: Bearer " + ALICE.encode() + b" \t\r\n", orjson.dumps(BODY)
+    )
+    assert status == 200, body

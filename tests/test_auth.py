@@ -911,6 +911,9 @@ def test_names_no_store_can_keep_are_refused(hs_gw: Gateway) -> None:
         ("sub", "tab\there"),
         ("sub", "s" * 513),
         ("org_id", "research\x00"),
+        ("sub", "u\x85x"),
+        ("org_id", "ta\x9b"),
+        ("sub", "u\u2028x"),
         ("jti", "j\udfff"),
     ):
         r = post_chat(hs_gw, bearer(hs(claims(**{field: value}))))

@@ -32,7 +32,7 @@ class JSONBytes(Response):
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # RFC 9110 9.1: a server that serves GET serves HEAD (the same headers, no body: uvicorn drops it).
-_GET_HEAD = ["GET", "HEAD"]
+GET_HEAD = ["GET", "HEAD"]
 
 
 def build_router(gw: Gateway) -> APIRouter:
@@ -65,23 +65,23 @@ def build_router(gw: Gateway) -> APIRouter:
         # Listed iff a request naming it would be allowed: judged on the model that would serve it.
         return [c for c in cards() if gw.auth.may_use(principal, aliases.get(c["id"], c["id"]))]
 
-    @router.api_route("/v1/models", methods=_GET_HEAD, summary="Models the ready backends serve, and aliases")
+    @router.api_route("/v1/models", methods=GET_HEAD, summary="Models the ready backends serve, and aliases")
     async def list_models(request: Request) -> Response:
         return JSONBytes({"object": "list", "data": await visible(request)})
 
-    @router.api_route("/v1/models/{model_id:path}", methods=_GET_HEAD, summary="One model")
+    @router.api_route("/v1/models/{model_id:path}", methods=GET_HEAD, summary="One model")
     async def get_model(model_id: str, request: Request) -> Response:
         for card in await visible(request):
             if card.get("id") == model_id:
                 return JSONBytes(card)
         raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
 
-    @router.api_route("/live", methods=_GET_HEAD, summary="Liveness: the process is up")
+    @router.api_route("/live", methods=GET_HEAD, summary="Liveness: the process is up")
     async def live() -> Response:
         return JSONBytes({"status": "alive"})
 
     @router.api_route(
-        "/ready", methods=_GET_HEAD, summary="Readiness: a backend is healthy and lists its model"
+        "/ready", methods=GET_HEAD, summary="Readiness: a backend is healthy and lists its model"
     )
     async def ready() -> Response:
         if gw.drain.draining:
@@ -92,7 +92,7 @@ def build_router(gw: Gateway) -> APIRouter:
         reasons = {b.label: f"{b.state.value}: {b.reason}" for b in pool.backends}
         return JSONBytes({"status": "not_ready", "reason": reasons}, status_code=503)
 
-    @router.api_route("/health", methods=_GET_HEAD, summary="Per-backend health detail")
+    @router.api_route("/health", methods=GET_HEAD, summary="Per-backend health detail")
     async def health() -> Response:
         ready = pool.any_ready
         return JSONBytes(
@@ -105,7 +105,7 @@ def build_router(gw: Gateway) -> APIRouter:
             status_code=200 if ready else 503,
         )
 
-    @router.api_route("/metrics", methods=_GET_HEAD, summary="Prometheus metrics")
+    @router.api_route("/metrics", methods=GET_HEAD, summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -201,7 +201,7 @@ def _check_name(value: str, claim: str) -> None:
     token's principal could escape its budget (its month never seeded) or fail a request (500)."""
     if len(value) > MAX_NAME_CHARS:
         raise TokenError(f"The token's `{claim}` claim is longer than {MAX_NAME_CHARS} characters.")
-    if any(ch < " " or ch == "\x7f" or "\ud800" <= ch <= "\udfff" for ch in value):
+    if not value.isprintable():  # C0 and C1 controls, DEL, U+2028, lone surrogates...
         raise TokenError(
             f"The token's `{claim}` claim holds a control character or is not valid Unicode text."
         )

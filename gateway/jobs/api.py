@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
+from gateway.api.router import GET_HEAD
 from gateway.asgi import Receive, Scope, Send, header, header_list
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.jobs.store import owner_key
@@ -130,16 +131,19 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
             raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
         return _json(await jobs.create_batch(principal, body))
 
-    @router.get("/v1/batches", summary="List your batches, newest first")
+    @router.api_route("/v1/batches", methods=GET_HEAD, summary="List your batches, newest first")
     async def list_batches(request: Request) -> Response:
         who = await owner(request)
         q = request.query_params
         limit_raw = q.get("limit", "20")
-        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 100:
+        if (
+            not (limit_raw.isascii() and limit_raw.isdigit() and len(limit_raw) <= 3)
+            or not 1 <= int(limit_raw) <= 100
+        ):
             raise InvalidRequest("limit must be an integer from 1 to 100.", param="limit")
         return _json(await jobs.list_batches(who, q.get("after"), int(limit_raw)))
 
-    @router.get("/v1/batches/{batch_id}", summary="Retrieve a batch")
+    @router.api_route("/v1/batches/{batch_id}", methods=GET_HEAD, summary="Retrieve a batch")
     async def get_batch(batch_id: str, request: Request) -> Response:
         return _json(await jobs.batch(await owner(request), batch_id))
 
@@ -147,7 +151,9 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
     async def cancel_batch(batch_id: str, request: Request) -> Response:
         return _json(await jobs.cancel_batch(await owner(request), batch_id))
 
-    @router.get("/v1/jobs/{job_id}", summary="A single async job, and its response once done")
+    @router.api_route(
+        "/v1/jobs/{job_id}", methods=GET_HEAD, summary="A single async job, and its response once done"
+    )
     async def get_job(job_id: str, request: Request) -> Response:
         return _json(await jobs.job(await owner(request), job_id))
 

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from gateway.api.router import JSONBytes
+from gateway.api.router import GET_HEAD, JSONBytes
 from gateway.asgi import header, header_list
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
 from gateway.jobs.files import Files, Order, Received, owner_key
@@ -72,17 +72,23 @@ def _expires_after(fields: dict[str, str]) -> int | None:
         return None
     if anchor != "created_at":
         raise InvalidRequest("`expires_after[anchor]` must be `created_at`.", param="expires_after")
-    if seconds is None or not seconds.isdigit():
+    if seconds is None or not _digits(seconds, 12):
         raise InvalidRequest(
             "`expires_after[seconds]` must be a whole number of seconds.", param="expires_after"
         )
     return int(seconds)
 
 
+def _digits(raw: str, most: int) -> bool:
+    """ASCII digits only, at most ``most`` of them (``str.isdigit`` takes ``²``, which ``int``
+    refuses, and ``int`` refuses more than 4,300 digits: both were a 500)."""
+    return 0 < len(raw) <= most and raw.isascii() and raw.isdigit()
+
+
 def _limit(raw: str | None) -> int:
     if raw is None:
         return MAX_LIST_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+    if not _digits(raw, 9) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
         raise InvalidRequest(f"`limit` must be an integer from 1 to {MAX_LIST_LIMIT}.", param="limit")
     return int(raw)
 
@@ -160,7 +166,7 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
         record = await files.commit(received, filename, purpose, expires_after=expires_after)
         return JSONBytes(record)
 
-    @router.get("/v1/files", summary="The caller's files")
+    @router.api_route("/v1/files", methods=GET_HEAD, summary="The caller's files")
     async def list_files(request: Request) -> Response:
         owner = await owner_of(request)
         q = request.query_params
@@ -181,7 +187,7 @@ def build_files_router(auth: Authenticator, files: Files) -> APIRouter:
             }
         )
 
-    @router.get("/v1/files/{file_id}", summary="One file's record")
+    @router.api_route("/v1/files/{file_id}", methods=GET_HEAD, summary="One file's record")
     async def retrieve(file_id: str, request: Request) -> Response:
         record = await files.get(await owner_of(request), file_id)
         if record is None:

@@ -103,7 +103,7 @@ def _when(text: str, now: float) -> float:
     from datetime import UTC, datetime
 
     units = {"d": 86400, "h": 3600, "m": 60}
-    if text[:-1].isdigit() and text[-1:] in units:
+    if text[:-1].isascii() and text[:-1].isdigit() and len(text) <= 10 and text[-1:] in units:
         return now - int(text[:-1]) * units[text[-1]]
     parsed = datetime.fromisoformat(text)
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()

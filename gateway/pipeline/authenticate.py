@@ -65,8 +65,8 @@ class Authenticator:
             scheme, _, credential = raw.decode("latin-1").partition(" ")
             if scheme.lower() != "bearer":
                 raise Unauthenticated("Use `Authorization: Bearer <token>`.", code="missing_credentials")
-            credential = credential.strip()
-            if key is not None and key.decode("latin-1").strip() != credential:
+            credential = credential.strip(" \t")  # HTTP's whitespace only: not NBSP or NEL
+            if key is not None and key.decode("latin-1").strip(" \t") != credential:
                 # Two credentials: whichever the gateway chose, a proxy in front may have
                 # authorized the other (RFC 6750 3.1: more than one method is invalid_request).
                 raise Unauthenticated(
@@ -74,7 +74,7 @@ class Authenticator:
                     code="duplicate_credentials",
                 )
         else:
-            credential = key.decode("latin-1").strip() if key is not None else ""
+            credential = key.decode("latin-1").strip(" \t") if key is not None else ""
         if not credential:
             raise Unauthenticated(
                 "No credential: send `Authorization: Bearer <token or API key>`.", code="missing_credentials"

@@ -172,7 +172,7 @@ def bypasses(no_proxy: str, host: str, port: int) -> bool:
         want_port: int | None = None
         if entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry):
             name, _, p = entry.rpartition(":")
-            if p.isdigit():
+            if p.isascii() and p.isdigit() and len(p) <= 5:
                 entry, want_port = name, int(p)
         if want_port is not None and want_port != port:
             continue

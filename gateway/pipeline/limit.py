@@ -222,10 +222,7 @@ class RateLimiter:
         configuration alone, without storage. What an async submission is checked against
         before its 202 (gateway/jobs/api.py)."""
         counters, _ = self._counters(p, estimate)
-        for c in counters:
-            if c.kind == "tokens" and c.cost > c.limit:
-                return self._too_large(c)
-        return None
+        return self._final(counters)
 
     async def admit(self, p: Principal, estimate: int, total_timeout: float = 0.0) -> Reservation:
         """Take the request's counters (``estimate`` tokens) or raise ``RateLimited``.
@@ -238,13 +235,27 @@ class RateLimiter:
             return NO_LIMITS
         try:
             return await self._admit(counters, conc, estimate)
+        except TokensExceedLimit:
+            raise
         except RateLimited:
+            # Another counter was full first (requests, in flight): but no wait lets this request
+            # through if a token budget is smaller than it. That is the answer, final, not a
+            # Retry-After after which the client would only meet it.
+            final = self._final(counters)
+            if final is not None:
+                raise final from None
             raise
         except Exception as exc:  # storage unreachable, timed out, or broken
-            for c in counters:  # what the configuration alone refuses, whatever the storage says
-                if c.kind == "tokens" and c.cost > c.limit:
-                    raise self._too_large(c) from None
+            final = self._final(counters)  # what the configuration alone refuses
+            if final is not None:
+                raise final from None
             return self._storage_failed(exc)
+
+    def _final(self, counters: list[_Counter]) -> TokensExceedLimit | None:
+        for c in counters:
+            if c.kind == "tokens" and c.cost > c.limit:
+                return self._too_large(c)
+        return None
 
     async def _admit(self, counters: list[_Counter], conc: _Counter | None, estimate: int) -> Reservation:
         now = time.monotonic()
