@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from gateway.ledger.writer import LedgerWriter
 
 SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
+# (team -> its budget, team -> each principal's, (team or "", subject) -> an API key's own)
+BudgetConfig = tuple[
+    dict[str, "BudgetSettings"], dict[str, "BudgetSettings"], dict[tuple[str, str], "BudgetSettings"]
+]
 # prometheus-client's own switch for multiprocess mode; must be set before it is imported.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -188,14 +192,12 @@ def check_startup(settings: Settings) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the settings cannot be handed to a worker process: {exc}") from exc
     build_gateway(settings)
-    keyed = principal_budgets(settings)  # refuses keys of one subject that disagree
+    budget_config(settings)  # budgets without a ledger, keys of one subject that disagree
     if settings.ledger is not None:
         try:
             settings.ledger.password()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-    elif paths := budget_paths(settings) or (["auth.api_keys_file"] if keyed else []):
-        raise ConfigError(f"{paths[0]}: budgets need a `ledger` section")
 
 
 def create_app(settings: Settings, multiprocess_dir: str | None = None) -> GatewayApp:
@@ -351,14 +353,11 @@ def build_ledger(settings: Settings, metrics: GatewayMetrics) -> LedgerWriter | 
 
 def build_budgets(settings: Settings, metrics: GatewayMetrics) -> BudgetBook | None:
     """Team and principal budgets when any is set (they need the ledger: it seeds the counts)."""
-    budgets = {name: t.budget for name, t in settings.teams.items() if t.budget is not None}
-    defaults = {name: t.principal_budget for name, t in settings.teams.items() if t.principal_budget}
-    keys = principal_budgets(settings)
-    if not (budgets or defaults or keys):
+    config = budget_config(settings)
+    if config is None:
         return None
-    if settings.ledger is None:
-        where = (budget_paths(settings) or ["auth.api_keys_file"])[0]  # else a key in the file
-        raise ConfigError(f"{where}: budgets need a `ledger` section")
+    budgets, defaults, keys = config
+    assert settings.ledger is not None  # budget_config said so
     from gateway.ledger.budget import BudgetBook
     from gateway.ledger.pricing import PriceTable
 
@@ -374,6 +373,22 @@ def build_budgets(settings: Settings, metrics: GatewayMetrics) -> BudgetBook | N
         principal_defaults=defaults,
         principals=keys,
     )
+
+
+def budget_config(settings: Settings) -> BudgetConfig | None:
+    """(team budgets, teams' principal budgets, API keys' own budgets), None when there is none.
+
+    ConfigError when there are budgets but no ``ledger`` (it seeds the counts), or when two keys
+    of one subject give different budgets."""
+    budgets = {name: t.budget for name, t in settings.teams.items() if t.budget is not None}
+    defaults = {name: t.principal_budget for name, t in settings.teams.items() if t.principal_budget}
+    keys = principal_budgets(settings)
+    if not (budgets or defaults or keys):
+        return None
+    if settings.ledger is None:
+        where = (budget_paths(settings) or ["auth.api_keys_file"])[0]  # else a key in the file
+        raise ConfigError(f"{where}: budgets need a `ledger` section")
+    return budgets, defaults, keys
 
 
 def budget_paths(settings: Settings) -> list[str]:

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from gateway.api.router import GET_HEAD
 from gateway.asgi import Receive, Scope, Send, header, header_list
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.jobs.files_api import ascii_digits
 from gateway.jobs.store import owner_key
 from gateway.pipeline import receive as receive_stage
 from gateway.pipeline.exchange import Exchange
@@ -136,10 +137,7 @@ def build_jobs_router(gw: Gateway, jobs: Jobs) -> APIRouter:
         who = await owner(request)
         q = request.query_params
         limit_raw = q.get("limit", "20")
-        if (
-            not (limit_raw.isascii() and limit_raw.isdigit() and len(limit_raw) <= 3)
-            or not 1 <= int(limit_raw) <= 100
-        ):
+        if not ascii_digits(limit_raw, 3) or not 1 <= int(limit_raw) <= 100:
             raise InvalidRequest("limit must be an integer from 1 to 100.", param="limit")
         return _json(await jobs.list_batches(who, q.get("after"), int(limit_raw)))
 

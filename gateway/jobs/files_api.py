@@ -72,23 +72,24 @@ def _expires_after(fields: dict[str, str]) -> int | None:
         return None
     if anchor != "created_at":
         raise InvalidRequest("`expires_after[anchor]` must be `created_at`.", param="expires_after")
-    if seconds is None or not _digits(seconds, 12):
+    if seconds is None or not ascii_digits(seconds, 12):
         raise InvalidRequest(
             "`expires_after[seconds]` must be a whole number of seconds.", param="expires_after"
         )
     return int(seconds)
 
 
-def _digits(raw: str, most: int) -> bool:
-    """ASCII digits only, at most ``most`` of them (``str.isdigit`` takes ``²``, which ``int``
-    refuses, and ``int`` refuses more than 4,300 digits: both were a 500)."""
+def ascii_digits(raw: str, most: int) -> bool:
+    """A query or form number: ASCII digits only, at most ``most`` of them (``str.isdigit``
+    takes ``²``, which ``int`` refuses, and ``int`` refuses more than 4,300 digits: both were a
+    500). Also for the batches' list (gateway/jobs/api.py)."""
     return 0 < len(raw) <= most and raw.isascii() and raw.isdigit()
 
 
 def _limit(raw: str | None) -> int:
     if raw is None:
         return MAX_LIST_LIMIT
-    if not _digits(raw, 9) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+    if not ascii_digits(raw, 9) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
         raise InvalidRequest(f"`limit` must be an integer from 1 to {MAX_LIST_LIMIT}.", param="limit")
     return int(raw)
 

@@ -231,9 +231,10 @@ class JobQueue(Protocol):
         ``APPEND_LUA``; entries ``kind``, ``job``, ``cid``, ``line``, ``body``, ``t``)."""
         ...
 
-    def located(self, kept: str) -> tuple[str, str]:
-        """(model, stream) of an entry, from what a batch's entries list kept with its id: the
-        stream's key, or (lines queued before shares) the model's name."""
+    def entry_at(self, kept: str) -> tuple[str, str, str]:
+        """(model, stream, entry id) of an entry, from what a batch's entries list or a job's
+        record kept of it: ``"<entry id> <stream key>"``, or (lines queued before shares)
+        ``"<entry id> <model>"``."""
         ...
 
     async def remove(self, model: str, stream: str, entry_ids: list[str]) -> None:
@@ -288,10 +289,11 @@ class RedisStreamsQueue:
             f"{self._shares}{share}:{model}", self._model_stream(model), self._rotation(model), share
         )
 
-    def located(self, kept: str) -> tuple[str, str]:
-        if kept.startswith(self._shares):  # {prefix}qs:{16 hex digits}:{model}
-            return kept[len(self._shares) + 17 :], kept
-        return kept, self._model_stream(kept)
+    def entry_at(self, kept: str) -> tuple[str, str, str]:
+        eid, _, where = kept.partition(" ")
+        if where.startswith(self._shares):  # {prefix}qs:{16 hex digits}:{model}
+            return where[len(self._shares) + 17 :], where, eid
+        return where, self._model_stream(where), eid
 
     async def remove(self, model: str, stream: str, entry_ids: list[str]) -> None:
         if not entry_ids:

@@ -677,8 +677,7 @@ class Jobs:
             # as waiting (gateway_jobs_pending, the lag autoscalers read).
             kept = field_str(got[1], "entry")
             if kept:
-                eid, _, where = kept.partition(" ")
-                model, stream = self.queue.located(where)
+                model, stream, eid = self.queue.entry_at(kept)
                 await self.queue.remove(model, stream, [eid])
         if status is None:
             raise NotFound(f"No such job: {jid}.", param="job_id")
@@ -1121,8 +1120,8 @@ class Jobs:
                 return
             by_stream: dict[tuple[str, str], list[str]] = {}
             for raw in chunk:
-                eid, _, kept = (raw.decode() if isinstance(raw, bytes) else raw).partition(" ")
-                by_stream.setdefault(self.queue.located(kept), []).append(eid)
+                model, stream, eid = self.queue.entry_at(raw.decode() if isinstance(raw, bytes) else raw)
+                by_stream.setdefault((model, stream), []).append(eid)
             for (model, stream), ids in by_stream.items():
                 await self.queue.remove(model, stream, ids)
             start += len(chunk)
@@ -1147,7 +1146,6 @@ class Jobs:
             return
         try:
             await self._end_batch(got[0], "cancelling", "cancelled", cancelled_at=int(time.time()))
-            await self._purge_queue(bid)
         finally:
             await self.r.delete(lock)
 
