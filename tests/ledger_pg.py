@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.procs import free_port
+from tests.procs import ROOT, free_port, python_m
 
 SHARED_DSN = os.environ.get("LEDGER_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -64,6 +64,19 @@ def ledger_section(schema: str, spool_dir: Path, flush_interval: float = 0.2) ->
         "spool_dir": str(spool_dir),
         "flush_interval": flush_interval,
     }
+
+
+def db_upgrade(config: Path) -> None:
+    """``llm-gateway db upgrade --config <config>`` in a process of its own; fails the test when
+    it fails."""
+    out = subprocess.run(
+        [*python_m("gateway"), "db", "upgrade", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def drop_schema(dsn: str, schema: str) -> None:

@@ -12,6 +12,7 @@ import gzip
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -130,29 +131,45 @@ def test_repeated_content_encoding_headers_on_the_jobs_endpoints(gw: Gateway) ->
     assert status == 415, body
 
 
-def test_a_request_larger_than_the_budget_is_refused_with_the_storage_down(sim: Sim, tmp_path: Path) -> None:
-    """With the limit storage unreachable and `on_storage_error: open`, a request that no wait
-    could ever let through was served: the configuration alone refuses it."""
-    key = "sk-small-" + "s" * 24
+SMALL_KEY = "sk-small-" + "s" * 24  # tier `small`
+
+
+def small_tier_gateway(sim: Sim, tmp_path: Path, small: dict[str, int], **extra: Any) -> Gateway:
+    """A gateway whose one API key (SMALL_KEY) has tier `small` with the ``small`` limits."""
     cfg = {
         "backends": [{"url": sim.url}],
-        "auth": {"api_keys": [{"key": key, "subject": "small", "tier": "small"}]},
-        "tiers": {"small": {"tokens_per_minute": 100}},
-        "rate_limits": {"storage": f"redis://127.0.0.1:{free_port()}/0", "storage_timeout": 0.2},
+        "auth": {"api_keys": [{"key": SMALL_KEY, "subject": "small", "tier": "small"}]},
+        "tiers": {"small": small},
+        **extra,
     }
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    g = Gateway([], config=path)
+    return Gateway([], config=path)
+
+
+def chat(g: Gateway, max_tokens: int = 2) -> httpx.Response:
+    auth = {"authorization": f"Bearer {SMALL_KEY}"}
+    return httpx.post(
+        g.v1 + "/chat/completions", json={**BODY, "max_tokens": max_tokens}, headers=auth, timeout=30
+    )
+
+
+def assert_final_refusal(r: httpx.Response) -> None:
+    """429 tokens_exceed_limit that no client retries: no Retry-After, x-should-retry false."""
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "tokens_exceed_limit"
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+
+
+def test_a_request_larger_than_the_budget_is_refused_with_the_storage_down(sim: Sim, tmp_path: Path) -> None:
+    """With the limit storage unreachable and `on_storage_error: open`, a request that no wait
+    could ever let through was served: the configuration alone refuses it."""
+    storage = {"storage": f"redis://127.0.0.1:{free_port()}/0", "storage_timeout": 0.2}
+    g = small_tier_gateway(sim, tmp_path, {"tokens_per_minute": 100}, rate_limits=storage)
     try:
-        auth = {"authorization": f"Bearer {key}"}
-        small = httpx.post(g.v1 + "/chat/completions", json=BODY, headers=auth, timeout=30)
+        small = chat(g)
         assert small.status_code == 200, small.text  # served, unchecked: the storage is down
-        huge = httpx.post(
-            g.v1 + "/chat/completions", json={**BODY, "max_tokens": 500}, headers=auth, timeout=30
-        )
-        assert huge.status_code == 429, huge.text
-        assert huge.json()["error"]["code"] == "tokens_exceed_limit"
-        assert huge.headers["x-should-retry"] == "false" and "retry-after" not in huge.headers
+        assert_final_refusal(chat(g, max_tokens=500))
     finally:
         g.stop()
 
@@ -162,29 +179,13 @@ def test_a_request_that_never_fits_is_final_even_behind_a_full_request_counter(
 ) -> None:
     """With the requests-per-minute counter full, a request larger than the whole token budget
     got the ordinary 429 with `Retry-After: 60`, after which it could only meet the final one."""
-    key = "sk-rpm-" + "r" * 24
-    cfg = {
-        "backends": [{"url": sim.url}],
-        "auth": {"api_keys": [{"key": key, "subject": "rpm", "tier": "small"}]},
-        "tiers": {"small": {"requests_per_minute": 2, "tokens_per_minute": 100}},
-    }
-    path = tmp_path / "gw.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    g = Gateway([], config=path)
+    g = small_tier_gateway(sim, tmp_path, {"requests_per_minute": 2, "tokens_per_minute": 100})
     try:
-        auth = {"authorization": f"Bearer {key}"}
         for _ in range(2):
-            assert (
-                httpx.post(g.v1 + "/chat/completions", json=BODY, headers=auth, timeout=30).status_code == 200
-            )
-        full = httpx.post(g.v1 + "/chat/completions", json=BODY, headers=auth, timeout=30)
+            assert chat(g).status_code == 200
+        full = chat(g)
         assert full.status_code == 429 and full.json()["error"]["code"] == "rate_limit_exceeded"
-        huge = httpx.post(
-            g.v1 + "/chat/completions", json={**BODY, "max_tokens": 500}, headers=auth, timeout=30
-        )
-        assert huge.status_code == 429, huge.text
-        assert huge.json()["error"]["code"] == "tokens_exceed_limit"
-        assert huge.headers["x-should-retry"] == "false" and "retry-after" not in huge.headers
+        assert_final_refusal(chat(g, max_tokens=500))
     finally:
         g.stop()
 

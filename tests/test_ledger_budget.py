@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 import redis
 import yaml
 
-from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, shared_server_or_fail
-from tests.procs import ROOT, Gateway, Sim, free_port
+from tests.ledger_pg import SHARED_DSN, db_upgrade, drop_schema, new_schema_name, shared_server_or_fail
+from tests.procs import Gateway, Sim, free_port
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 BUDGETED_REQUESTS = 10
@@ -111,14 +110,7 @@ def test_a_team_budget_holds_across_replicas_and_a_redis_flush(
         }
         path = tmp_path / "gw.yaml"
         path.write_text(yaml.safe_dump(config))
-        out = subprocess.run(
-            [sys.executable, "-m", "gateway", "db", "upgrade", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
+        db_upgrade(path)
         gateways = [Gateway([sim.url], config=path), Gateway([sim.url], config=path)]
         try:
             passed, refused, remaining = 0, None, []

@@ -4,41 +4,23 @@ Redis flush; the configuration refuses what cannot work."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 from jose import jwt as jose_jwt
 
-from tests.ledger_pg import SHARED_DSN, drop_schema, new_schema_name, shared_server_or_fail
-from tests.procs import ROOT, Gateway, Sim, python_m
-from tests.test_ledger_budget import OwnRedis
+from tests.ledger_pg import SHARED_DSN, db_upgrade
+from tests.procs import Gateway, Sim
+from tests.test_auth import run_cli
+from tests.test_ledger_budget import OwnRedis, own_redis, schema  # noqa: F401 - fixtures
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 SECRET = "principal-budget-test-secret-0123456789"
 EACH = 4  # requests each principal of the team may make in a month
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    r = OwnRedis()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def schema() -> Iterator[str]:
-    shared_server_or_fail()
-    name = new_schema_name()
-    yield name
-    drop_schema(SHARED_DSN, name)
 
 
 def jwt_for(sub: str, team: str) -> str:
@@ -63,7 +45,9 @@ def spend_until_refused(gateways: list[Gateway], cred: str, most: int) -> tuple[
 
 
 def test_each_principal_has_its_own_budget_across_replicas_and_a_redis_flush(
-    own_redis: OwnRedis, schema: str, tmp_path: Path
+    own_redis: OwnRedis,  # noqa: F811 - the fixtures of tests/test_ledger_budget.py
+    schema: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     sim = Sim(None, "--ttft", "0.005", "--itl", "0.001")
     try:
@@ -105,14 +89,7 @@ def test_each_principal_has_its_own_budget_across_replicas_and_a_redis_flush(
         }
         path = tmp_path / "gw.yaml"
         path.write_text(yaml.safe_dump(config))
-        out = subprocess.run(
-            [sys.executable, "-m", "gateway", "db", "upgrade", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
+        db_upgrade(path)
         gateways = [Gateway([sim.url], config=path), Gateway([sim.url], config=path)]
         try:
             first = post(gateways[0], "sk-bob")
@@ -177,15 +154,7 @@ def test_each_principal_has_its_own_budget_across_replicas_and_a_redis_flush(
 def check_config(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run(
-        [*python_m("gateway"), "check-config", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=clean,
-    )
+    return run_cli("check-config", "--config", str(path))
 
 
 def test_principal_budgets_need_the_ledger_and_one_budget_per_subject(tmp_path: Path) -> None:
